@@ -1,0 +1,120 @@
+"""Everything about a run that can be checked before Ray starts.
+
+Bad arguments must fail fast with one line, not minutes into a cluster job:
+dataset names, the model file, every input URL (listed here, so "no images"
+and "unknown bucket" surface now) and whether the output can be written.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchdet.fetch import resolve_model_path
+from batchdet.listing import Listing, list_images
+from batchdet.preprocess import DEFAULT_MAX_PIXELS
+from batchdet.schema import RUNS_DIR, check_dataset_name
+from batchdet.spec import NMS_SCORE_THRESHOLD, ModelInfo, check_model
+from batchdet.storage import filesystem
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A validated run: what to read, with which model, where to write."""
+
+    run_id: str
+    listings: dict[str, Listing]
+    output: str
+    model: ModelInfo
+    score_threshold: float = NMS_SCORE_THRESHOLD
+    actors: tuple[int, int] | None = None  # None: 1..(cluster CPUs // threads)
+    threads_per_actor: int | None = None  # None: the node's CPUs, at most 4
+    gpus_per_actor: float = 0.0
+    batch_size: int = 4
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(listing.uris) for listing in self.listings.values())
+
+
+def new_run_id() -> str:
+    """Sortable by time, unique across concurrent drivers."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def parse_dataset(spec: str) -> tuple[str, str]:
+    """``"coco=s3://bucket/val2017"`` → ``("coco", "s3://bucket/val2017")``."""
+    name, sep, url = spec.partition("=")
+    if not sep or not url:
+        raise ValueError(f"bad --dataset {spec!r}: expected NAME=URL")
+    return check_dataset_name(name), url
+
+
+def parse_actors(spec: str) -> tuple[int, int]:
+    """``"2"`` → (2, 2); ``"1:8"`` → (1, 8)."""
+    low, _, high = spec.partition(":")
+    try:
+        bounds = (int(low), int(high or low))
+    except ValueError:
+        raise ValueError(f"bad --actors {spec!r}: expected MIN or MIN:MAX (whole numbers)") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise ValueError(f"bad --actors {spec!r}: need 1 <= MIN <= MAX")
+    return bounds
+
+
+def check_writable(output: str, storage_options: dict[str, Any]) -> None:
+    """Create the output's ``_runs/`` and write + delete a probe file there."""
+    fs, path = filesystem(output, storage_options)
+    probe = f"{path.rstrip('/')}/{RUNS_DIR}/.probe-{uuid.uuid4().hex}"
+    try:
+        fs.makedirs(f"{path.rstrip('/')}/{RUNS_DIR}", exist_ok=True)
+        fs.pipe_file(probe, b"")
+        fs.rm_file(probe)
+    except Exception as e:
+        raise ValueError(f"cannot write to output {output}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def plan_run(
+    datasets: dict[str, str],
+    output: str,
+    model: str | os.PathLike | None = None,
+    score_threshold: float = NMS_SCORE_THRESHOLD,
+    actors: tuple[int, int] | None = None,
+    threads_per_actor: int | None = None,
+    gpus_per_actor: float = 0.0,
+    batch_size: int = 4,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    storage_options: dict[str, Any] | None = None,
+) -> RunPlan:
+    """Validate every argument and list the inputs; raise ValueError on the first problem."""
+    if not datasets:
+        raise ValueError("no --dataset given")
+    for name in datasets:
+        check_dataset_name(name)
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"--score-threshold {score_threshold} is outside [0, 1]")
+    if batch_size < 1 or (threads_per_actor is not None and threads_per_actor < 1) or gpus_per_actor < 0:
+        raise ValueError("--batch-size and --threads-per-actor must be >= 1, --gpus-per-actor >= 0")
+    options = dict(storage_options or {})
+    info = check_model(resolve_model_path(model))
+    listings = {name: list_images(url, options) for name, url in datasets.items()}
+    check_writable(output, options)
+    return RunPlan(
+        run_id=new_run_id(),
+        listings=listings,
+        output=output,
+        model=info,
+        score_threshold=score_threshold,
+        actors=actors,
+        threads_per_actor=threads_per_actor,
+        gpus_per_actor=gpus_per_actor,
+        batch_size=batch_size,
+        max_pixels=max_pixels,
+        storage_options=options,
+    )

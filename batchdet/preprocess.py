@@ -1,0 +1,114 @@
+"""Image bytes → model input, exactly as the MLPerf reference prepares it.
+
+MLPerf (``dataset.py: pre_process_coco_resnet34``): decode, RGB, stretch-resize
+to 1200×1200 with OpenCV ``INTER_LINEAR`` (no letterbox), then
+``(x/255 - mean)/std`` and HWC→CHW. The work is split in two so that images
+cross Ray's object store as compact uint8: :func:`prepare` (decode + orient +
+resize, in preprocessing tasks) and :func:`normalize` (float maths, done in the
+inference actor — in-graph there, see ``inference.py``; here as the numpy
+reference).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps
+
+from batchdet.spec import INPUT_SIZE, MEAN, STD
+
+#: Pixels an image may declare before it is refused unread (width × height).
+#: 100 MP is 300 MB once decoded; it bounds memory per image whatever the
+#: header claims. batchdet checks this itself, so Pillow's own bomb guard
+#: (a warning at 89 MP, an error at 179 MP) is switched off in favour of it.
+DEFAULT_MAX_PIXELS = 100_000_000
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageError(ValueError):
+    """One image cannot be used; ``str()`` is ``<ErrorKind>: <message>`` for the error column."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a preprocessing task hands to inference: the resized uint8 image
+    and the oriented original size that boxes are scaled back to."""
+
+    image: np.ndarray  # uint8 [1200, 1200, 3] RGB
+    width: int
+    height: int
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Bytes → uint8 RGB [H, W, 3], EXIF orientation applied.
+
+    The size is checked from the header before any pixel is decoded, so a
+    decompression bomb costs nothing. Animated images give their first frame.
+    """
+    if not data:
+        raise ImageError("EmptyFile", "the file has 0 bytes")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Exception as e:  # Pillow raises UnidentifiedImageError, SyntaxError, ...
+        raise ImageError("DecodeError", _reason(e)) from None
+    width, height = im.size
+    if width * height > max_pixels:
+        raise ImageError(
+            "ImageTooLarge", f"{width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}"
+        )
+    try:
+        im = ImageOps.exif_transpose(im)
+        return _to_rgb(im)
+    except Exception as e:
+        raise ImageError("DecodeError", _reason(e)) from None
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    """Any Pillow mode → uint8 RGB. Pillow's own ``convert("RGB")`` clips
+    16- and 32-bit grey to 255 instead of scaling, so those are scaled here."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.asarray(im, dtype=np.float64)
+        grey = np.clip(np.rint(grey / 257.0), 0, 255).astype(np.uint8)  # 65535 → 255
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        grey = np.clip(np.rint(np.asarray(im)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    # RGBA/LA/PA: alpha dropped (as OpenCV's IMREAD_COLOR does); CMYK, YCbCr,
+    # palette and 1-bit: Pillow's conversions.
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else ""
+    return text or type(e).__name__
+
+
+def resize(rgb: np.ndarray) -> np.ndarray:
+    """Stretch to 1200×1200 with OpenCV bilinear, the reference's own call."""
+    return cv2.resize(rgb, (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_LINEAR)
+
+
+def prepare(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
+    """Decode, orient and resize: everything but the float maths."""
+    rgb = decode(data, max_pixels)
+    height, width = rgb.shape[:2]
+    return Prepared(resize(rgb), width, height)
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """uint8 [1200, 1200, 3] RGB → float32 [1, 3, 1200, 1200], (x - mean) / std."""
+    x = (image.astype(np.float32) - MEAN) / STD
+    return np.ascontiguousarray(x.transpose(2, 0, 1))[None]
+
+
+def preprocess(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int, int]:
+    """Bytes → (model input, oriented width, oriented height)."""
+    p = prepare(data, max_pixels)
+    return normalize(p.image), p.width, p.height

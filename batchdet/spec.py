@@ -1,0 +1,140 @@
+"""The model contract: what an ONNX file must look like for batchdet to use it.
+
+Facts come from ``shared/MODEL.md`` (MLPerf's ``resnet34-ssd1200.onnx``). Any
+file meeting this interface works, official or not; :func:`check_model` is
+the single gate every entry point (CLI, Detector, Ray actors) goes through, so
+a wrong file is refused with one line before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# --- the official file ------------------------------------------------------
+OFFICIAL_NAME = "resnet34-ssd1200.onnx"
+OFFICIAL_SIZE = 80_363_696
+OFFICIAL_SHA256 = "b417a8186967f1e78670b0075aa72a10e5c7d1a6d5c08af9d13dc97f3d29ef0d"
+OFFICIAL_URL = "https://zenodo.org/record/3228411/files/resnet34-ssd1200.onnx"
+MIRROR_URL = (
+    "https://storage.openvinotoolkit.org/repositories/open_model_zoo/public/2022.1/"
+    "ssd-resnet34-1200-onnx/resnet34-ssd1200.onnx"
+)
+
+# --- input ------------------------------------------------------------------
+INPUT_NAME = "image"
+INPUT_SIZE = 1200  # H = W; the graph's 15,130 default boxes only fit 1200x1200
+#: MLPerf normalisation in 0-255 units: (pixel - MEAN) / STD, RGB order.
+MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
+STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+
+# --- outputs ----------------------------------------------------------------
+BBOXES, LABELS, SCORES = "bboxes", "labels", "scores"
+OUTPUT_NAMES = (BBOXES, LABELS, SCORES)
+#: ``bboxes`` are [x_min, y_min, x_max, y_max], normalised to [0, 1].
+NMS_SCORE_THRESHOLD = 0.05  # the model's own in-graph threshold
+MAX_DETECTIONS = 200
+
+#: metadata key the stand-in builder writes, so nobody mistakes it for real.
+STANDIN_KEY = "batchdet.standin"
+
+
+class ModelError(ValueError):
+    """The file is not a model batchdet can use; the message says why."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What :func:`check_model` learned about a conforming file."""
+
+    path: str
+    size: int
+    sha256: str
+    parameters: int
+    opset: int
+    input_shape: tuple
+    outputs: dict[str, tuple] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def official(self) -> bool:
+        return self.sha256 == OFFICIAL_SHA256
+
+    @property
+    def kind(self) -> str:
+        if self.official:
+            return "official MLPerf weights"
+        if STANDIN_KEY in self.metadata:
+            return "STAND-IN (random weights: detections are meaningless)"
+        return "unofficial model (meets the interface; accuracy unknown)"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, streamed (the official file is 80 MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _dims(value_info) -> tuple:
+    """Shape of a graph input/output: ints where fixed, names (or None) where symbolic."""
+    shape = value_info.type.tensor_type.shape
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim)
+
+
+def check_model(path: str | os.PathLike) -> ModelInfo:
+    """Validate ``path`` against the contract and describe it.
+
+    Raises :class:`ModelError` with one line naming the first thing that
+    differs: missing file, not ONNX (or truncated), wrong input name, type or
+    rank, a fixed dimension that cannot hold a 1x3x1200x1200 image, or a
+    missing output.
+    """
+    import onnx  # heavy import, only where a model is actually read
+
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"model file not found: {p}")
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # protobuf raises several unrelated types
+        raise ModelError(f"{p} is not a valid ONNX file (corrupt or truncated): {type(e).__name__}") from None
+    graph = model.graph
+    if not graph.node:
+        raise ModelError(f"{p} is not a valid ONNX file: it has no graph")
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if [i.name for i in inputs] != [INPUT_NAME]:
+        raise ModelError(f"{p}: model input must be one tensor named {INPUT_NAME!r}, found {[i.name for i in inputs]}")
+    image = inputs[0]
+    if image.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        elem = onnx.TensorProto.DataType.Name(image.type.tensor_type.elem_type)
+        raise ModelError(f"{p}: input {INPUT_NAME!r} must be float32, found {elem}")
+    dims = _dims(image)
+    if len(dims) != 4:
+        raise ModelError(f"{p}: input {INPUT_NAME!r} must have rank 4 (NCHW), found shape {list(dims)}")
+    for axis, want in zip("NCHW", (1, 3, INPUT_SIZE, INPUT_SIZE)):
+        got = dims["NCHW".index(axis)]
+        if isinstance(got, int) and got not in (0, want):
+            raise ModelError(f"{p}: input {INPUT_NAME!r} axis {axis} is {got}, batchdet feeds {want}")
+    outputs = {o.name: _dims(o) for o in graph.output}
+    missing = [n for n in OUTPUT_NAMES if n not in outputs]
+    if missing:
+        raise ModelError(f"{p}: model lacks output(s) {missing}; it has {sorted(outputs)}")
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    return ModelInfo(
+        path=str(p.resolve()),
+        size=p.stat().st_size,
+        sha256=sha256_file(p),
+        parameters=int(sum(int(np.prod(t.dims)) for t in graph.initializer)),
+        opset=opset,
+        input_shape=dims,
+        outputs=outputs,
+        metadata={m.key: m.value for m in model.metadata_props},
+    )

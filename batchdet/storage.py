@@ -1,0 +1,69 @@
+"""Where bytes live: fsspec filesystems for local paths, file://, s3:// and the rest.
+
+Every stage that touches storage (listing, reading, writing, querying) gets
+its filesystem here, so credentials and endpoints are handled in one place:
+s3fs takes them from the standard AWS chain (environment, profile, instance
+role, ``AWS_ENDPOINT_URL``) unless ``--storage-option`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+#: storage-option keys whose values are secrets (never logged or written).
+SECRET_KEYS = frozenset(
+    {"key", "secret", "token", "password", "session_token", "aws_access_key_id",
+     "aws_secret_access_key", "aws_session_token", "account_key", "sas_token",
+     "client_secret", "connection_string"}
+)
+REDACTED = "***"
+
+
+def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
+    """``["endpoint_url=http://…", "anon=true"]`` → ``{"endpoint_url": "http://…", "anon": True}``.
+
+    ``true``/``false`` become booleans because s3fs's ``anon`` and
+    ``requester_pays`` are flags; everything else stays a string.
+    """
+    options: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"bad --storage-option {item!r}: expected KEY=VALUE")
+        lowered = value.lower()
+        options[key] = True if lowered == "true" else False if lowered == "false" else value
+    return options
+
+
+def redact(options: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``options`` safe to print or write into a manifest."""
+    return {k: (REDACTED if k.lower() in SECRET_KEYS else v) for k, v in options.items()}
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for any fsspec URL or local path.
+
+    s3fs's ``endpoint_url`` storage option is passed through as given; local
+    paths come back absolute so URIs in the output are unambiguous.
+    """
+    options = dict(storage_options or {})
+    if "://" not in url:
+        url = os.path.abspath(os.path.expanduser(url))
+    fs, path = url_to_fs(url, **options)
+    return fs, path
+
+
+def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URI users see: ``s3://bucket/key`` for remote files, an absolute path for local ones."""
+    if _is_local(fs):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")

@@ -1,0 +1,50 @@
+"""Shared fixtures: a real S3 endpoint on loopback (moto server mode)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+
+@dataclass
+class S3Endpoint:
+    """A running moto S3 server and how to talk to it through s3fs."""
+
+    endpoint_url: str
+
+    @property
+    def storage_options(self) -> dict[str, str]:
+        return {"endpoint_url": self.endpoint_url, "key": "testing", "secret": "testing"}
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.storage_options, skip_instance_cache=True)
+
+    def new_bucket(self) -> str:
+        """A fresh, empty bucket, so tests never see each other's keys."""
+        name = f"t-{uuid.uuid4().hex[:12]}"
+        self.filesystem().mkdir(name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3() -> S3Endpoint:
+    """moto's ThreadedMotoServer on 127.0.0.1, stopped at the end of the session."""
+    from moto.server import ThreadedMotoServer
+
+    mp = pytest.MonkeyPatch()
+    # Credentials and region for every client in this process; a region other
+    # than us-east-1 makes CreateBucket demand a location constraint.
+    mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        yield S3Endpoint(f"http://127.0.0.1:{server._server.server_port}")
+    finally:
+        server.stop()
+        mp.undo()
