@@ -33,7 +33,11 @@ class S3Endpoint:
 @pytest.fixture(scope="session")
 def s3() -> S3Endpoint:
     """moto's ThreadedMotoServer on 127.0.0.1, stopped at the end of the session."""
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
 
     mp = pytest.MonkeyPatch()
     # Credentials and region for every client in this process; a region other
@@ -48,3 +52,21 @@ def s3() -> S3Endpoint:
     finally:
         server.stop()
         mp.undo()
+
+
+@pytest.fixture(scope="session")
+def narrow_model(tmp_path_factory):
+    """The narrow stand-in (same graph, channels / 8): fast enough for every test."""
+    from batchdet.standin import write_standin
+
+    return write_standin(tmp_path_factory.mktemp("models") / "narrow.onnx", seed=0, channels_divisor=8)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray for the in-process pipeline tests (detect() reuses it)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
