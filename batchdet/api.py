@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from datetime import datetime, timezone
 from typing import Any
 
-from batchdet.pipeline import ray_session, run_pipeline, staging_dir
-from batchdet.plan import plan_run
+from batchdet.pipeline import ray_session, run_pipeline
+from batchdet.plan import DEFAULT_ROWS_PER_FILE, RunPlan, plan_run
 from batchdet.preprocess import DEFAULT_MAX_PIXELS
 from batchdet.spec import NMS_SCORE_THRESHOLD
-from batchdet.writing import RunResult, arguments, commit, count_staged, versions, write_manifest
+from batchdet.writing import Output, RunResult, begin_run, done_uris, finish_run, recover, versions
+
+log = logging.getLogger("batchdet")
 
 
 def detect(
@@ -26,39 +29,71 @@ def detect(
     address: str | None = None,
     storage_options: dict[str, Any] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> RunResult:
     """Detect objects in every image of ``datasets`` ({name: url}) and write
     one Parquet row per image under ``output/dataset=<name>/``.
 
     Arguments are validated (and inputs listed) before Ray starts; a bad one
     raises ValueError. Per-image failures become error rows, never exceptions.
+    An output that already holds results is refused unless ``resume`` (commit
+    what killed runs left, skip images already ``ok`` with this model, retry
+    the rest) or ``overwrite`` (start again from nothing).
     """
     plan = plan_run(
         datasets, output, model=model, score_threshold=score_threshold, actors=actors,
-        threads_per_actor=threads_per_actor, gpus_per_actor=gpus_per_actor,
-        batch_size=batch_size, max_pixels=max_pixels, storage_options=storage_options,
+        threads_per_actor=threads_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size,
+        max_pixels=max_pixels, rows_per_file=rows_per_file, storage_options=storage_options,
     )
-    started = datetime.now(timezone.utc)
+    for name, listing in plan.listings.items():
+        log.info("dataset %s: %d images listed (%d other files skipped) in %.2f s",
+                 name, len(listing.uris), listing.skipped, listing.seconds)
+    out = Output(output, plan.storage_options)
+    done = _prepare_output(out, plan, resume, overwrite)
+    todo = plan.without(done)
+    begin_run(out, _record(todo, plan, done))
     clock = time.perf_counter()
-    with ray_session(address):
-        run_pipeline(plan)
-    staging = staging_dir(plan)
-    counts = count_staged(plan, staging)
-    files = commit(plan, staging)
-    wall = time.perf_counter() - clock
-    result = RunResult(
-        run_id=plan.run_id,
-        output=plan.output,
-        started=started.isoformat(timespec="seconds"),
-        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        wall_s=round(wall, 3),
-        images_per_s=round(plan.num_images / wall, 4) if wall > 0 else 0.0,
-        datasets=counts,
-        model={"path": plan.model.path, "sha256": plan.model.sha256, "official": plan.model.official,
-               "kind": plan.model.kind},
-        arguments=arguments(plan),
-        versions=versions(),
-        files=files,
-    )
-    write_manifest(result, plan.storage_options)
+    if todo.num_images:
+        with ray_session(address):
+            run_pipeline(todo)
+    result = finish_run(out, plan.run_id, wall_s=time.perf_counter() - clock)
+    missing = todo.num_images - sum(c.images for c in result.datasets.values())
+    if missing:
+        raise RuntimeError(f"{missing} image(s) of run {plan.run_id} have no row; run again with --resume")
     return result
+
+
+def _prepare_output(out: Output, plan: RunPlan, resume: bool, overwrite: bool) -> dict[str, set[str]]:
+    """Refuse, clear or recover the output; return what --resume may skip."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: choose one")
+    if overwrite:
+        out.clear()
+    elif not resume and not out.is_empty():
+        raise ValueError(f"output {out.url} already holds batchdet results: "
+                         "pass --resume to continue them or --overwrite to replace them")
+    if not resume:
+        return {}
+    for result in recover(out):
+        log.info("recovered %d rows staged by killed run %s",
+                 sum(c.images for c in result.datasets.values()), result.run_id)
+    return done_uris(out, plan.model.sha256)
+
+
+def _record(todo: RunPlan, plan: RunPlan, done: dict[str, set[str]]) -> dict[str, Any]:
+    """What the manifest will say besides the counts, fixed before work starts."""
+    return {
+        "run_id": plan.run_id,
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"path": plan.model.path, "sha256": plan.model.sha256, "official": plan.model.official,
+                  "kind": plan.model.kind},
+        "datasets": {
+            name: {"url": l.url, "skipped_files": l.skipped, "listing_seconds": round(l.seconds, 3),
+                   "already_done": len(plan.listings[name].uris) - len(l.uris)}
+            for name, l in todo.listings.items()
+        },
+        "arguments": plan.arguments(),
+        "versions": versions(),
+    }

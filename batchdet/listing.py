@@ -11,6 +11,9 @@ from typing import Any
 from batchdet.storage import filesystem, full_uri
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+#: A URL naming one file with these endings is a list of image URIs, for
+#: buckets too large to list: text (one per line), or CSV/Parquet with a ``uri`` column.
+MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".parquet"})
 GLOB_CHARS = frozenset("*?[")
 
 
@@ -37,6 +40,9 @@ def list_images(url: str, storage_options: dict[str, Any] | None = None) -> List
     """
     start = time.perf_counter()
     fs, path = filesystem(url, storage_options)
+    if posixpath.splitext(path)[1].lower() in MANIFEST_EXTENSIONS:
+        uris = _read_manifest(fs, path, url)
+        return Listing(url, uris, 0, time.perf_counter() - start)
     try:
         if GLOB_CHARS & set(path):
             files = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"]
@@ -54,3 +60,30 @@ def list_images(url: str, storage_options: dict[str, Any] | None = None) -> List
     if not images:
         raise ValueError(f"no images under {url} ({len(files)} other file(s) skipped)")
     return Listing(url, images, len(files) - len(images), time.perf_counter() - start)
+
+
+def _read_manifest(fs, path: str, url: str) -> list[str]:
+    """URIs listed in a manifest file, duplicates dropped (first kept), relative
+    entries resolved against the manifest's folder."""
+    import pyarrow.csv
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open(path, "rb") as f:
+            if path.lower().endswith(".txt"):
+                entries = [line.strip() for line in f.read().decode("utf-8").splitlines()]
+                entries = [e for e in entries if e and not e.startswith("#")]
+            else:
+                table = pq.read_table(f) if path.lower().endswith(".parquet") else pyarrow.csv.read_csv(f)
+                if "uri" not in table.column_names:
+                    raise ValueError(f"manifest {url} has no 'uri' column (columns: {table.column_names})")
+                entries = [e for e in table.column("uri").to_pylist() if e]
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot read manifest {url}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    base = full_uri(fs, posixpath.dirname(path))
+    uris = list(dict.fromkeys(e if "://" in e or e.startswith("/") else f"{base}/{e}" for e in entries))
+    if not uris:
+        raise ValueError(f"manifest {url} lists no images")
+    return uris

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from batchdet.plan import RunPlan
 from batchdet.stages import InferenceStage, prepare_batch, read_batch
-from batchdet.storage import filesystem
+from batchdet.writing import STAGING_DIR, Output
 
 #: Logical CPUs a preprocessing task asks for. Decode + resize costs a few ms
 #: against seconds of inference, so a task needs only a slice of a core. An
@@ -44,11 +44,6 @@ def ray_session(address: str | None = None) -> Iterator[None]:
             ray.shutdown()
 
 
-def staging_dir(plan: RunPlan) -> str:
-    """Where this run's files are written before they are committed."""
-    return f"{plan.output.rstrip('/')}/_staging/{plan.run_id}"
-
-
 def actor_layout(plan: RunPlan) -> tuple[int, tuple[int, int]]:
     """(threads per actor, (min, max) actors) for the cluster Ray sees."""
     import ray
@@ -79,12 +74,13 @@ def run_pipeline(plan: RunPlan) -> None:
         fn_constructor_kwargs={
             "model_path": plan.model.path, "run_id": plan.run_id, "threads": threads,
             "gpus": plan.gpus_per_actor, "score_threshold": plan.score_threshold,
+            "storage_options": plan.storage_options,  # for a URL model: each node fetches its own copy
         },
         batch_format="pyarrow", batch_size=plan.batch_size, concurrency=(low, high),
         num_cpus=threads - PREPARE_CPUS, num_gpus=plan.gpus_per_actor or None,
     )
-    fs, path = filesystem(staging_dir(plan), plan.storage_options)
+    out = Output(plan.output, plan.storage_options)
     ds.write_parquet(
-        path, partition_cols=["dataset"],
-        filesystem=pa.fs.PyFileSystem(pa.fs.FSSpecHandler(fs)),
+        out.join(STAGING_DIR, plan.run_id), partition_cols=["dataset"], min_rows_per_file=plan.rows_per_file,
+        filesystem=pa.fs.PyFileSystem(pa.fs.FSSpecHandler(out.fs)),
     )

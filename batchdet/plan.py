@@ -7,6 +7,7 @@ and "unknown bucket" surface now) and whether the output can be written.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import time
@@ -19,7 +20,13 @@ from batchdet.listing import Listing, list_images
 from batchdet.preprocess import DEFAULT_MAX_PIXELS
 from batchdet.schema import RUNS_DIR, check_dataset_name
 from batchdet.spec import NMS_SCORE_THRESHOLD, ModelInfo, check_model
-from batchdet.storage import filesystem
+from batchdet.storage import filesystem, redact
+
+#: Rows Ray collects before writing a Parquet file. Fewer, larger files query
+#: faster; smaller ones lose less work when a run is killed (what is not yet
+#: in a file is redone by --resume). 64 images is ~3 minutes of one 2-core
+#: node's work with the full model.
+DEFAULT_ROWS_PER_FILE = 64
 
 
 @dataclass(frozen=True)
@@ -36,11 +43,36 @@ class RunPlan:
     gpus_per_actor: float = 0.0
     batch_size: int = 4
     max_pixels: int = DEFAULT_MAX_PIXELS
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_images(self) -> int:
         return sum(len(listing.uris) for listing in self.listings.values())
+
+    def without(self, done: dict[str, set[str]]) -> "RunPlan":
+        """The same run minus images already done (``--resume``)."""
+        listings = {
+            name: dataclasses.replace(l, uris=[u for u in l.uris if u not in done.get(name, ())])
+            for name, l in self.listings.items()
+        }
+        return dataclasses.replace(self, listings=listings)
+
+    def arguments(self) -> dict[str, Any]:
+        """The run's arguments as a user would re-type them, secrets removed."""
+        return {
+            "datasets": {name: l.url for name, l in self.listings.items()},
+            "output": self.output,
+            "model": self.model.path,
+            "score_threshold": self.score_threshold,
+            "actors": list(self.actors) if self.actors else None,
+            "threads_per_actor": self.threads_per_actor,
+            "gpus_per_actor": self.gpus_per_actor,
+            "batch_size": self.batch_size,
+            "max_pixels": self.max_pixels,
+            "rows_per_file": self.rows_per_file,
+            "storage_options": redact(self.storage_options),
+        }
 
 
 def new_run_id() -> str:
@@ -90,6 +122,7 @@ def plan_run(
     gpus_per_actor: float = 0.0,
     batch_size: int = 4,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    rows_per_file: int = DEFAULT_ROWS_PER_FILE,
     storage_options: dict[str, Any] | None = None,
 ) -> RunPlan:
     """Validate every argument and list the inputs; raise ValueError on the first problem."""
@@ -99,10 +132,13 @@ def plan_run(
         check_dataset_name(name)
     if not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"--score-threshold {score_threshold} is outside [0, 1]")
-    if batch_size < 1 or (threads_per_actor is not None and threads_per_actor < 1) or gpus_per_actor < 0:
-        raise ValueError("--batch-size and --threads-per-actor must be >= 1, --gpus-per-actor >= 0")
+    if min(batch_size, rows_per_file, threads_per_actor or 1) < 1 or gpus_per_actor < 0:
+        raise ValueError("--batch-size, --rows-per-file and --threads-per-actor must be >= 1, --gpus-per-actor >= 0")
     options = dict(storage_options or {})
-    info = check_model(resolve_model_path(model))
+    from batchdet.distribution import resolve_model
+
+    # A URL model is fetched into this node's cache and checked here; info.path keeps URL#sha256=<hex>.
+    info = resolve_model(model, options)
     listings = {name: list_images(url, options) for name, url in datasets.items()}
     check_writable(output, options)
     return RunPlan(
@@ -116,5 +152,6 @@ def plan_run(
         gpus_per_actor=gpus_per_actor,
         batch_size=batch_size,
         max_pixels=max_pixels,
+        rows_per_file=rows_per_file,
         storage_options=options,
     )

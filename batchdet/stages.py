@@ -84,7 +84,12 @@ class InferenceStage:
         threads: int | None = None,
         gpus: float = 0.0,
         score_threshold: float = NMS_SCORE_THRESHOLD,
+        storage_options: dict[str, Any] | None = None,
     ):
+        from batchdet.distribution import local_model
+
+        # A URL#sha256= model: this node's cached, verified copy (fetched once per node); a path: itself.
+        model_path = local_model(model_path, storage_options=storage_options)
         self.detector = Detector(model_path, threads=threads, gpus=gpus, score_threshold=score_threshold)
         self.run_id = run_id
 

@@ -22,6 +22,11 @@ SECRET_KEYS = frozenset(
 )
 REDACTED = "***"
 
+#: Retries for S3 unless the user configures their own: botocore's "standard"
+#: mode retries 500/502/503/504, SlowDown/throttling and dropped connections
+#: with exponential backoff and jitter; s3fs adds its own retries on top.
+S3_RETRIES = {"retries": {"max_attempts": 10, "mode": "standard"}}
+
 
 def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
     """``["endpoint_url=http://…", "anon=true"]`` → ``{"endpoint_url": "http://…", "anon": True}``.
@@ -53,17 +58,19 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     options = dict(storage_options or {})
     if "://" not in url:
         url = os.path.abspath(os.path.expanduser(url))
+    if url.startswith(("s3://", "s3a://")) and "config_kwargs" not in options:
+        options["config_kwargs"] = S3_RETRIES
     fs, path = url_to_fs(url, **options)
     return fs, path
 
 
 def full_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """The URI users see: ``s3://bucket/key`` for remote files, an absolute path for local ones."""
-    if _is_local(fs):
+    if is_local(fs):
         return path
     return fs.unstrip_protocol(path)
 
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")

@@ -1,0 +1,127 @@
+"""Nothing lost: kills mid-run (driver, inference actor), then --resume; the
+refusal to write over results; --overwrite."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+from PIL import Image
+
+from batchdet.api import detect
+from batchdet.cli import main
+from photos import photo
+
+N_IMAGES = 30
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> Path:
+    """N_IMAGES distinct JPEGs cut from a real photo."""
+    folder = tmp_path_factory.mktemp("many")
+    rgb = np.asarray(Image.open(photo_path := __import__("photos").photo_path("astronaut.png")).convert("RGB"))
+    for i in range(N_IMAGES):
+        Image.fromarray(rgb[i * 4 : i * 4 + 300, i * 5 : i * 5 + 400]).save(folder / f"img{i:03d}.jpg", quality=90)
+    (folder / "broken.jpg").write_bytes(b"\x89PNG broken")
+    return folder
+
+
+def rows(out: Path) -> list[dict]:
+    return pads.dataset(str(out), format="parquet", partitioning="hive").to_table(
+        columns=["uri", "status", "run_id", "dataset"]).to_pylist()
+
+
+def assert_exactly_once(out: Path, folder: Path) -> None:
+    """One ok row per good image, nothing duplicated, the broken file an error."""
+    got = rows(out)
+    ok = [r["uri"] for r in got if r["status"] == "ok"]
+    good = sorted(str(p) for p in folder.glob("img*.jpg"))
+    assert sorted(ok) == good, "lost or duplicated ok rows"
+    assert str(folder / "broken.jpg") in {r["uri"] for r in got if r["status"] == "error"}
+
+
+def test_driver_killed_then_resumed(narrow_model, many_images, tmp_path, ray_local):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"many={many_images}", "--output", str(out),
+         "--model", str(narrow_model), "--rows-per-file", "2", "--batch-size", "1", "--actors", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(out.glob("_staging/*/dataset=many/*.parquet"))) < 2:
+        assert proc.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, as a dying machine would
+    proc.wait()
+    staged = list(out.glob("_staging/*"))
+    assert len(staged) == 1 and not list(out.glob("_runs/*.json"))
+    killed_run = staged[0].name
+
+    # an output holding a killed run's work is not silently written over
+    assert main(["detect", "--dataset", f"many={many_images}", "--output", str(out),
+                 "--model", str(narrow_model)]) == 2
+
+    result = detect({"many": str(many_images)}, str(out), model=narrow_model, resume=True)
+    assert_exactly_once(out, many_images)
+    recovered = json.loads((out / "_runs" / f"{killed_run}.json").read_text())
+    assert recovered["recovered"] is True and recovered["datasets"]["many"]["images"] >= 2
+    assert result.datasets["many"].already_done == recovered["datasets"]["many"]["images_ok"]
+    assert result.datasets["many"].images == N_IMAGES + 1 - result.datasets["many"].already_done
+    assert not list(out.glob("_staging/*"))
+
+    # resuming a finished output does nothing but retry the error row
+    again = detect({"many": str(many_images)}, str(out), model=narrow_model, resume=True)
+    assert again.datasets["many"].images == 1 and again.datasets["many"].images_error == 1
+    assert_exactly_once(out, many_images)
+
+
+def test_inference_actor_killed_mid_run(narrow_model, many_images, tmp_path, ray_local):
+    """Ray restarts the killed actor and retries its batch; no row is lost or doubled."""
+    from ray._private.state import state  # this Ray's own actor table (others may run beside it)
+
+    killed: list[int] = []
+
+    def kill_first_actor() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            for actor in state.actor_table(None).values():
+                if "MapWorker" in actor["ActorClassName"] and actor["State"] == "ALIVE" and actor["Pid"]:
+                    time.sleep(1.0)  # let it start on its batches
+                    os.kill(actor["Pid"], signal.SIGKILL)
+                    killed.append(actor["Pid"])
+                    return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_first_actor)
+    killer.start()
+    result = detect({"many": str(many_images)}, str(tmp_path / "out"), model=narrow_model, batch_size=1)
+    killer.join()
+    assert killed, "no inference actor was found to kill"
+    assert result.datasets["many"].images == N_IMAGES + 1
+    assert_exactly_once(tmp_path / "out", many_images)
+
+
+def test_refuse_then_overwrite(narrow_model, tmp_path, ray_local, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(photo("rocket.jpg"))
+    out = tmp_path / "out"
+    first = detect({"x": str(folder)}, str(out), model=narrow_model)
+    argv = ["detect", "--dataset", f"x={folder}", "--output", str(out), "--model", str(narrow_model)]
+    assert main(argv) == 2
+    assert "already holds batchdet results" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--overwrite"]) == 2
+    assert main([*argv, "--overwrite"]) == 0
+    got = rows(out)
+    assert len(got) == 1 and got[0]["run_id"] != first.run_id
+    assert not (out / "_runs" / f"{first.run_id}.json").exists()
