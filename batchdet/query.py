@@ -40,12 +40,11 @@ EXAMPLES: tuple[tuple[str, str], ...] = (
     ("detections per image (score >= 0.5), as a histogram",
      "SELECT n, count(*) AS images FROM (SELECT len(list_filter(detections, lambda d: d.score >= 0.5)) AS n "
      "FROM images WHERE status = 'ok') GROUP BY n ORDER BY n"),
-    ("the same file name in two datasets, with its car counts side by side",
-     "SELECT parse_filename(a.uri) AS file, a.dataset AS a, b.dataset AS b, "
-     "len(list_filter(a.detections, lambda d: d.label = 'car')) AS cars_a, "
-     "len(list_filter(b.detections, lambda d: d.label = 'car')) AS cars_b "
-     "FROM images a JOIN images b ON parse_filename(a.uri) = parse_filename(b.uri) "
-     "AND a.dataset < b.dataset ORDER BY file"),
+    ("classes found in two datasets, counts side by side (a join across datasets)",
+     "WITH c AS (SELECT dataset, label, count(*) AS n FROM detections WHERE score >= 0.5 GROUP BY ALL) "
+     "SELECT a.label, a.dataset AS a, a.n AS n_a, b.dataset AS b, b.n AS n_b "
+     "FROM c a JOIN c b ON a.label = b.label AND a.dataset < b.dataset "
+     "ORDER BY a.n + b.n DESC, a.label LIMIT 10"),
 )
 
 

@@ -57,12 +57,15 @@ def test_examples_run_and_answer(sample_output: WrittenOutput) -> None:
 
 
 def test_join_example_across_datasets(tmp_path) -> None:
-    rows = {"day": [ok_row("/d/p.jpg", 10, 10, [])],
-            "night": [ok_row("/n/p.jpg", 10, 10, []), ok_row("/n/q.jpg", 10, 10, [])]}
-    rows["day"][0]["detections"] = [{"label_id": 3, "label": "car", "score": 0.9,
-                                     "x_min": 0, "y_min": 0, "x_max": 1, "y_max": 1}]
+    def det(label: str, score: float) -> dict:
+        return {"label_id": 1, "label": label, "score": score, "x_min": 0, "y_min": 0, "x_max": 1, "y_max": 1}
+
+    rows = {"day": [ok_row("/d/p.jpg", 10, 10, [])], "night": [ok_row("/n/q.jpg", 10, 10, [])]}
+    rows["day"][0]["detections"] = [det("car", 0.9), det("dog", 0.6), det("cat", 0.2)]
+    rows["night"][0]["detections"] = [det("car", 0.7), det("car", 0.8), det("cat", 0.9)]
     write_output(str(tmp_path), rows)
-    assert connect(str(tmp_path)).sql(EXAMPLES[4][1]).fetchall() == [("p.jpg", "day", "night", 1, 0)]
+    # cat is in both, but under 0.5 in "day"; dog only in "day"
+    assert connect(str(tmp_path)).sql(EXAMPLES[4][1]).fetchall() == [("car", "day", 1, "night", 2)]
 
 
 def test_the_latest_run_row_is_the_image(tmp_path) -> None:
