@@ -56,8 +56,8 @@ def detect(
     begin_run(out, _record(todo, plan, done))
     clock = time.perf_counter()
     if todo.num_images:
-        with ray_session(address):
-            run_pipeline(todo)
+        with ray_session(address) as local:
+            run_pipeline(todo, local)
     result = finish_run(out, plan.run_id, wall_s=time.perf_counter() - clock)
     missing = todo.num_images - sum(c.images for c in result.datasets.values())
     if missing:

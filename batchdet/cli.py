@@ -9,6 +9,7 @@ come out as one line ``batchdet: error: …`` with exit status 2; set
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Callable
@@ -40,7 +41,9 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from batchdet.api import detect
     from batchdet.plan import parse_actors, parse_dataset
     from batchdet.storage import parse_storage_options
+    from batchdet.config import apply_config
 
+    args = apply_config(args)  # --config FILE fills in the flags not given; --dataset/--output required from either
     datasets: dict[str, str] = {}
     for spec in args.dataset:
         name, url = parse_dataset(spec)
@@ -53,6 +56,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         threads_per_actor=args.threads_per_actor, gpus_per_actor=args.gpus_per_actor,
         batch_size=args.batch_size, address=args.address,
         storage_options=parse_storage_options(args.storage_option), max_pixels=args.max_pixels,
+        rows_per_file=args.rows_per_file, resume=args.resume, overwrite=args.overwrite,
     )
     _print_result(result)
     return 0
@@ -63,6 +67,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from batchdet.api import detect
     from batchdet.demo import demo_model, prepare_demo
+    from batchdet.query import EXAMPLES, query, write_result
 
     root = Path(args.output).resolve()
     model, official = demo_model()
@@ -72,11 +77,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo images: {root / 'images'} ({', '.join(datasets)}, one broken file on purpose)")
     result = detect(datasets, str(root / "output"), model=model)
     _print_result(result)
+    title, sql = EXAMPLES[0]
+    print(f"\n{title}:\n  batchdet query {root / 'output'} \"{sql}\"")
+    write_result(query(str(root / "output"), sql), "table", sys.stdout, max_rows=10)
+    print(f"\nnext: batchdet summary {root / 'output'}")
+    print(f"      batchdet draw {root / 'output'} --dataset street --to {root / 'drawn'}")
     return 0
 
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     from batchdet.preprocess import DEFAULT_MAX_PIXELS
+    from batchdet.plan import DEFAULT_ROWS_PER_FILE
     from batchdet.spec import NMS_SCORE_THRESHOLD
 
     p = sub.add_parser("detect", help="run the detector over datasets into partitioned Parquet")
@@ -91,8 +102,18 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="images per inference batch")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse images declaring more pixels than this (decompression bombs)")
+    p.add_argument("--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE,
+                   help="rows per Parquet file; work not yet in a file is redone after a kill")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an output: commit what killed runs left, skip images already ok with this model")
+    p.add_argument("--overwrite", action="store_true", help="delete the output's earlier results first")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     _storage_flag(p)
+    p.add_argument("--config", metavar="FILE",
+                   help="job spec YAML (datasets, output, model, actors, …; see README, 'Running on a cluster'); flags override it")
+    from batchdet.config import config_aware
+
+    config_aware(p)  # tells flags given from defaults, so --config fills in only the others
     p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser("demo", help="synthesize two small datasets and run detect on them, offline")
@@ -144,6 +165,29 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_model_quantize(args: argparse.Namespace) -> int:
+    from batchdet.fetch import resolve_model_path
+    from batchdet.quantize import quantize_model
+    from batchdet.spec import check_model
+    from batchdet.storage import parse_storage_options
+
+    def progress(done: int, total: int) -> None:
+        print(f"\r  calibration image {done} of {total}", end="", file=sys.stderr, flush=True)
+
+    source = resolve_model_path(args.model)
+    path = quantize_model(source, args.calibrate, images=args.images, to=args.to,
+                          storage_options=parse_storage_options(args.storage_option), progress=progress)
+    print(file=sys.stderr)
+    info = check_model(path)
+    print(f"int8 model written: {path} ({info.size / 1e6:.1f} MB, from {source})")
+    print(f"  {info.metadata.get('batchdet.quantized', '')}")
+    print(f"  calibration: {info.metadata.get('batchdet.quantized.calibration', '')}")
+    print(f"  run it with --model {path}; check its accuracy with `batchdet eval` (docs/performance.md)")
+    if "batchdet.standin" in info.metadata:
+        print(STANDIN_WARNING)
+    return 0
+
+
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="get, build or inspect the ONNX model")
     msub = model.add_subparsers(dest="model_command", required=True)
@@ -164,10 +208,144 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path")
     p.set_defaults(func=_cmd_model_info)
 
+    from batchdet.quantize import DEFAULT_IMAGES
+
+    p = msub.add_parser("quantize", help="static INT8 copy (QDQ, per-channel) calibrated on a dataset's images",
+                        description="Write <name>.int8.onnx beside MODEL: static INT8 quantization of the "
+                                    "convolutions (onnxruntime QDQ, per-channel weights), calibrated on images "
+                                    "of a dataset URL; decode and NMS stay float. Use it with --model.")
+    p.add_argument("model", nargs="?", metavar="MODEL",
+                   help="ONNX model to quantize (default: $BATCHDET_MODEL, else the fetch cache)")
+    p.add_argument("--calibrate", required=True, metavar="URL",
+                   help="dataset (folder/prefix/glob, any fsspec URL) whose images calibrate the activation ranges")
+    p.add_argument("--images", type=int, default=DEFAULT_IMAGES,
+                   help=f"calibration images, spread over the listing (default {DEFAULT_IMAGES})")
+    p.add_argument("--to", metavar="PATH", help="destination (default: <model dir>/<name>.int8.onnx)")
+    _storage_flag(p)
+    p.set_defaults(func=_cmd_model_quantize)
+
 
 # --- output commands (query, summary, eval, draw) ----------------------------
+def _cmd_query(args: argparse.Namespace) -> int:
+    from batchdet.query import connect, render_overview, run_sql, view_columns, write_result
+    from batchdet.storage import parse_storage_options
+
+    con = connect(args.output, parse_storage_options(args.storage_option))
+    if args.sql is None:
+        print(render_overview(view_columns(con)), end="")
+        return 0
+    sql = sys.stdin.read() if args.sql == "-" else args.sql
+    write_result(run_sql(con, sql), args.format, sys.stdout, max_rows=args.max_rows)
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from batchdet.storage import parse_storage_options
+    from batchdet.summary import render_summary, summarize
+
+    summary = summarize(args.output, parse_storage_options(args.storage_option),
+                        min_score=args.min_score, top=args.top)
+    print(render_summary(summary), end="")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from batchdet.evaluate import evaluate, render_eval
+    from batchdet.storage import parse_storage_options
+
+    result = evaluate(args.output, args.annotations, args.dataset, parse_storage_options(args.storage_option))
+    print(render_eval(result), end="")
+    json_out = Path(args.json_out or f"eval-{args.dataset}.json")
+    json_out.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    print(f"numbers written to {json_out}")
+    return 0
+
+
+def _cmd_draw(args: argparse.Namespace) -> int:
+    from batchdet.draw import draw
+    from batchdet.storage import parse_storage_options
+
+    report = draw(args.output, args.dataset, args.to, limit=args.limit, min_score=args.min_score,
+                  storage_options=parse_storage_options(args.storage_option))
+    print(f"drew {len(report.drawn):,} images, skipped {len(report.skipped):,}"
+          + (f", left out {report.not_drawn:,} (--limit)" if report.not_drawn else ""))
+    print(f"open {report.index}")
+    return 0
+
+
 def _add_output_commands(sub: argparse._SubParsersAction) -> None:
     """Commands that read a finished output directory."""
+    output_help = "the output of detect: a local path or any fsspec URL (s3://bucket/prefix)"
+
+    p = sub.add_parser("query", help="SQL over the images and detections views (DuckDB)",
+                       description="SQL over two views: images (one row per image) and detections "
+                                   "(one row per detection). Without SQL: the views' columns and examples.")
+    p.add_argument("output", help=output_help)
+    p.add_argument("sql", nargs="?", help="the query; '-' reads it from stdin; omit to see the views and examples")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                   help="table: aligned text (cut at --max-rows); csv; json: JSON Lines, one object per row")
+    p.add_argument("--max-rows", type=int, default=40, help="rows shown by --format table (default 40)")
+    _storage_flag(p)
+    p.set_defaults(func=_cmd_query)
+
+    p = sub.add_parser("summary", help="per-dataset counts, top classes and the runs that wrote an output")
+    p.add_argument("output", help=output_help)
+    p.add_argument("--min-score", type=float, default=0.5, help="score for the top-classes counts (default 0.5)")
+    p.add_argument("--top", type=int, default=5, help="classes listed per dataset (default 5)")
+    _storage_flag(p)
+    p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("eval", help="COCO bbox AP/AR of one dataset against COCO annotations (pycocotools)")
+    p.add_argument("output", help=output_help)
+    p.add_argument("--annotations", required=True, metavar="FILE",
+                   help="COCO instances JSON, e.g. instances_val2017.json (local or fsspec URL)")
+    p.add_argument("--dataset", required=True, metavar="NAME", help="the dataset of the output to evaluate")
+    p.add_argument("--json-out", metavar="FILE", help="where to write the numbers (default ./eval-NAME.json)")
+    _storage_flag(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("draw", help="draw boxes on the images of a dataset, with an HTML gallery")
+    p.add_argument("output", help=output_help)
+    p.add_argument("--dataset", required=True, metavar="NAME")
+    p.add_argument("--to", required=True, metavar="DIR", help="local directory for the images and index.html")
+    p.add_argument("--limit", type=int, metavar="N", help="draw at most N images (default all)")
+    p.add_argument("--min-score", type=float, default=0.5, help="draw boxes at this score or above (default 0.5)")
+    _storage_flag(p)
+    p.set_defaults(func=_cmd_draw)
+
+
+# --- cluster commands (submit) ------------------------------------------------
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from batchdet.submit import submit
+
+    return submit(args.address, args.detect_args, config=args.config, wait=not args.no_wait,
+                  pip_deps=args.pip_deps, runtime_env_file=args.runtime_env, insecure=args.insecure)
+
+
+def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands that run batchdet on a Ray cluster (see README, 'Running on a cluster')."""
+    p = sub.add_parser(
+        "submit", help="run detect on a Ray cluster through the Jobs API; exit status is the job's",
+        description="Validate the detect arguments here, submit them as a Ray job (batchdet shipped in the "
+                    "runtime environment), stream its logs and exit 0 only if it SUCCEEDED. The Ray token is "
+                    "read from $RAY_AUTH_TOKEN, the file $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.",
+        usage="batchdet submit [--address URL] [--no-wait] [--config FILE] [...] -- <detect arguments>",
+    )
+    p.add_argument("--address", metavar="URL",
+                   help="the cluster's dashboard / Jobs API, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    p.add_argument("--no-wait", action="store_true", help="print the submission id and return at once")
+    p.add_argument("--config", metavar="FILE", help="job spec YAML, as for detect --config (the arguments override it)")
+    p.add_argument("--runtime-env", metavar="FILE", help="YAML merged over the runtime environment batchdet builds")
+    p.add_argument("--pip-deps", action="store_true",
+                   help="pip-install batchdet's dependencies on the cluster (for images that lack them)")
+    p.add_argument("--insecure", action="store_true",
+                   help="submit even to a cluster whose dashboard accepts requests without a token")
+    p.add_argument("detect_args", nargs=argparse.REMAINDER, metavar="-- DETECT_ARGS",
+                   help="the arguments of batchdet detect, after --")
+    p.set_defaults(func=_cmd_submit)
 
 
 # --- entry point --------------------------------------------------------------
@@ -181,11 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_model_commands(sub)
     _add_output_commands(sub)
+    _add_cluster_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("batchdet: %(message)s"))
+    log = logging.getLogger("batchdet")
+    if not log.handlers:
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Iterator
 
@@ -11,6 +12,8 @@ import pyarrow as pa
 from batchdet.plan import RunPlan
 from batchdet.stages import InferenceStage, prepare_batch, read_batch
 from batchdet.writing import STAGING_DIR, Output
+
+log = logging.getLogger("batchdet")
 
 #: Logical CPUs a preprocessing task asks for. Decode + resize costs a few ms
 #: against seconds of inference, so a task needs only a slice of a core. An
@@ -24,13 +27,14 @@ PREPARE_BATCH = 8
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None = None) -> Iterator[None]:
+def ray_session(address: str | None = None) -> Iterator[bool]:
     """Join ``address`` (or ``$RAY_ADDRESS``), reuse a Ray already initialised
-    in this process, or start an embedded one and shut it down afterwards."""
+    in this process, or start an embedded one and shut it down afterwards.
+    Yields whether the Ray is this machine's alone (no autoscaler behind it)."""
     import ray
 
     if ray.is_initialized():
-        yield
+        yield not (address or os.environ.get("RAY_ADDRESS"))
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -38,27 +42,39 @@ def ray_session(address: str | None = None) -> Iterator[None]:
     else:
         ray.init(include_dashboard=False)
     try:
-        yield
+        yield not address
     finally:
         if not address:
             ray.shutdown()
 
 
-def actor_layout(plan: RunPlan) -> tuple[int, tuple[int, int]]:
+def actor_layout(plan: RunPlan, local: bool) -> tuple[int, tuple[int, int]]:
     """(threads per actor, (min, max) actors) for the cluster Ray sees."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     per_node = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]) or 1
     threads = plan.threads_per_actor or min(per_node, 4)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    # Ray would wait forever for an actor no node can hold. On the embedded
+    # Ray nothing will ever add a node, so refuse; on a cluster an autoscaler
+    # may still bring one (a GPU group scaled to zero), so only warn.
+    problems = [f"--threads-per-actor {threads} exceeds the largest node's {per_node} CPUs"] * (threads > per_node)
+    problems += [f"--gpus-per-actor {plan.gpus_per_actor} but the cluster has {gpus:g} GPUs now"] * (
+        plan.gpus_per_actor > gpus)
+    for problem in problems:
+        if local:
+            raise ValueError(problem)
+        log.warning("%s; waiting for the autoscaler to add a node that fits", problem)
     return threads, plan.actors or (1, max(1, cpus // threads))
 
 
-def run_pipeline(plan: RunPlan) -> None:
-    """Stream every listed image through the model into staged Parquet."""
+def run_pipeline(plan: RunPlan, local: bool = True) -> None:
+    """Stream every listed image through the model into staged Parquet
+    (``local``: on an embedded Ray that no autoscaler will grow)."""
     import ray.data
 
-    threads, (low, high) = actor_layout(plan)
+    threads, (low, high) = actor_layout(plan, local)
     items = [{"dataset": name, "uri": uri} for name, listing in plan.listings.items() for uri in listing.uris]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // PREPARE_BATCH, 10_000)))
     ds = ds.map_batches(
@@ -76,7 +92,8 @@ def run_pipeline(plan: RunPlan) -> None:
             "gpus": plan.gpus_per_actor, "score_threshold": plan.score_threshold,
             "storage_options": plan.storage_options,  # for a URL model: each node fetches its own copy
         },
-        batch_format="pyarrow", batch_size=plan.batch_size, concurrency=(low, high),
+        batch_format="pyarrow", batch_size=plan.batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
         num_cpus=threads - PREPARE_CPUS, num_gpus=plan.gpus_per_actor or None,
     )
     out = Output(plan.output, plan.storage_options)

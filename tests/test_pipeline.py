@@ -253,3 +253,14 @@ def test_cli_embedded_ray_subprocess(narrow_model, tmp_path):
     assert "2 images in" in proc.stdout
     rows = read_output(str(tmp_path / "out"))
     assert sorted(r["status"] for r in rows.values()) == ["error", "ok"]
+
+
+def test_actor_that_no_node_can_hold_is_refused(ray_local, narrow_model, local_inputs, tmp_path, capsys):
+    """On this machine's own Ray nothing will add a node: an actor needing 8
+    CPUs (or a GPU) would wait forever, so the run is refused with one line."""
+    datasets, _ = local_inputs
+    base = ["detect", "--dataset", f"alpha={datasets['alpha']}", "--model", str(narrow_model)]
+    assert main([*base, "--output", str(tmp_path / "o1"), "--threads-per-actor", "8"]) == 2
+    assert "--threads-per-actor 8 exceeds the largest node's 2 CPUs" in capsys.readouterr().err
+    assert main([*base, "--output", str(tmp_path / "o2"), "--gpus-per-actor", "1"]) == 2
+    assert "--gpus-per-actor 1.0 but the cluster has 0 GPUs" in capsys.readouterr().err

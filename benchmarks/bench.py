@@ -1,0 +1,888 @@
+#!/usr/bin/env python
+"""batchdet performance benchmark: how close the pipeline gets to the hardware.
+
+One run, the same synthesized 640×480 JPEGs and the same model throughout:
+
+  bare       onnxruntime alone, looping over ready float32 inputs with the
+             session settings batchdet uses (the ceiling), measured in three
+             segments interleaved with the pipeline runs so that both see the
+             same background load;
+  pipeline   ``batchdet.api.detect`` end to end (embedded Ray, fresh process
+             each), at two dataset sizes: images/s, ratio to the ceiling, the
+             marginal rate between the two sizes (fixed start-up cancels),
+             peak memory of the whole process tree (driver, GCS, raylet with
+             the object store, workers; sum of PSS, so shared pages count
+             once) and bytes per image crossing the object store (Ray Data's
+             per-operator output sizes);
+  preprocess decode→model input per image (``prepare`` + the in-graph
+             normalisation, as its own onnxruntime session with the same
+             threads) against a bare Pillow decode of the same file;
+  int8       ``batchdet model quantize`` on the same model, calibrated on the
+             same images, FP32 vs INT8 bare loops interleaved image by image.
+
+Every target is a ratio within this run, never absolute seconds: the machine
+is shared, and ``foreign_cpu_cores`` in each phase says how busy it was.
+
+    python benchmarks/bench.py --images 20,80 --out bench-out/results.json
+    python benchmarks/bench.py --quick --out bench-out/quick.json      # CI smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+WIDTH, HEIGHT = 640, 480
+#: Targets of the performance issue (ratios measured within one run).
+TARGETS = {
+    "pipeline_vs_bare": (">=", 0.95),
+    "preprocess_vs_decode": ("<=", 3.0),
+    "memory_growth": ("<=", 0.10),
+    "object_store_mb_per_image": ("<=", 4.5),
+    "int8_speedup": (">=", 1.7),
+}
+
+
+# --- machine ------------------------------------------------------------------
+def machine_info() -> dict:
+    import onnxruntime
+    import ray
+
+    cpu_model = platform.processor() or platform.machine()
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu_model in ("", platform.machine(), platform.processor()):
+                cpu_model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "amx")) or "vnni" in f]
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "cpu_flags": flags,
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "ray": ray.__version__,
+        "platform": platform.platform(),
+    }
+
+
+# --- images ---------------------------------------------------------------------
+def natural_image(rng: np.random.Generator, width: int = WIDTH, height: int = HEIGHT) -> np.ndarray:
+    """A 640×480 RGB picture with the statistics of a photograph rather than a
+    drawing: 1/f amplitude spectrum texture (as natural scenes have), a sky
+    gradient above a horizon, a few soft-edged objects and sensor noise. Its
+    JPEG is about as large and as slow to decode as a typical COCO photo's."""
+
+    def pink(alpha: float) -> np.ndarray:
+        fy = np.fft.fftfreq(height)[:, None]
+        fx = np.fft.rfftfreq(width)[None, :]
+        f = np.sqrt(fx**2 + fy**2)
+        f[0, 0] = 1.0
+        spectrum = (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)) / f**alpha
+        field = np.fft.irfft2(spectrum, s=(height, width))
+        return (field - field.mean()) / (field.std() + 1e-9)
+
+    y = np.linspace(0.0, 1.0, height)[:, None, None]
+    horizon = rng.uniform(0.3, 0.6)
+    sky = np.array([90, 150, 225]) * (1 - y) + np.array([200, 210, 225]) * y
+    ground_colour = rng.uniform(50, 150, 3)
+    texture = pink(1.0)[:, :, None]
+    colour = np.stack([pink(1.4), pink(1.4), pink(1.4)], axis=-1)
+    ground = ground_colour + 28 * texture + 12 * colour
+    sky = sky + 6 * pink(1.6)[:, :, None]
+    mask = (y > horizon + 0.03 * pink(1.8)[:, :, None]).astype(np.float64)
+    pixels = sky * (1 - mask) + ground * mask
+    yy, xx = np.mgrid[0:height, 0:width]
+    for _ in range(rng.integers(3, 7)):  # objects: shaded ellipses with their own texture
+        cx, cy = rng.uniform(0, width), rng.uniform(height * horizon, height)
+        rx, ry = rng.uniform(20, 140), rng.uniform(20, 110)
+        inside = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2
+        alpha = np.clip((1.0 - inside) * 6, 0, 1)[:, :, None]
+        shade = 0.6 + 0.4 * np.clip(1 - (yy - (cy - ry)) / (2 * ry), 0, 1)[:, :, None]
+        obj = rng.uniform(0, 255, 3) * shade + 20 * texture
+        pixels = pixels * (1 - alpha) + obj * alpha
+    pixels += rng.normal(0, 3, pixels.shape)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def synthesize(folder: Path, count: int, seed: int = 0, quality: int = 90) -> list[Path]:
+    """``count`` JPEGs in ``folder`` (kept between runs: same seed, same files)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"img-{seed}-{i:04d}.jpg"
+        if not path.exists():
+            rng = np.random.default_rng([seed, i])
+            tmp = path.with_suffix(".tmp")
+            Image.fromarray(natural_image(rng)).save(tmp, format="JPEG", quality=quality)
+            tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def dataset_folder(workdir: Path, files: list[Path], count: int) -> Path:
+    """A folder holding exactly the first ``count`` images (hard links)."""
+    folder = workdir / f"dataset-{count}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for f in files[:count]:
+        try:
+            os.link(f, folder / f.name)
+        except OSError:
+            shutil.copy2(f, folder / f.name)
+    return folder
+
+
+# --- model ----------------------------------------------------------------------
+def resolve_model(args: argparse.Namespace, workdir: Path) -> Path:
+    """``--model``, else the stand-in at ``--channels-divisor`` (built once, cached)."""
+    if args.model:
+        return Path(args.model).resolve()
+    from batchdet.fetch import resolve_model_path
+    from batchdet.standin import write_standin
+
+    name = "standin-ssd1200.onnx" if args.channels_divisor == 1 else f"standin-ssd1200-div{args.channels_divisor}.onnx"
+    path = resolve_model_path(None).with_name(name)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"building the stand-in ({name}) ...", flush=True)
+        write_standin(path, seed=0, channels_divisor=args.channels_divisor)
+    return path
+
+
+# --- measurement helpers ---------------------------------------------------------------
+def _busy_jiffies() -> int:
+    """Non-idle CPU time of the whole machine so far, in clock ticks."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    values = [int(v) for v in fields]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values[:8]) - idle
+
+
+class Phase:
+    """Wall time of a phase and how many cores other people's processes used meanwhile."""
+
+    def __init__(self, own_cpu_seconds):
+        self.own = own_cpu_seconds  # callable: CPU seconds used so far by what we measure
+
+    def __enter__(self):
+        self.t0, self.j0, self.c0 = time.perf_counter(), _busy_jiffies(), self.own()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.t0
+        busy = (_busy_jiffies() - self.j0) / os.sysconf("SC_CLK_TCK")
+        self.foreign_cores = max(0.0, (busy - (self.own() - self.c0)) / self.wall) if self.wall > 0 else 0.0
+
+
+def own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _proc_children() -> dict[int, list[int]]:
+    """ppid → child pids, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _proc_memory(pid: int) -> tuple[int, int] | None:
+    """(PSS, RSS) in bytes from /proc/PID/smaps_rollup, or None if gone."""
+    pss = rss = None
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                pss = int(line.split()[1]) * 1024
+            elif line.startswith("Rss:"):
+                rss = int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return (pss, rss) if pss is not None and rss is not None else None
+
+
+def _proc_cpu_seconds(pid: int) -> float | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+class TreeSampler(threading.Thread):
+    """Peak memory of a process and all its descendants, sampled every ``interval`` s.
+
+    PSS (proportional set size) splits each shared page among the processes
+    mapping it, so the sum counts Ray's object store (a shared mapping held
+    by the raylet and the workers reading from it) once. RSS summed is given
+    too; it counts shared pages once per process. Read from /proc directly
+    (smaps_rollup), so Linux only and no dependency.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.root = pid
+        self.interval = interval
+        self.peak_pss = self.peak_rss = 0
+        self.peak_processes = 0
+        self.samples = 0
+        self.cpu_seen: dict[int, float] = {}
+        self._halt = threading.Event()
+
+    def tree(self) -> list[int]:
+        children = _proc_children()
+        pids, todo = [], [self.root]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            todo.extend(children.get(pid, []))
+        return pids
+
+    def sample(self) -> None:
+        pss = rss = n = 0
+        for pid in self.tree():
+            mem = _proc_memory(pid)
+            cpu = _proc_cpu_seconds(pid)
+            if mem is None or cpu is None:
+                continue
+            pss += mem[0]
+            rss += mem[1]
+            n += 1
+            self.cpu_seen[pid] = cpu
+        if n:
+            self.samples += 1
+            self.peak_pss = max(self.peak_pss, pss)
+            self.peak_rss = max(self.peak_rss, rss)
+            self.peak_processes = max(self.peak_processes, n)
+
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu_seen.values())
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+        self.sample()
+
+
+def _min_per_item(fns: dict, items: list, reps: int) -> dict[str, float]:
+    """Seconds per item for each function, interleaved item by item; per item
+    the fastest of ``reps`` tries (the least disturbed), then the mean over items."""
+    best = {name: [float("inf")] * len(items) for name in fns}
+    for _ in range(reps):
+        for i, item in enumerate(items):
+            for name, fn in fns.items():
+                t = time.perf_counter()
+                fn(item)
+                best[name][i] = min(best[name][i], time.perf_counter() - t)
+    return {name: statistics.fmean(v) for name, v in best.items()}
+
+
+def _old_front_end(model):
+    """The first uint8 front end (Cast, Sub, Div over NHWC, Transpose last), kept
+    here only to show what reordering it saved, in the same run."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from batchdet.inference import UINT8_INPUT
+    from batchdet.spec import INPUT_NAME, MEAN, STD
+
+    g = model.graph
+    g.input.remove(next(i for i in g.input if i.name == INPUT_NAME))
+    g.input.insert(0, helper.make_tensor_value_info(UINT8_INPUT, TensorProto.UINT8, [1, 1200, 1200, 3]))
+    g.initializer.extend([numpy_helper.from_array(MEAN.reshape(1, 1, 1, 3), "m"),
+                          numpy_helper.from_array(STD.reshape(1, 1, 1, 3), "s")])
+    nodes = [helper.make_node("Cast", [UINT8_INPUT], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Sub", ["f", "m"], ["c"]), helper.make_node("Div", ["c", "s"], ["h"]),
+             helper.make_node("Transpose", ["h"], [INPUT_NAME], perm=[0, 3, 1, 2])]
+    for node in reversed(nodes):
+        g.node.insert(0, node)
+    return model
+
+
+def _cast_only_front_end(model):
+    """The least any in-graph path from uint8 NHWC to a float NCHW input must
+    do (Transpose the bytes, Cast to float; no arithmetic): the floor."""
+    from onnx import TensorProto, helper
+
+    from batchdet.inference import UINT8_INPUT
+    from batchdet.spec import INPUT_NAME
+
+    g = model.graph
+    g.input.remove(next(i for i in g.input if i.name == INPUT_NAME))
+    g.input.insert(0, helper.make_tensor_value_info(UINT8_INPUT, TensorProto.UINT8, [1, 1200, 1200, 3]))
+    nodes = [helper.make_node("Transpose", [UINT8_INPUT], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("Cast", ["t"], [INPUT_NAME], to=TensorProto.FLOAT)]
+    for node in reversed(nodes):
+        g.node.insert(0, node)
+    return model
+
+
+def front_end_session(threads: int, old: bool = False, floor: bool = False):
+    """Only the nodes OnnxBackend prepends, as a session with batchdet's options."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from batchdet.inference import add_uint8_input, session_options
+    from batchdet.spec import INPUT_NAME
+
+    shape = [1, 3, 1200, 1200]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [INPUT_NAME], ["normalised"])], "front_end",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("normalised", TensorProto.FLOAT, shape)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = _old_front_end(model) if old else _cast_only_front_end(model) if floor else add_uint8_input(model)
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def measure_preprocessing(files: list[Path], threads: int, reps: int) -> dict:
+    """decode → model input per image, against a bare Pillow decode of the same bytes."""
+    import pyarrow as pa
+    from PIL import Image
+
+    from batchdet.inference import UINT8_INPUT
+    from batchdet.preprocess import normalize, prepare
+    from batchdet.stages import prepare_batch
+
+    datas = [f.read_bytes() for f in files]
+    new, old = front_end_session(threads), front_end_session(threads, old=True)
+    floor = front_end_session(threads, floor=True)
+    prepared = [prepare(d).image[None] for d in datas]
+    per_image = _min_per_item(
+        {
+            "bare_decode": lambda d: np.asarray(Image.open(io.BytesIO(d))),
+            "prepare": prepare,
+        },
+        datas, reps,
+    )
+    normalise = _min_per_item(
+        {
+            "in_graph": lambda x: new.run(None, {UINT8_INPUT: x}),
+            "in_graph_before_reorder": lambda x: old.run(None, {UINT8_INPUT: x}),
+            "transpose_cast_only": lambda x: floor.run(None, {UINT8_INPUT: x}),
+            "numpy": lambda x: normalize(x[0]),
+        },
+        prepared, reps,
+    )
+    batch = pa.table({"dataset": ["b"] * len(datas), "uri": [str(f) for f in files],
+                      "data": pa.array(datas, pa.large_binary()), "error": pa.array([None] * len(datas), pa.string())})
+    t = time.perf_counter()
+    for _ in range(reps):
+        prepare_batch(batch)
+    stage = (time.perf_counter() - t) / reps / len(datas)
+    total = per_image["prepare"] + normalise["in_graph"]
+    return {
+        "images": len(datas),
+        "jpeg_kb_mean": round(statistics.fmean(len(d) for d in datas) / 1e3, 1),
+        "bare_decode_ms": per_image["bare_decode"] * 1e3,
+        "prepare_ms": per_image["prepare"] * 1e3,
+        "normalise_in_graph_ms": normalise["in_graph"] * 1e3,
+        "normalise_in_graph_before_reorder_ms": normalise["in_graph_before_reorder"] * 1e3,
+        "normalise_numpy_ms": normalise["numpy"] * 1e3,
+        "normalise_floor_transpose_cast_ms": normalise["transpose_cast_only"] * 1e3,
+        "prepare_batch_stage_ms": stage * 1e3,
+        "total_ms": total * 1e3,
+        "ratio_to_decode": total / per_image["bare_decode"],
+    }
+
+
+# --- bare onnxruntime -----------------------------------------------------------------
+def float_session(model: Path, threads: int):
+    """The model as given (float input ``image``) with batchdet's session options."""
+    import onnxruntime as ort
+
+    from batchdet.inference import session_options
+
+    return ort.InferenceSession(str(model), session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def ready_inputs(files: list[Path]) -> list[np.ndarray]:
+    from batchdet.preprocess import preprocess
+
+    return [preprocess(f.read_bytes())[0] for f in files]
+
+
+def timed_runs(session, inputs: list[np.ndarray]) -> list[float]:
+    from batchdet.spec import INPUT_NAME
+
+    times = []
+    for x in inputs:
+        t = time.perf_counter()
+        session.run(None, {INPUT_NAME: x})
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def bare_segment(session, inputs: list[np.ndarray], label: str) -> dict:
+    """One image first, untimed in the rate: after minutes idle the session's
+    first run is slower (measured up to 1.4x), which is no property of the loop."""
+    rewarm = timed_runs(session, inputs[:1])[0]
+    c0 = own_cpu()
+    with Phase(own_cpu) as ph:
+        times = timed_runs(session, inputs)
+    seg = {"label": label, "images": len(times), "wall_s": ph.wall, "s_per_image": statistics.fmean(times),
+           "times": times, "rewarm_s": rewarm,
+           "cpu_s_per_image": (own_cpu() - c0) / len(times),
+           "images_per_s": len(times) / sum(times), "foreign_cpu_cores": ph.foreign_cores}
+    print(f"  bare {label}: {seg['s_per_image']:.3f} s/image  (others used {ph.foreign_cores:.2f} cores)", flush=True)
+    return seg
+
+
+# --- the pipeline, in a child process ------------------------------------------------------
+def _timer_hook(log_dir: str):
+    """A Ray ``worker_process_setup_hook`` recording, in every worker, when
+    OnnxBackend.load and OnnxBackend.predict ran (wall-clock, comparable across
+    processes): a line per call, appended to ``log_dir/calls-<pid>.txt``. It
+    adds two clock reads and one short write per image to what is measured."""
+
+    def hook() -> None:
+        import os
+        import time as _time
+
+        from batchdet import inference
+
+        path = os.path.join(log_dir, f"calls-{os.getpid()}.txt")
+
+        def timed(name, fn):
+            def wrapper(self, *a, **kw):
+                t0 = _time.time()
+                try:
+                    return fn(self, *a, **kw)
+                finally:
+                    with open(path, "a") as f:
+                        f.write(f"{name} {t0:.6f} {_time.time():.6f}\n")
+            return wrapper
+
+        inference.OnnxBackend.load = timed("load", inference.OnnxBackend.load)
+        inference.OnnxBackend.predict = timed("predict", inference.OnnxBackend.predict)
+
+    return hook
+
+
+def _read_calls(log_dir: Path) -> dict[str, list[tuple[float, float]]]:
+    calls: dict[str, list[tuple[float, float]]] = {"load": [], "predict": []}
+    for f in log_dir.glob("calls-*.txt"):
+        for line in f.read_text().splitlines():
+            name, t0, t1 = line.split()
+            calls.setdefault(name, []).append((float(t0), float(t1)))
+    for v in calls.values():
+        v.sort()
+    return calls
+
+
+#: --experiment KEY=VALUE: proposed pipeline changes, applied inside the
+#: pipeline's driver process, so their effect can be measured before anyone
+#: edits batchdet/pipeline.py. Not used by default.
+EXPERIMENTS = {
+    "prepare_batch": "batchdet.pipeline.PREPARE_BATCH = int(VALUE): images per preprocessing block",
+    "object_store_limit": "DataContext.execution_options.resource_limits.object_store_memory = VALUE bytes",
+    "downstream_ratio": "DataContext.downstream_capacity_backpressure_ratio = VALUE",
+    "downstream_threshold": "RAY_DATA_DOWNSTREAM_CAPACITY_OBJECT_STORE_BUDGET_UTIL_THRESHOLD = VALUE "
+                            "(budget use above which the downstream-capacity backpressure applies; Ray's default 0.5)",
+}
+
+
+def apply_experiments(experiments: list[str]) -> None:
+    for item in experiments or []:
+        key, _, value = item.partition("=")
+        if key not in EXPERIMENTS:
+            raise SystemExit(f"unknown --experiment {key!r}; known: {', '.join(EXPERIMENTS)}")
+        if key == "downstream_threshold":  # read when Ray Data's policy module is imported
+            os.environ["RAY_DATA_DOWNSTREAM_CAPACITY_OBJECT_STORE_BUDGET_UTIL_THRESHOLD"] = value
+            continue
+        import ray.data
+
+        ctx = ray.data.DataContext.get_current()
+        if key == "prepare_batch":
+            import batchdet.pipeline
+
+            batchdet.pipeline.PREPARE_BATCH = int(value)
+        elif key == "object_store_limit":
+            from ray.data._internal.execution.interfaces import ExecutionResources
+
+            ctx.execution_options.resource_limits = ExecutionResources(object_store_memory=float(value))
+        elif key == "downstream_ratio":
+            ctx.downstream_capacity_backpressure_ratio = float(value)
+
+
+def pipeline_child(args: argparse.Namespace) -> None:
+    """Entry of the child process: run detect(), report timings and Ray Data stats as JSON."""
+    for item in args.experiment or []:  # environment ones first: read when Ray Data is imported
+        if item.startswith("downstream_threshold="):
+            apply_experiments([item])
+    import ray
+    import ray.data
+
+    captured = {}
+    original = ray.data.Dataset.write_parquet
+
+    def write_parquet(self, *a, **kw):  # the pipeline's last call: keep its dataset for the stats
+        captured["ds"] = self
+        return original(self, *a, **kw)
+
+    ray.data.Dataset.write_parquet = write_parquet
+    from batchdet.api import detect
+
+    t = time.perf_counter()
+    # What pipeline.ray_session does (an embedded Ray, no dashboard), except
+    # address="local": a bare ray.init() joins any cluster that `ray start`
+    # left in /tmp/ray/ray_current_cluster, and on a shared machine that
+    # would be somebody else's. detect() reuses this Ray; it is shut down
+    # inside the timing, as ray_session does.
+    apply_experiments(args.experiment)
+    calls_dir = Path(args.child_result).with_suffix(".calls")
+    shutil.rmtree(calls_dir, ignore_errors=True)
+    calls_dir.mkdir(parents=True)
+    started_epoch = time.time()
+    ray.init(address="local", include_dashboard=False,
+             runtime_env={"worker_process_setup_hook": _timer_hook(str(calls_dir))})
+    try:
+        result = detect({"bench": args.child_images}, args.child_output, model=args.child_model,
+                        threads_per_actor=args.threads or None)
+    finally:
+        ray.shutdown()
+    wall = time.perf_counter() - t
+    ended_epoch = time.time()
+    operators = []
+    ds = captured.get("ds")
+    ds = getattr(ds, "_write_ds", None) or ds  # write_parquet executes a child dataset holding the stats
+    if ds is not None:
+        try:
+            summary = ds._get_stats_summary()
+            for op in _flatten_ops(summary):
+                operators.append({"name": op.operator_name, "rows": _stat_sum(op.output_num_rows),
+                                  "bytes": _stat_sum(op.output_size_bytes), "wall_s": _stat_sum(op.wall_time)})
+        except Exception as e:  # stats are best effort across Ray versions
+            operators.append({"name": f"stats unavailable: {type(e).__name__}: {e}", "rows": None, "bytes": None})
+    counts = {name: c.__dict__ if hasattr(c, "__dict__") else str(c) for name, c in result.datasets.items()}
+    Path(args.child_result).write_text(json.dumps({
+        "detect_wall_s": wall, "manifest_wall_s": result.wall_s, "manifest_images_per_s": result.images_per_s,
+        "datasets": counts, "operators": operators,
+        "started_epoch": started_epoch, "ended_epoch": ended_epoch, "calls_dir": str(calls_dir),
+    }, default=str))
+
+
+def _stat_sum(stat):
+    """``sum`` of one of Ray Data's min/max/mean/sum summaries (a dict or a dataclass)."""
+    if stat is None:
+        return None
+    return stat.get("sum") if isinstance(stat, dict) else getattr(stat, "sum", None)
+
+
+def _flatten_ops(summary) -> list:
+    ops = []
+    for parent in summary.parents or []:
+        ops += _flatten_ops(parent)
+    return ops + list(summary.operators_stats)
+
+
+def run_pipeline(model: Path, folder: Path, images: int, workdir: Path, threads: int, interval: float,
+                 experiments: list[str] | None = None) -> dict:
+    out = workdir / f"output-{images}"
+    shutil.rmtree(out, ignore_errors=True)
+    result_file = workdir / f"pipeline-{images}.json"
+    log = workdir / f"pipeline-{images}.log"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-pipeline", "--child-model", str(model),
+           "--child-images", str(folder), "--child-output", str(out), "--child-result", str(result_file),
+           "--threads", str(threads)]
+    for item in experiments or []:
+        cmd += ["--experiment", item]
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    with open(log, "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        sampler = TreeSampler(proc.pid, interval)
+        with Phase(sampler.cpu_seconds) as ph:
+            sampler.start()
+            code = proc.wait()
+            sampler.stop()
+    if code != 0:
+        raise SystemExit(f"pipeline run over {images} images failed (exit {code}); see {log}:\n"
+                         + "\n".join(log.read_text().splitlines()[-30:]))
+    child = json.loads(result_file.read_text())
+    # every block an operator outputs is put in the object store (the fused
+    # read→prepare task keeps the JPEG bytes to itself)
+    store_bytes = sum(o["bytes"] for o in child["operators"] if o.get("bytes"))
+    calls = _read_calls(Path(child["calls_dir"]))
+    predicts, loads = calls["predict"], calls["load"]
+    timeline = None
+    if predicts:
+        busy = sum(t1 - t0 for t0, t1 in predicts)
+        span = predicts[-1][1] - predicts[0][0]
+        timeline = {
+            "predicts": len(predicts),
+            "startup_s": predicts[0][0] - child["started_epoch"],  # Ray start, actor, model load, first block
+            "model_load_s": sum(t1 - t0 for t0, t1 in loads),
+            "predict_s_per_image": busy / len(predicts),  # in-graph normalisation + model, in the actor
+            "steady_busy_fraction": busy / span if span > 0 else 1.0,  # between first and last predict
+            "tail_s": child["ended_epoch"] - predicts[-1][1],  # last result → output committed, Ray down
+        }
+    cpu = sampler.cpu_seconds()
+    run = {
+        "images": images,
+        "wall_s": child["detect_wall_s"],
+        "cpu_s_per_image": cpu / images,
+        "timeline": timeline,
+        "images_per_s": images / child["detect_wall_s"],
+        "manifest_images_per_s": child["manifest_images_per_s"],
+        "process_wall_s": ph.wall,
+        "peak_memory_bytes": sampler.peak_pss,
+        "peak_rss_sum_bytes": sampler.peak_rss,
+        "peak_processes": sampler.peak_processes,
+        "memory_samples": sampler.samples,
+        "object_store_bytes_per_image": store_bytes / images,
+        "operators": child["operators"],
+        "foreign_cpu_cores": ph.foreign_cores,
+        "datasets": child["datasets"],
+    }
+    print(f"  pipeline {images}: {run['images_per_s']:.4f} images/s, peak {run['peak_memory_bytes'] / 1e9:.2f} GB, "
+          f"{run['object_store_bytes_per_image'] / 1e6:.2f} MB/image through the object store "
+          f"(others used {ph.foreign_cores:.2f} cores)", flush=True)
+    return run
+
+
+# --- int8 ----------------------------------------------------------------------------------
+def measure_int8(model: Path, fp32, images_folder: Path, inputs: list[np.ndarray], threads: int,
+                 calibration: int, workdir: Path, given: str | None) -> dict:
+    from batchdet.quantize import quantize_model
+    from batchdet.spec import check_model
+
+    t = time.perf_counter()
+    if given:
+        path, source = Path(given), "given"
+    else:
+        path = workdir / (model.stem + ".int8.onnx")
+        path = quantize_model(model, images_folder, images=calibration, to=path, progress=None)
+        source = "quantized"
+    quantize_s = time.perf_counter() - t
+    info = check_model(path)
+    int8 = float_session(path, threads)
+    timed_runs(int8, inputs[:1])  # warm-up
+    f_times, q_times = [], []
+    with Phase(own_cpu) as ph:
+        for x in inputs:  # interleaved image by image: both see the same load
+            f_times += timed_runs(fp32, [x])
+            q_times += timed_runs(int8, [x])
+    res = {
+        "model": str(path), "source": source, "quantize_s": quantize_s, "calibration_images": calibration,
+        "standin": "batchdet.standin" in info.metadata, "size_bytes": info.size,
+        "fp32_s_per_image": statistics.fmean(f_times), "int8_s_per_image": statistics.fmean(q_times),
+        "images": len(inputs), "foreign_cpu_cores": ph.foreign_cores,
+    }
+    res["speedup"] = res["fp32_s_per_image"] / res["int8_s_per_image"]
+    print(f"  int8: {res['int8_s_per_image']:.3f} s/image vs fp32 {res['fp32_s_per_image']:.3f}: "
+          f"{res['speedup']:.2f}x (others used {ph.foreign_cores:.2f} cores)", flush=True)
+    return res
+
+
+# --- report ----------------------------------------------------------------------------------
+def _met(name: str, value: float | None) -> dict:
+    op, target = TARGETS[name]
+    met = None if value is None else (value >= target if op == ">=" else value <= target)
+    return {"value": value, "target": f"{op} {target}", "met": met}
+
+
+def table(res: dict) -> str:
+    b, pre, mem = res["bare"], res["preprocess"], res["memory"]
+    rows = [("measure", "value", "note")]
+    rows.append(("bare onnxruntime (ceiling)", f"{b['images_per_s']:.4f} img/s",
+                 f"{b['s_per_image']:.3f} s/image, {len(b['segments'])} segments of {b['segments'][0]['images']}; "
+                 "others used " + "/".join(f"{x['foreign_cpu_cores']:.2f}" for x in b["segments"]) + " cores"))
+    for run in res["pipeline"]:
+        rows.append((f"pipeline, {run['images']} images", f"{run['images_per_s']:.4f} img/s",
+                     f"{run['ratio_to_bare']:.3f} x bare (end to end, incl. Ray start); "
+                     f"CPU/image {run['cpu_ratio_to_bare']:.3f} x bare's"))
+        tl = run.get("timeline")
+        if tl:
+            rows.append((f"  {run['images']} images: where the time went",
+                         f"{tl['predict_s_per_image']:.3f} s/predict",
+                         f"start-up {tl['startup_s']:.1f} s (model load {tl['model_load_s']:.2f} s), "
+                         f"busy {tl['steady_busy_fraction'] * 100:.1f} % between first and last image, "
+                         f"tail {tl['tail_s']:.1f} s"))
+    m = res["pipeline_marginal"]
+    if m:
+        rows.append((f"pipeline, marginal {m['from']}->{m['to']}", f"{m['images_per_s']:.4f} img/s",
+                     f"{m['ratio_to_bare']:.3f} x bare (start-up cancelled)"))
+    rows.append(("preprocess: prepare + normalise", f"{pre['total_ms']:.2f} ms",
+                 f"{pre['prepare_ms']:.2f} + {pre['normalise_in_graph_ms']:.2f} ms; {pre['ratio_to_decode']:.2f} x decode"))
+    rows.append(("bare Pillow decode", f"{pre['bare_decode_ms']:.2f} ms", f"{pre['jpeg_kb_mean']} kB JPEG, 640x480"))
+    for n, peak in mem["peak_bytes"].items():
+        rows.append((f"peak memory, {n} images", f"{peak / 1e9:.2f} GB", "sum of PSS over the process tree"))
+    rows.append(("peak memory growth", f"{mem['growth'] * 100:+.1f} %", f"{mem['from']} -> {mem['to']} images"))
+    rows.append(("object store per image", f"{res['object_store']['mb_per_image']:.2f} MB",
+                 "sum of Ray Data operator outputs / images"))
+    if res.get("int8"):
+        q = res["int8"]
+        rows.append(("bare onnxruntime INT8", f"{1 / q['int8_s_per_image']:.4f} img/s",
+                     f"{q['speedup']:.2f} x FP32 ({q['fp32_s_per_image']:.3f} -> {q['int8_s_per_image']:.3f} s/image)"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    lines.append("")
+    lines.append("targets: " + ", ".join(
+        f"{k} {v['target']}: {'n/a' if v['value'] is None else round(v['value'], 3)} "
+        f"{'met' if v['met'] else ('MISSED' if v['met'] is False else '')}" for k, v in res["targets"].items()))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", default="20,80", help="two dataset sizes for the pipeline runs (default 20,80)")
+    p.add_argument("--model", help="ONNX model (default: the full stand-in, built once into the cache)")
+    p.add_argument("--channels-divisor", type=int, default=1, help="stand-in width divisor (8 for a fast smoke run)")
+    p.add_argument("--bare-images", type=int, default=4, help="images per bare onnxruntime segment (3 segments)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: CPUs, at most 4, as detect)")
+    p.add_argument("--int8", default="auto", help="'auto' quantizes the model, a path uses that file, 'none' skips")
+    p.add_argument("--calibration-images", type=int, default=4,
+                   help="INT8 calibration images (speed does not depend on them; accuracy would)")
+    p.add_argument("--experiment", action="append", default=[], metavar="KEY=VALUE",
+                   help="apply a proposed pipeline change inside the pipeline runs (repeatable): "
+                        + "; ".join(f"{k}: {v}" for k, v in EXPERIMENTS.items()))
+    p.add_argument("--int8-images", type=int, default=4, help="images for the interleaved FP32/INT8 comparison")
+    p.add_argument("--reps", type=int, default=5, help="repetitions of the preprocessing timings")
+    p.add_argument("--sample-interval", type=float, default=1.0, help="seconds between memory samples")
+    p.add_argument("--workdir", help="images, outputs and logs (default: bench-out/work)")
+    p.add_argument("--out", default="bench-out/results.json")
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke: narrow stand-in (divisor 16), 3 and 6 images, 1 bare image per segment")
+    # internal: the pipeline child process
+    for flag in ("--child-model", "--child-images", "--child-output", "--child-result"):
+        p.add_argument(flag, help=argparse.SUPPRESS)
+    p.add_argument("--child-pipeline", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        if args.channels_divisor == 1 and not args.model:
+            args.channels_divisor = 16
+        if args.images == "20,80":
+            args.images = "3,6"
+        args.bare_images, args.calibration_images, args.int8_images, args.reps = 1, 2, 1, 2
+        args.sample_interval = min(args.sample_interval, 0.25)
+    return args
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    if args.child_pipeline:
+        pipeline_child(args)
+        return None
+    sizes = sorted(int(n) for n in args.images.split(","))
+    if len(sizes) != 2 or sizes[0] < 1:
+        raise SystemExit("--images takes two sizes, e.g. 20,80")
+    out = Path(args.out)
+    workdir = Path(args.workdir) if args.workdir else out.parent / "work"
+    workdir.mkdir(parents=True, exist_ok=True)
+    threads = args.threads or min(os.cpu_count() or 1, 4)
+    started = time.time()
+
+    res: dict = {"machine": machine_info()}
+    print(f"machine: {res['machine']['nproc']} CPUs, {res['machine']['cpu_model']}, "
+          f"onnxruntime {res['machine']['onnxruntime']}, ray {res['machine']['ray']}", flush=True)
+    model = resolve_model(args, workdir)
+    from batchdet.spec import check_model
+
+    info = check_model(model)
+    files = synthesize(workdir / "images", sizes[-1])
+    res["config"] = {"experiments": args.experiment, "model": str(model), "model_sha256": info.sha256, "model_kind": info.kind,
+                     "parameters": info.parameters, "channels_divisor": None if args.model else args.channels_divisor,
+                     "images": sizes, "image_size": [WIDTH, HEIGHT], "threads": threads, "quick": args.quick,
+                     "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])}
+
+    print("preprocessing ...", flush=True)
+    res["preprocess"] = measure_preprocessing(files[:min(len(files), 20)], threads, args.reps)
+
+    print("bare onnxruntime and pipeline, interleaved ...", flush=True)
+    fp32 = float_session(model, threads)
+    n_bare = max(1, args.bare_images)
+    inputs = ready_inputs(files[:max(n_bare, args.int8_images)])
+    warm = timed_runs(fp32, inputs[:1])[0]
+    segments = [bare_segment(fp32, inputs[:n_bare], "before")]
+    runs = []
+    for i, n in enumerate(sizes):
+        folder = dataset_folder(workdir, files, n)
+        runs.append(run_pipeline(model, folder, n, workdir, threads, args.sample_interval, args.experiment))
+        segments.append(bare_segment(fp32, inputs[:n_bare], f"after {n}"))
+    rates = [s["images_per_s"] for s in segments]
+    ceiling = statistics.fmean(rates)
+    bare_cpu = statistics.fmean(s["cpu_s_per_image"] for s in segments)
+    for i, run in enumerate(runs):
+        adjacent = statistics.fmean(rates[i:i + 2])  # the bare segments just before and after this run
+        run["bare_images_per_s_adjacent"] = adjacent
+        run["ratio_to_bare"] = run["images_per_s"] / adjacent
+        # load-robust view: CPU seconds the bare loop spends per image over what the whole
+        # pipeline (every process of it) spends per image
+        run["cpu_ratio_to_bare"] = bare_cpu / run["cpu_s_per_image"]
+    res["bare"] = {"images_per_s": ceiling, "s_per_image": 1 / ceiling, "cpu_s_per_image": bare_cpu,
+                   "warmup_s": warm, "segments": segments,
+                   "settings": "batchdet.inference.session_options(threads) on the float model, ready float32 inputs",
+                   "spread": (max(rates) - min(rates)) / ceiling}
+    res["pipeline"] = runs
+    (a, b) = runs
+    extra = b["wall_s"] - a["wall_s"]
+    marginal = (b["images"] - a["images"]) / extra if extra > 0 else None
+    res["pipeline_marginal"] = {"from": a["images"], "to": b["images"], "images_per_s": marginal,
+                                "ratio_to_bare": marginal / ceiling if marginal else None} if marginal else None
+    res["memory"] = {"peak_bytes": {str(r["images"]): r["peak_memory_bytes"] for r in runs},
+                     "from": a["images"], "to": b["images"],
+                     "growth": b["peak_memory_bytes"] / a["peak_memory_bytes"] - 1}
+    per_image = [r["object_store_bytes_per_image"] for r in runs]
+    res["object_store"] = {"bytes_per_image": max(per_image), "mb_per_image": max(per_image) / 1e6,
+                           "by_run": {str(r["images"]): r["object_store_bytes_per_image"] for r in runs}}
+
+    res["int8"] = None
+    if args.int8 != "none":
+        print("int8 ...", flush=True)
+        res["int8"] = measure_int8(model, fp32, workdir / f"dataset-{sizes[-1]}", inputs[:max(1, args.int8_images)],
+                                   threads, args.calibration_images, workdir,
+                                   None if args.int8 == "auto" else args.int8)
+
+    res["targets"] = {
+        "pipeline_vs_bare": _met("pipeline_vs_bare", runs[-1]["ratio_to_bare"]),
+        "preprocess_vs_decode": _met("preprocess_vs_decode", res["preprocess"]["ratio_to_decode"]),
+        "memory_growth": _met("memory_growth", res["memory"]["growth"]),
+        "object_store_mb_per_image": _met("object_store_mb_per_image", res["object_store"]["mb_per_image"]),
+        "int8_speedup": _met("int8_speedup", res["int8"]["speedup"] if res["int8"] else None),
+    }
+    res["elapsed_s"] = time.time() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2, default=str) + "\n")
+    print()
+    print(table(res))
+    print(f"\nwritten: {out}  ({res['elapsed_s']:.0f} s)")
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+#!/usr/bin/env python
+"""Side-by-side measurement of onnxruntime session settings for batchdet.
+
+Every variant is a session over the same model with batchdet's uint8 front
+end (what the actors run), created up front; then rounds run one image
+through each variant in turn, so that background load hits all of them
+alike. Reported per variant: time per image relative to the default
+settings (``batchdet.inference.session_options``), and the resident memory
+its creation and first run added. Then session creation: uncached (what
+OnnxBackend did before the cache), a cache miss (optimise and store) and a
+cache hit (load the stored optimized graph), interleaved as well.
+
+    python benchmarks/session_options.py --rounds 3 --out bench-out/session_options.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (same folder: image synthesis, model resolution, machine info, Phase)
+
+#: name → session_options() keyword arguments (threads given separately)
+VARIANTS = {
+    "default": {},
+    "default again (noise gauge)": {},
+    "spinning off": {"spinning": False},
+    "spinning on": {"spinning": True},
+    "level extended (no NCHWc)": {"level": "extended"},
+    "level basic": {"level": "basic"},
+    "arena off": {"arena": False},
+    "mem pattern off": {"mem_pattern": False},
+    "1 thread": {"threads": 1},
+}
+#: what a run without --variants measures ("spinning on"/"level basic" only when asked)
+DEFAULT_SET = ["default", "default again (noise gauge)", "spinning off", "level extended (no NCHWc)",
+               "arena off", "mem pattern off", "1 thread"]
+
+
+def rss() -> int:
+    """Resident bytes of this process (Linux /proc)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="ONNX model (default: the full stand-in)")
+    p.add_argument("--channels-divisor", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3, help="images per variant after the warm-up")
+    p.add_argument("--creation-rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--variants", help="comma-separated subset of: " + ", ".join(VARIANTS))
+    p.add_argument("--out", default="bench-out/session_options.json")
+    args = p.parse_args(argv)
+
+    import onnx
+    import onnxruntime as ort
+
+    from batchdet.inference import UINT8_INPUT, OnnxBackend, add_uint8_input, session_options
+    from batchdet.preprocess import prepare
+
+    threads = args.threads or min(os.cpu_count() or 1, 4)
+    out = Path(args.out)
+    work = out.parent / "work"
+    model = bench.resolve_model(argparse.Namespace(model=args.model, channels_divisor=args.channels_divisor), work)
+    files = bench.synthesize(work / "images", max(args.rounds, 1))
+    images = [prepare(f.read_bytes()).image[None] for f in files]
+    model_bytes = add_uint8_input(onnx.load(str(model))).SerializeToString()
+    chosen = args.variants.split(",") if args.variants else DEFAULT_SET
+    if "default" not in chosen:
+        chosen.insert(0, "default")
+    res: dict = {"machine": bench.machine_info(), "model": str(model), "threads": threads, "variants": {}}
+
+    sessions = {}
+    for name in chosen:
+        kw = dict(VARIANTS[name])
+        n = kw.pop("threads", threads)
+        gc.collect()
+        before = rss()
+        t = time.perf_counter()
+        s = ort.InferenceSession(model_bytes, session_options(n, **kw), providers=["CPUExecutionProvider"])
+        created = time.perf_counter() - t
+        t = time.perf_counter()
+        s.run(None, {UINT8_INPUT: images[0]})  # warm-up: arena and pattern allocations happen here
+        first = time.perf_counter() - t
+        sessions[name] = s
+        res["variants"][name] = {"options": VARIANTS[name], "create_s": created, "first_run_s": first,
+                                 "rss_added_bytes": rss() - before, "times": [], "cpu": []}
+        print(f"{name}: created in {created:.2f} s, first run {first:.2f} s, "
+              f"+{(rss() - before) / 1e6:.0f} MB", flush=True)
+
+    with bench.Phase(bench.own_cpu) as ph:
+        for r in range(args.rounds):
+            order = chosen if r % 2 == 0 else chosen[::-1]  # alternate the order: no variant always follows another
+            for name in order:
+                t, c = time.perf_counter(), time.process_time()
+                sessions[name].run(None, {UINT8_INPUT: images[r % len(images)]})
+                res["variants"][name]["times"].append(time.perf_counter() - t)
+                res["variants"][name]["cpu"].append(time.process_time() - c)
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+    res["foreign_cpu_cores"] = ph.foreign_cores
+    base = res["variants"]["default"]
+    for name, v in res["variants"].items():
+        v["s_per_image"] = statistics.fmean(v["times"])
+        v["cpu_s_per_image"] = statistics.fmean(v["cpu"])
+        # per round, this variant's time over the default's in the same round; the median of those
+        v["relative_time"] = statistics.median(t / b for t, b in zip(v["times"], base["times"]))
+        v["relative_time_range"] = [min(t / b for t, b in zip(v["times"], base["times"])),
+                                    max(t / b for t, b in zip(v["times"], base["times"]))]
+        v["relative_cpu"] = statistics.median(t / b for t, b in zip(v["cpu"], base["cpu"]))
+    sessions.clear()
+    gc.collect()
+
+    # session creation: uncached vs cache miss vs cache hit (OnnxBackend.load, end to end)
+    cache = Path(tempfile.mkdtemp(prefix="batchdet-ortcache-"))
+    creation = {"uncached": [], "cache miss": [], "cache hit": []}
+    saved = os.environ.get("BATCHDET_ORT_CACHE")
+    try:
+        for _ in range(args.creation_rounds):
+            for mode in creation:
+                if mode == "uncached":
+                    os.environ["BATCHDET_ORT_CACHE"] = "0"
+                else:
+                    os.environ["BATCHDET_ORT_CACHE"] = str(cache)
+                    if mode == "cache miss":
+                        shutil.rmtree(cache, ignore_errors=True)
+                t = time.perf_counter()
+                backend = OnnxBackend(model, threads).load()
+                creation[mode].append(time.perf_counter() - t)
+                assert backend.load_source == {"uncached": "uncached", "cache miss": "cache-miss",
+                                               "cache hit": "cache-hit"}[mode], backend.load_source
+                del backend
+                gc.collect()
+    finally:
+        if saved is None:
+            os.environ.pop("BATCHDET_ORT_CACHE", None)
+        else:
+            os.environ["BATCHDET_ORT_CACHE"] = saved
+        shutil.rmtree(cache, ignore_errors=True)
+    res["creation"] = {m: {"times": v, "mean_s": statistics.fmean(v), "min_s": min(v)} for m, v in creation.items()}
+    res["creation"]["hit_vs_uncached"] = res["creation"]["cache hit"]["mean_s"] / res["creation"]["uncached"]["mean_s"]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"\nrun time per image relative to the defaults ({threads} threads; others used "
+          f"{res['foreign_cpu_cores']:.2f} cores meanwhile):")
+    print(f"  {'variant':28s} {'s/image':>8s}  {'time (median of per-round ratios) [range]':42s} {'CPU s/image':>11s}  "
+          f"{'memory':>8s}")
+    for name, v in res["variants"].items():
+        lo, hi = v["relative_time_range"]
+        print(f"  {name:28s} {v['s_per_image']:8.3f}  x{v['relative_time']:.3f} [{lo:.2f}-{hi:.2f}]{'':26s} "
+              f"{v['cpu_s_per_image']:8.2f} x{v['relative_cpu']:.2f}  +{v['rss_added_bytes'] / 1e6:4.0f} MB")
+    print("session creation (OnnxBackend.load, incl. check_model):")
+    for m in ("uncached", "cache miss", "cache hit"):
+        c = res["creation"][m]
+        print(f"  {m:12s} mean {c['mean_s']:.3f} s  min {c['min_s']:.3f} s")
+    print(f"  cache hit / uncached: x{res['creation']['hit_vs_uncached']:.3f}")
+    print(f"written: {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()

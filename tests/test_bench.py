@@ -1,0 +1,76 @@
+"""The benchmark's --quick mode end to end: every field there, every value sane.
+
+No timing is asserted: the machine is shared and the quick model is tiny.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "bare onnxruntime (ceiling)" in proc.stdout and "targets:" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def test_quick_run_reports_every_field(results):
+    assert set(results) >= {"machine", "config", "preprocess", "bare", "pipeline", "pipeline_marginal",
+                            "memory", "object_store", "int8", "targets"}
+    m = results["machine"]
+    assert m["nproc"] >= 1 and m["cpu_model"] and m["onnxruntime"] and m["ray"]
+    c = results["config"]
+    assert c["quick"] is True and c["images"] == [3, 6] and c["image_size"] == [640, 480]
+    assert c["channels_divisor"] == 16 and len(c["model_sha256"]) == 64
+
+    b = results["bare"]
+    assert _positive(b["images_per_s"]) and len(b["segments"]) == 3
+    assert all(_positive(s["s_per_image"]) and s["foreign_cpu_cores"] >= 0 for s in b["segments"])
+
+    assert [r["images"] for r in results["pipeline"]] == [3, 6]
+    for run in results["pipeline"]:
+        assert _positive(run["images_per_s"]) and _positive(run["ratio_to_bare"])
+        assert run["datasets"]["bench"]["images_ok"] == run["images"]
+        # driver, GCS, raylet and at least the inference actor's worker
+        assert run["peak_processes"] >= 4 and run["memory_samples"] >= 1
+        assert 100e6 < run["peak_memory_bytes"] < 20e9
+        assert run["peak_rss_sum_bytes"] >= run["peak_memory_bytes"] * 0.9
+
+    pre = results["preprocess"]
+    for key in ("bare_decode_ms", "prepare_ms", "normalise_in_graph_ms", "normalise_numpy_ms", "total_ms"):
+        assert _positive(pre[key]), key
+    assert pre["total_ms"] > pre["prepare_ms"] > pre["bare_decode_ms"] * 0.5
+    assert math.isclose(pre["ratio_to_decode"], pre["total_ms"] / pre["bare_decode_ms"])
+
+    mem = results["memory"]
+    assert set(mem["peak_bytes"]) == {"3", "6"} and -0.9 < mem["growth"] < 5
+
+    # 1200×1200×3 uint8 per image must cross to the actor, and little else
+    assert 4.32e6 <= results["object_store"]["bytes_per_image"] < 5e6
+
+    q = results["int8"]
+    assert q["standin"] is True and Path(q["model"]).name.endswith(".int8.onnx")
+    assert _positive(q["speedup"]) and _positive(q["int8_s_per_image"])
+
+    t = results["targets"]
+    assert set(t) == {"pipeline_vs_bare", "preprocess_vs_decode", "memory_growth",
+                      "object_store_mb_per_image", "int8_speedup"}
+    assert all(isinstance(v["met"], bool) and v["target"] for v in t.values())
