@@ -15,11 +15,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchdet.fetch import resolve_model_path
+from batchdet.distribution import resolve_model
 from batchdet.listing import Listing, list_images
 from batchdet.preprocess import DEFAULT_MAX_PIXELS
 from batchdet.schema import RUNS_DIR, check_dataset_name
-from batchdet.spec import NMS_SCORE_THRESHOLD, ModelInfo, check_model
+from batchdet.spec import NMS_SCORE_THRESHOLD, ModelInfo
 from batchdet.storage import filesystem, redact
 
 #: Rows Ray collects before writing a Parquet file. Fewer, larger files query
@@ -135,7 +135,6 @@ def plan_run(
     if min(batch_size, rows_per_file, threads_per_actor or 1) < 1 or gpus_per_actor < 0:
         raise ValueError("--batch-size, --rows-per-file and --threads-per-actor must be >= 1, --gpus-per-actor >= 0")
     options = dict(storage_options or {})
-    from batchdet.distribution import resolve_model
 
     # A URL model is fetched into this node's cache and checked here; info.path keeps URL#sha256=<hex>.
     info = resolve_model(model, options)

@@ -70,3 +70,23 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+N_IMAGES = 30
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory):
+    """N_IMAGES distinct JPEGs cut from a real photo, and one broken file:
+    enough work for a run to be killed half-way."""
+    import numpy as np
+    from PIL import Image
+
+    from photos import photo_path
+
+    folder = tmp_path_factory.mktemp("many")
+    rgb = np.asarray(Image.open(photo_path("astronaut.png")).convert("RGB"))
+    for i in range(N_IMAGES):
+        Image.fromarray(rgb[i * 4 : i * 4 + 300, i * 5 : i * 5 + 400]).save(folder / f"img{i:03d}.jpg", quality=90)
+    (folder / "broken.jpg").write_bytes(b"\x89PNG broken")
+    return folder

@@ -10,6 +10,7 @@ node stays in it, and stopping the cluster signals exactly those groups.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -24,6 +25,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 
 def ray_cli() -> list[str]:
@@ -216,3 +218,18 @@ def make_cluster() -> LocalRayCluster:
 
 def remove(cluster: LocalRayCluster) -> None:
     shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_cluster(workers: int = 1, head_cpus: int = 1, worker_cpus: int = 2) -> Iterator[LocalRayCluster]:
+    """A started cluster, stopped and removed afterwards; fails if any of its
+    processes outlive it."""
+    c = make_cluster()
+    try:
+        c.start(workers=workers, head_cpus=head_cpus, worker_cpus=worker_cpus)
+        yield c
+    finally:
+        c.stop()
+        left = c.ours()
+        remove(c)
+    assert not left, f"processes of the test cluster left running: {left}"

@@ -26,7 +26,7 @@ from batchdet.submit import (
     ENTRYPOINT, JOB_CONFIG_NAME, SubmitError, check_address, job_config, require_auth, resolve_token, runtime_env,
 )
 from photos import photo
-from ray_cluster import make_cluster, ray_cli, remove
+from ray_cluster import ray_cli, running_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,15 +140,8 @@ BAD = {"broken.jpg": b"<html>not an image</html>"}
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = make_cluster()
-    try:
-        c.start(workers=1, head_cpus=1, worker_cpus=2)
+    with running_cluster(workers=1, head_cpus=1, worker_cpus=2) as c:
         yield c
-    finally:
-        c.stop()
-        left = c.ours()
-        remove(c)
-    assert not left, f"processes of the test cluster left running: {left}"
 
 
 def _client_env(**extra: str) -> dict[str, str]:

@@ -11,21 +11,14 @@ import time
 
 import pytest
 
-from ray_cluster import make_cluster, remove
-from test_resume import N_IMAGES, assert_exactly_once, many_images  # noqa: F401  (fixture)
+from ray_cluster import running_cluster
+from test_resume import assert_exactly_once
 
 
 @pytest.fixture
 def two_nodes():
-    c = make_cluster()
-    try:
-        c.start(workers=1, head_cpus=1, worker_cpus=1)
+    with running_cluster(workers=1, head_cpus=1, worker_cpus=1) as c:
         yield c
-    finally:
-        c.stop()
-        left = c.ours()
-        remove(c)
-    assert not left, f"processes of the test cluster left running: {left}"
 
 
 @pytest.mark.slow

@@ -12,28 +12,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.dataset as pads
-import pytest
-from PIL import Image
 
 from batchdet.api import detect
 from batchdet.cli import main
+from conftest import N_IMAGES
 from photos import photo
-
-N_IMAGES = 30
-
-
-@pytest.fixture(scope="module")
-def many_images(tmp_path_factory) -> Path:
-    """N_IMAGES distinct JPEGs cut from a real photo."""
-    folder = tmp_path_factory.mktemp("many")
-    rgb = np.asarray(Image.open(photo_path := __import__("photos").photo_path("astronaut.png")).convert("RGB"))
-    for i in range(N_IMAGES):
-        Image.fromarray(rgb[i * 4 : i * 4 + 300, i * 5 : i * 5 + 400]).save(folder / f"img{i:03d}.jpg", quality=90)
-    (folder / "broken.jpg").write_bytes(b"\x89PNG broken")
-    return folder
-
 
 def rows(out: Path) -> list[dict]:
     return pads.dataset(str(out), format="parquet", partitioning="hive").to_table(
