@@ -182,7 +182,7 @@ def _cmd_model_quantize(args: argparse.Namespace) -> int:
     print(f"int8 model written: {path} ({info.size / 1e6:.1f} MB, from {source})")
     print(f"  {info.metadata.get('batchdet.quantized', '')}")
     print(f"  calibration: {info.metadata.get('batchdet.quantized.calibration', '')}")
-    print(f"  run it with --model {path}; check its accuracy with `batchdet eval` (docs/performance.md)")
+    print(f"  run it with --model {path}; check its accuracy with `batchdet eval` (README, 'INT8')")
     if "batchdet.standin" in info.metadata:
         print(STANDIN_WARNING)
     return 0

@@ -9,7 +9,7 @@ float32 would quadruple the bytes through the object store).
 
 Session settings, providers and the optimized-model cache live here too; each
 choice carries the effect it was measured to have (``benchmarks/``, see
-``docs/performance.md``).
+the README, "Performance").
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def _env_flag(name: str, default: bool) -> bool:
 #: onnxruntime 1.32: benchmarks/session_options.py, 4 rounds, variants
 #: interleaved, the median of per-round ratios to the defaults (a second copy
 #: of the defaults, as a noise gauge, came out x0.975 [0.93-1.01]); the table
-#: is in docs/performance.md.
+#: is in the README, "Performance".
 #:
 #: * graph optimisation ORT_ENABLE_ALL: its NCHWc layout transformer blocks
 #:   the convolutions for AVX2. EXTENDED (everything but NCHWc) is x1.50 the

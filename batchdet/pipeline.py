@@ -40,7 +40,8 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False)
+        # "local": always a Ray of our own, never one someone `ray start`ed here
+        ray.init(address="local", include_dashboard=False)
     try:
         yield not address
     finally:
@@ -100,4 +101,5 @@ def run_pipeline(plan: RunPlan, local: bool = True) -> None:
     ds.write_parquet(
         out.join(STAGING_DIR, plan.run_id), partition_cols=["dataset"], min_rows_per_file=plan.rows_per_file,
         filesystem=pa.fs.PyFileSystem(pa.fs.FSSpecHandler(out.fs)),
+        ray_remote_args={"num_cpus": PREPARE_CPUS},  # a whole CPU would wait until inference is over
     )

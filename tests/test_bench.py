@@ -21,7 +21,7 @@ def _positive(x) -> bool:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def results_path(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "results.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--out", str(out)],
@@ -29,7 +29,12 @@ def results(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "bare onnxruntime (ceiling)" in proc.stdout and "targets:" in proc.stdout
-    return json.loads(out.read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(results_path):
+    return json.loads(results_path.read_text())
 
 
 def test_quick_run_reports_every_field(results):
@@ -74,3 +79,11 @@ def test_quick_run_reports_every_field(results):
     assert set(t) == {"pipeline_vs_bare", "preprocess_vs_decode", "memory_growth",
                       "object_store_mb_per_image", "int8_speedup"}
     assert all(isinstance(v["met"], bool) and v["target"] for v in t.values())
+    assert all(isinstance(v["reliable"], bool) and v["others_cores"] >= 0 for v in t.values())
+    assert results["bare"]["nice"] == 15
+
+
+def test_quick_run_writes_a_markdown_table(results_path):
+    text = results_path.with_suffix(".md").read_text()
+    assert text.startswith("| measure | value | note |") and "| pipeline_vs_bare >= 0.95 |" in text
+    assert "onnxruntime" in text and "Command: `bench.py --quick" in text
