@@ -59,7 +59,6 @@ DESTS = {"datasets": "dataset", "storage_options": "storage_option"}
 #: smallest value allowed for numeric keys.
 MINIMUM = {"batch_size": 1, "threads_per_actor": 1, "max_pixels": 1, "rows_per_file": 1, "gpus_per_actor": 0,
            "score_threshold": 0}
-REQUIRED = ("datasets", "output")
 
 
 class ConfigError(ValueError):

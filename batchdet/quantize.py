@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from batchdet.spec import INPUT_NAME, STANDIN_KEY, check_model
+from batchdet.spec import INPUT_NAME, check_model
 
 #: metadata keys written on the quantized model
 QUANTIZED_KEY = "batchdet.quantized"
@@ -185,7 +185,3 @@ def _has_vnni() -> bool:
     except OSError:
         return True  # unknown CPU: keep full 8-bit range
     return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
-
-
-def is_standin(path: str | os.PathLike) -> bool:
-    return STANDIN_KEY in check_model(path).metadata

@@ -186,10 +186,10 @@ def _write_manifest(out: Output, result: RunResult) -> None:
     out.fs.mv(temp, final)
 
 
-def recover(out: Output, skip: str | None = None) -> list[RunResult]:
-    """Commit what killed runs staged (every staged run but ``skip``)."""
-    return [finish_run(out, run_id, recovered=True) for run_id in out.staged_runs() if run_id != skip
-            and out.fs.exists(out.join(STAGING_DIR, run_id, RUN_RECORD))]
+def recover(out: Output) -> list[RunResult]:
+    """Commit what killed runs staged (called before this run stages anything)."""
+    return [finish_run(out, run_id, recovered=True) for run_id in out.staged_runs()
+            if out.fs.exists(out.join(STAGING_DIR, run_id, RUN_RECORD))]
 
 
 def done_uris(out: Output, model_sha256: str) -> dict[str, set[str]]:
