@@ -50,7 +50,7 @@ class Detector:
         return self.detect_prepared(p.image, p.width, p.height)
 
     def detect_prepared(self, image: np.ndarray, width: int, height: int) -> ImageDetections:
-        """A resized uint8 [1200, 1200, 3] image and its original size → detections."""
+        """Resized uint8 RGB planes [3, 1200, 1200] and the original size → detections."""
         raw = self.backend.predict(image)
         dets = to_detections(raw.bboxes, raw.labels, raw.scores, width, height, self.score_threshold)
         return ImageDetections(width, height, dets)

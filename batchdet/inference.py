@@ -1,11 +1,16 @@
 """onnxruntime behind a small interface: load once, predict one image.
 
-The backend feeds the model uint8 RGB [1200, 1200, 3] — what crosses Ray's
-object store — and does the MLPerf normalisation *inside* the graph: a
-Transpose (on the uint8 bytes), Cast, Sub and Div are prepended to whatever
-conforming model it is given. That costs onnxruntime ~8 ms an image against
-~3 s of convolution (the same float maths in numpy costs ~29 ms, and shipping
-float32 would quadruple the bytes through the object store).
+The backend takes the planar uint8 RGB image [3, 1200, 1200] — what crosses
+Ray's object store — and makes the model's normalised float32 input from it
+where that is cheapest:
+
+* on the CPU, with :func:`batchdet.preprocess.normalize` (a table lookup,
+  ~1.6 ms) into one buffer the session reads from; the model runs as given.
+  Doing the same maths as nodes prepended to the graph cost onnxruntime
+  ~9 ms an image (Cast, Sub and Div are each a pass over 17 MB);
+* on a GPU, inside the graph (:func:`add_uint8_input`), so that 4.3 MB of
+  bytes cross to the device instead of 17 MB of floats, and the device does
+  the arithmetic.
 
 Session settings, providers and the optimized-model cache live here too; each
 choice carries the effect it was measured to have (``benchmarks/``, see
@@ -32,10 +37,6 @@ CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 OUTPUTS = (BBOXES, LABELS, SCORES)
 
-#: Bump whenever :func:`add_uint8_input` changes the graph it builds: it is
-#: part of the optimized-model cache key, so a stale cached graph is never used.
-FRONT_END_VERSION = 2
-
 #: Environment switches (read in the actor process; a local Ray's workers
 #: inherit the driver's environment, a remote cluster needs them in its
 #: runtime_env). "0"/"false"/"no"/"off" switch a default off.
@@ -55,16 +56,11 @@ class RawDetections:
 
 
 def add_uint8_input(model):
-    """Return ``model`` taking ``image_rgb_uint8`` [1, 1200, 1200, 3] uint8
-    instead of the normalised float ``image``; the nodes it prepends compute
-    exactly ``(x - MEAN) / STD`` and HWC→CHW, producing the tensor ``image``
-    the original graph consumes (bit for bit what ``preprocess.normalize`` gives).
-
-    The Transpose comes first, on the uint8 bytes, so that Sub and Div
-    broadcast [1, 3, 1, 1] constants over contiguous 1200×1200 planes. The
-    first version (Cast, Sub, Div on NHWC, Transpose last) made onnxruntime
-    broadcast over an innermost axis of 3, element by element: 72 ms an image
-    against 8.6 ms for this order, same bits (benchmarks/bench.py, "normalise").
+    """Return ``model`` taking ``image_rgb_uint8`` [1, 3, 1200, 1200] uint8
+    planes instead of the normalised float ``image`` (the GPU path): the nodes
+    it prepends compute exactly ``(x - MEAN) / STD``, producing the tensor
+    ``image`` the original graph consumes (bit for bit what
+    ``preprocess.normalize`` gives).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -73,7 +69,7 @@ def add_uint8_input(model):
     original = next(i for i in graph.input if i.name == INPUT_NAME)
     graph.input.remove(original)
     graph.input.insert(
-        0, helper.make_tensor_value_info(UINT8_INPUT, TensorProto.UINT8, [1, INPUT_SIZE, INPUT_SIZE, 3])
+        0, helper.make_tensor_value_info(UINT8_INPUT, TensorProto.UINT8, [1, 3, INPUT_SIZE, INPUT_SIZE])
     )
     graph.initializer.extend(
         [
@@ -82,8 +78,7 @@ def add_uint8_input(model):
         ]
     )
     nodes = [
-        helper.make_node("Transpose", [UINT8_INPUT], ["batchdet_nchw_uint8"], perm=[0, 3, 1, 2]),
-        helper.make_node("Cast", ["batchdet_nchw_uint8"], ["batchdet_f32"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", [UINT8_INPUT], ["batchdet_f32"], to=TensorProto.FLOAT),
         helper.make_node("Sub", ["batchdet_f32", "batchdet_mean"], ["batchdet_centred"]),
         helper.make_node("Div", ["batchdet_centred", "batchdet_std"], [INPUT_NAME]),
     ]
@@ -193,8 +188,8 @@ def optimized_cache_dir() -> Path | None:
 
 
 def optimized_cache_path(cache_dir: Path, model_sha256: str, ort_version: str, level: str = "all") -> Path:
-    """The cache file of one model × onnxruntime version × front end × level × CPU."""
-    key = f"{model_sha256[:24]}-ort{ort_version}-fe{FRONT_END_VERSION}-{level}-cpu{_cpu_fingerprint()}"
+    """The cache file of one model × onnxruntime version × level × CPU."""
+    key = f"{model_sha256[:24]}-ort{ort_version}-{level}-cpu{_cpu_fingerprint()}"
     return cache_dir / f"{key}.onnx"
 
 
@@ -246,15 +241,24 @@ class OnnxBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, model_path: str | os.PathLike, threads: int | None = None, gpus: float = 0.0):
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        threads: int | None = None,
+        gpus: float = 0.0,
+        normalise_in_graph: bool | None = None,
+    ):
+        """``normalise_in_graph``: None chooses by device (GPU: in the graph,
+        CPU: :func:`batchdet.preprocess.normalize`); True/False force a path."""
         self.model_path = str(model_path)
         self.threads = threads or os.cpu_count() or 1
         self.gpus = gpus
+        self.normalise_in_graph = normalise_in_graph
         self.session = None
         self.providers: list[str] = []
         #: what load() did: "cache-hit", "cache-miss" (built and stored) or "uncached".
         self.load_source = ""
-        self.use_io_binding = False
+        self._input: np.ndarray | None = None  # the reused float32 input of the normalise-first path
 
     @property
     def version(self) -> str:
@@ -269,31 +273,32 @@ class OnnxBackend:
         self.providers = select_providers(self.gpus, ort.get_available_providers(), _env_flag(ENV_TENSORRT, True))
         cache_dir = optimized_cache_dir()
         on_cpu = self.providers == [CPU]
-        if on_cpu and cache_dir is not None:
+        if self.normalise_in_graph is None:
+            self.normalise_in_graph = not on_cpu
+        if on_cpu and not self.normalise_in_graph and cache_dir is not None:
             self.session = self._load_cached(info.sha256, cache_dir)
         else:
             self.load_source = "uncached"
             options = provider_options(self.providers, _env_flag(ENV_FP16, False), cache_dir)
             self.session = ort.InferenceSession(
-                self._uint8_model_bytes(), session_options(self.threads),
+                self._model_bytes(), session_options(self.threads),
                 providers=list(zip(self.providers, options)),
             )
-        # On a GPU, I/O binding hands onnxruntime the uint8 image (4.3 MB, not
-        # the 17 MB float tensor) for one host→device copy per image, and
-        # lets it allocate the small, variable-size outputs on the host.
-        self.use_io_binding = not on_cpu
+        if not self.normalise_in_graph:
+            self._input = np.empty((1, 3, INPUT_SIZE, INPUT_SIZE), np.float32)
         return self
 
-    def _uint8_model_bytes(self) -> bytes:
+    def _model_bytes(self) -> bytes:
+        """The model as given, or with the uint8 front end prepended."""
         import onnx
 
-        return add_uint8_input(onnx.load(self.model_path)).SerializeToString()
+        model = onnx.load(self.model_path)
+        return (add_uint8_input(model) if self.normalise_in_graph else model).SerializeToString()
 
     def _load_cached(self, sha256: str, cache_dir: Path):
         """Session from the cached optimized graph, building and storing it on a miss.
 
-        A hit skips onnx.load, the front-end surgery, the checker and
-        onnxruntime's graph optimisation: OnnxBackend.load of the full
+        A hit skips onnx.load and onnxruntime's graph optimisation: OnnxBackend.load of the full
         stand-in took 0.17 s from the cache against 0.57 s uncached (x0.30,
         benchmarks/session_options.py); the miss that writes the file 0.62 s.
         The cached graph is already optimised, so it is loaded with
@@ -323,7 +328,7 @@ class OnnxBackend:
             # onnxruntime warns that an ORT_ENABLE_ALL graph is hardware
             # specific; the cache key carries the CPU fingerprint for that.
             options.log_severity_level = 3
-        session = ort.InferenceSession(self._uint8_model_bytes(), options, providers=[CPU])
+        session = ort.InferenceSession(self._model_bytes(), options, providers=[CPU])
         if tmp is not None:
             try:
                 os.replace(tmp, path)  # atomic: concurrent actors never see half a file
@@ -338,17 +343,21 @@ class OnnxBackend:
         return session
 
     def predict(self, image: np.ndarray) -> RawDetections:
-        """uint8 RGB [1200, 1200, 3] → raw detections."""
+        """uint8 RGB planes [3, 1200, 1200] → raw detections."""
+        from batchdet.preprocess import normalize
+
         if self.session is None:
             self.load()
-        batch = np.ascontiguousarray(image)[None]
-        if self.use_io_binding:
+        if not self.normalise_in_graph:
+            bboxes, labels, scores = self.session.run(list(OUTPUTS), {INPUT_NAME: normalize(image, self._input)})
+        else:
+            # I/O binding hands onnxruntime the uint8 planes (4.3 MB, not the
+            # 17 MB float tensor) for one host→device copy per image, and lets
+            # it allocate the small, variable-size outputs on the host.
             binding = self.session.io_binding()
-            binding.bind_cpu_input(UINT8_INPUT, batch)
+            binding.bind_cpu_input(UINT8_INPUT, np.ascontiguousarray(image)[None])
             for name in OUTPUTS:
                 binding.bind_output(name, "cpu")
             self.session.run_with_iobinding(binding)
             bboxes, labels, scores = binding.copy_outputs_to_cpu()
-        else:
-            bboxes, labels, scores = self.session.run(list(OUTPUTS), {UINT8_INPUT: batch})
         return RawDetections(bboxes[0], labels[0], scores[0])

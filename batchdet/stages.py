@@ -7,7 +7,7 @@ bad file becomes one error row and never a failed task.
 Columns along the way:
   listing   → dataset, uri
   read      → + data (bytes, null on error), error
-  prepare   → dataset, uri, image (1200×1200×3 uint8 bytes, null on error), width, height, error
+  prepare   → dataset, uri, image (3×1200×1200 uint8 planes, null on error), width, height, error
   inference → the contract's row (schema.SCHEMA)
 """
 
@@ -25,7 +25,7 @@ from batchdet.reading import read_many
 from batchdet.schema import SCHEMA, STATUS_ERROR, STATUS_OK
 from batchdet.spec import INPUT_SIZE, NMS_SCORE_THRESHOLD
 
-IMAGE_SHAPE = (INPUT_SIZE, INPUT_SIZE, 3)
+IMAGE_SHAPE = (3, INPUT_SIZE, INPUT_SIZE)  # planar RGB
 
 
 def _errors(batch: pa.Table) -> list[str | None]:
@@ -43,7 +43,7 @@ def read_batch(batch: pa.Table, storage_options: dict[str, Any] | None = None) -
 
 
 def prepare_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
-    """Decode, orient and resize each image to 1200×1200 uint8; ``data`` is dropped.
+    """Decode, orient and resize each image to 3×1200×1200 uint8; ``data`` is dropped.
 
     The resized pixels travel as raw bytes (4.32 MB an image), a quarter of
     the float32 tensor the model finally sees.

@@ -14,9 +14,9 @@ One run, the same synthesized 640×480 JPEGs and the same model throughout:
              the object store, workers; sum of PSS, so shared pages count
              once) and bytes per image crossing the object store (Ray Data's
              per-operator output sizes);
-  preprocess decode→model input per image (``prepare`` + the in-graph
-             normalisation, as its own onnxruntime session with the same
-             threads) against a bare Pillow decode of the same file;
+  preprocess decode→model input per image (``prepare`` + the actor's
+             ``normalize`` into its reused buffer) against a bare Pillow
+             decode of the same file;
   int8       ``batchdet model quantize`` on the same model, calibrated on the
              same images, FP32 vs INT8 bare loops interleaved image by image.
 
@@ -311,47 +311,9 @@ def _min_per_item(fns: dict, items: list, reps: int) -> dict[str, float]:
     return {name: statistics.fmean(v) for name, v in best.items()}
 
 
-def _old_front_end(model):
-    """The first uint8 front end (Cast, Sub, Div over NHWC, Transpose last), kept
-    here only to show what reordering it saved, in the same run."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    from batchdet.inference import UINT8_INPUT
-    from batchdet.spec import INPUT_NAME, MEAN, STD
-
-    g = model.graph
-    g.input.remove(next(i for i in g.input if i.name == INPUT_NAME))
-    g.input.insert(0, helper.make_tensor_value_info(UINT8_INPUT, TensorProto.UINT8, [1, 1200, 1200, 3]))
-    g.initializer.extend([numpy_helper.from_array(MEAN.reshape(1, 1, 1, 3), "m"),
-                          numpy_helper.from_array(STD.reshape(1, 1, 1, 3), "s")])
-    nodes = [helper.make_node("Cast", [UINT8_INPUT], ["f"], to=TensorProto.FLOAT),
-             helper.make_node("Sub", ["f", "m"], ["c"]), helper.make_node("Div", ["c", "s"], ["h"]),
-             helper.make_node("Transpose", ["h"], [INPUT_NAME], perm=[0, 3, 1, 2])]
-    for node in reversed(nodes):
-        g.node.insert(0, node)
-    return model
-
-
-def _cast_only_front_end(model):
-    """The least any in-graph path from uint8 NHWC to a float NCHW input must
-    do (Transpose the bytes, Cast to float; no arithmetic): the floor."""
-    from onnx import TensorProto, helper
-
-    from batchdet.inference import UINT8_INPUT
-    from batchdet.spec import INPUT_NAME
-
-    g = model.graph
-    g.input.remove(next(i for i in g.input if i.name == INPUT_NAME))
-    g.input.insert(0, helper.make_tensor_value_info(UINT8_INPUT, TensorProto.UINT8, [1, 1200, 1200, 3]))
-    nodes = [helper.make_node("Transpose", [UINT8_INPUT], ["t"], perm=[0, 3, 1, 2]),
-             helper.make_node("Cast", ["t"], [INPUT_NAME], to=TensorProto.FLOAT)]
-    for node in reversed(nodes):
-        g.node.insert(0, node)
-    return model
-
-
-def front_end_session(threads: int, old: bool = False, floor: bool = False):
-    """Only the nodes OnnxBackend prepends, as a session with batchdet's options."""
+def front_end_session(threads: int):
+    """Only the nodes the GPU path prepends (``add_uint8_input``), as a session
+    with batchdet's options: what normalising in the graph would cost here."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -364,9 +326,16 @@ def front_end_session(threads: int, old: bool = False, floor: bool = False):
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("normalised", TensorProto.FLOAT, shape)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model = _old_front_end(model) if old else _cast_only_front_end(model) if floor else add_uint8_input(model)
+    model = add_uint8_input(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     return ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
+
+
+def mlperf_numpy_normalise(planes: np.ndarray) -> np.ndarray:
+    """MLPerf's own numpy maths, as a yardstick: float image, - mean, / std, CHW."""
+    from batchdet.spec import MEAN, STD
+
+    x = (planes.transpose(1, 2, 0).astype(np.float32) - MEAN) / STD
+    return np.ascontiguousarray(x.transpose(2, 0, 1))[None]
 
 
 def measure_preprocessing(files: list[Path], threads: int, reps: int) -> dict:
@@ -379,9 +348,9 @@ def measure_preprocessing(files: list[Path], threads: int, reps: int) -> dict:
     from batchdet.stages import prepare_batch
 
     datas = [f.read_bytes() for f in files]
-    new, old = front_end_session(threads), front_end_session(threads, old=True)
-    floor = front_end_session(threads, floor=True)
-    prepared = [prepare(d).image[None] for d in datas]
+    in_graph = front_end_session(threads)
+    buffer = np.empty((1, 3, 1200, 1200), np.float32)  # as the actor reuses one
+    prepared = [prepare(d).image for d in datas]
     per_image = _min_per_item(
         {
             "bare_decode": lambda d: np.asarray(Image.open(io.BytesIO(d))),
@@ -391,10 +360,9 @@ def measure_preprocessing(files: list[Path], threads: int, reps: int) -> dict:
     )
     normalise = _min_per_item(
         {
-            "in_graph": lambda x: new.run(None, {UINT8_INPUT: x}),
-            "in_graph_before_reorder": lambda x: old.run(None, {UINT8_INPUT: x}),
-            "transpose_cast_only": lambda x: floor.run(None, {UINT8_INPUT: x}),
-            "numpy": lambda x: normalize(x[0]),
+            "table": lambda x: normalize(x, buffer),
+            "in_graph": lambda x: in_graph.run(None, {UINT8_INPUT: x[None]}),
+            "mlperf_numpy": mlperf_numpy_normalise,
         },
         prepared, reps,
     )
@@ -404,16 +372,15 @@ def measure_preprocessing(files: list[Path], threads: int, reps: int) -> dict:
     for _ in range(reps):
         prepare_batch(batch)
     stage = (time.perf_counter() - t) / reps / len(datas)
-    total = per_image["prepare"] + normalise["in_graph"]
+    total = per_image["prepare"] + normalise["table"]
     return {
         "images": len(datas),
         "jpeg_kb_mean": round(statistics.fmean(len(d) for d in datas) / 1e3, 1),
         "bare_decode_ms": per_image["bare_decode"] * 1e3,
         "prepare_ms": per_image["prepare"] * 1e3,
+        "normalise_ms": normalise["table"] * 1e3,
         "normalise_in_graph_ms": normalise["in_graph"] * 1e3,
-        "normalise_in_graph_before_reorder_ms": normalise["in_graph_before_reorder"] * 1e3,
-        "normalise_numpy_ms": normalise["numpy"] * 1e3,
-        "normalise_floor_transpose_cast_ms": normalise["transpose_cast_only"] * 1e3,
+        "normalise_mlperf_numpy_ms": normalise["mlperf_numpy"] * 1e3,
         "prepare_batch_stage_ms": stage * 1e3,
         "total_ms": total * 1e3,
         "ratio_to_decode": total / per_image["bare_decode"],
@@ -453,9 +420,9 @@ def timed_runs(session, inputs: list[np.ndarray]) -> list[float]:
 RAY_WORKER_NICENESS = 15
 
 
-def niced_executor(nice: int):
-    """One thread at niceness ``nice`` (Linux: niceness is per thread, and the
-    threads onnxruntime starts inherit their creator's) for every bare run."""
+def niced_executor(nice: int, workers: int = 1):
+    """``workers`` threads at niceness ``nice`` (Linux: niceness is per thread,
+    and the threads onnxruntime starts inherit their creator's) for the bare runs."""
     from concurrent.futures import ThreadPoolExecutor
 
     def init() -> None:
@@ -464,7 +431,7 @@ def niced_executor(nice: int):
         except (AttributeError, OSError):
             pass
 
-    return ThreadPoolExecutor(max_workers=1, initializer=init)
+    return ThreadPoolExecutor(max_workers=workers, initializer=init)
 
 
 def bare_segment(session, inputs: list[np.ndarray], label: str) -> dict:
@@ -479,7 +446,28 @@ def bare_segment(session, inputs: list[np.ndarray], label: str) -> dict:
            "times": times, "rewarm_s": rewarm,
            "cpu_s_per_image": (own_cpu() - c0) / len(times),
            "images_per_s": len(times) / sum(times), "foreign_cpu_cores": ph.foreign_cores}
-    print(f"  bare {label}: {seg['s_per_image']:.3f} s/image  (others used {ph.foreign_cores:.2f} cores)", flush=True)
+    print(f"  bare {label}, one session: {seg['s_per_image']:.3f} s/image  "
+          f"(others used {ph.foreign_cores:.2f} cores)", flush=True)
+    return seg
+
+
+def bare_split_segment(sessions: list, inputs: list[np.ndarray], label: str, pool) -> dict:
+    """The other layout of the same CPUs: one single-threaded session per CPU,
+    all looping over the inputs at once (``pool``: a thread each). Its rate is
+    every image over the wall time from first start to last finish."""
+    for session in sessions:
+        timed_runs(session, inputs[:1])  # re-warm, as bare_segment does
+    c0 = own_cpu()
+    with Phase(own_cpu) as ph:
+        t = time.perf_counter()
+        times = [f.result() for f in [pool.submit(timed_runs, s, inputs) for s in sessions]]
+        wall = time.perf_counter() - t
+    n = sum(len(t) for t in times)
+    seg = {"label": label, "images": n, "wall_s": wall, "s_per_image": wall / n,
+           "session_s_per_image": statistics.fmean(x for t in times for x in t),
+           "cpu_s_per_image": (own_cpu() - c0) / n, "images_per_s": n / wall, "foreign_cpu_cores": ph.foreign_cores}
+    print(f"  bare {label}, {len(sessions)} single-thread sessions: {seg['s_per_image']:.3f} s/image  "
+          f"(others used {ph.foreign_cores:.2f} cores)", flush=True)
     return seg
 
 
@@ -700,6 +688,56 @@ def run_pipeline(model: Path, folder: Path, images: int, workdir: Path, threads:
 
 
 # --- int8 ----------------------------------------------------------------------------------
+def int8_kernel_ceiling(threads: int, reps: int = 5, channels: int = 256, size: int = 75) -> dict:
+    """What onnxruntime's INT8 convolution can gain on this CPU at best: one
+    3×3 convolution of the model's commonest shape (256→256 channels, the
+    backbone's 75×75 stage), FP32 against the same layer quantized exactly as
+    ``batchdet model quantize`` does (static QDQ, per-channel, u8 activations,
+    s8 weights), timed interleaved. A whole model cannot gain more than its
+    convolutions do."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from batchdet.inference import session_options
+    from batchdet.quantize import _has_vnni
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((channels, channels, 3, 3)) * 0.05).astype(np.float32)
+    shape = [1, channels, size, size]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
+        "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    inputs = [np.maximum(rng.standard_normal(shape), 0).astype(np.float32) for _ in range(4)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter({"x": x} for x in inputs)
+
+        def get_next(self):
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        f32, q8 = Path(tmp) / "conv.onnx", Path(tmp) / "conv.int8.onnx"
+        f32.write_bytes(model.SerializeToString())
+        quantize_static(str(f32), str(q8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=not _has_vnni(), activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8)
+        sessions = {name: ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+                    for name, path in (("fp32", f32), ("int8", q8))}
+    runs = {name: (lambda x, s=s: s.run(None, {"x": x})) for name, s in sessions.items()}
+    _min_per_item(runs, inputs[:1], 1)  # warm-up
+    t = _min_per_item(runs, inputs, reps)
+    res = {"layer": f"Conv 3x3 {channels}->{channels} at {size}x{size} + Relu",
+           "fp32_ms": t["fp32"] * 1e3, "int8_ms": t["int8"] * 1e3, "speedup": t["fp32"] / t["int8"],
+           "vnni": _has_vnni()}
+    print(f"  int8 kernel ceiling: {res['layer']}: {res['fp32_ms']:.1f} -> {res['int8_ms']:.1f} ms, "
+          f"{res['speedup']:.2f}x", flush=True)
+    return res
+
+
 def measure_int8(model: Path, fp32, images_folder: Path, inputs: list[np.ndarray], threads: int,
                  calibration: int, workdir: Path, given: str | None) -> dict:
     from batchdet.quantize import quantize_model
@@ -748,8 +786,11 @@ def table(res: dict) -> str:
     b, pre, mem = res["bare"], res["preprocess"], res["memory"]
     rows = [("measure", "value", "note")]
     rows.append(("bare onnxruntime (ceiling)", f"{b['images_per_s']:.4f} img/s",
-                 f"{b['s_per_image']:.3f} s/image, {len(b['segments'])} segments of {b['segments'][0]['images']}; "
+                 f"{b['s_per_image']:.3f} s/image, the better layout of {len(b['segments'])} segments; "
                  "others used " + "/".join(f"{x['foreign_cpu_cores']:.2f}" for x in b["segments"]) + " cores"))
+    for name, rate in b.get("layouts_images_per_s", {}).items():
+        rows.append((f"  bare, {name.replace('_', ' ')}", f"{rate:.4f} img/s",
+                     "one session, all threads" if name == "one_session" else "one 1-thread session per CPU"))
     for run in res["pipeline"]:
         rows.append((f"pipeline, {run['images']} images", f"{run['images_per_s']:.4f} img/s",
                      f"{run['ratio_to_bare']:.3f} x bare (end to end, incl. Ray start); "
@@ -767,7 +808,8 @@ def table(res: dict) -> str:
         rows.append((f"pipeline, marginal {m['from']}->{m['to']}", f"{m['images_per_s']:.4f} img/s",
                      f"{m['ratio_to_bare']:.3f} x bare (start-up cancelled)"))
     rows.append(("preprocess: prepare + normalise", f"{pre['total_ms']:.2f} ms",
-                 f"{pre['prepare_ms']:.2f} + {pre['normalise_in_graph_ms']:.2f} ms; {pre['ratio_to_decode']:.2f} x decode"))
+                 f"{pre['prepare_ms']:.2f} + {pre['normalise_ms']:.2f} ms; {pre['ratio_to_decode']:.2f} x decode "
+                 f"(in-graph normalise, the GPU path: {pre['normalise_in_graph_ms']:.2f} ms)"))
     rows.append(("bare Pillow decode", f"{pre['bare_decode_ms']:.2f} ms", f"{pre['jpeg_kb_mean']} kB JPEG, 640x480"))
     for n, peak in mem["peak_bytes"].items():
         rows.append((f"peak memory, {n} images", f"{peak / 1e9:.2f} GB", "sum of PSS over the process tree"))
@@ -778,6 +820,10 @@ def table(res: dict) -> str:
         q = res["int8"]
         rows.append(("bare onnxruntime INT8", f"{1 / q['int8_s_per_image']:.4f} img/s",
                      f"{q['speedup']:.2f} x FP32 ({q['fp32_s_per_image']:.3f} -> {q['int8_s_per_image']:.3f} s/image)"))
+        k = q["kernel_ceiling"]
+        rows.append(("  INT8 kernel ceiling", f"{k['speedup']:.2f} x",
+                     f"{k['layer']}: {k['fp32_ms']:.1f} -> {k['int8_ms']:.1f} ms FP32 -> INT8 "
+                     f"({'VNNI' if k['vnni'] else 'no VNNI: 7-bit weights'})"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
@@ -816,8 +862,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--channels-divisor", type=int, default=1, help="stand-in width divisor (8 for a fast smoke run)")
     p.add_argument("--bare-images", type=int, default=4, help="images per bare onnxruntime segment (3 segments)")
     p.add_argument("--threads", type=int, default=0,
-                   help="onnxruntime threads of the bare loop and of each pipeline actor "
-                        "(default: CPUs, at most 4, as detect)")
+                   help="onnxruntime threads of the bare one-session loop (default: CPUs, at most 4) and, "
+                        "when given, of each pipeline actor (default: detect's own layout)")
     p.add_argument("--actors", metavar="MIN[:MAX]", help="the pipeline's inference actors (detect --actors)")
     p.add_argument("--int8", default="auto", help="'auto' quantizes the model, a path uses that file, 'none' skips")
     p.add_argument("--calibration-images", type=int, default=4,
@@ -887,13 +933,26 @@ def main(argv=None) -> dict | None:
     n_bare = max(1, args.bare_images)
     inputs = ready_inputs(files[:max(n_bare, args.int8_images)])
     warm = bare.submit(timed_runs, fp32, inputs[:1]).result()[0]
-    segments = [bare.submit(bare_segment, fp32, inputs[:n_bare], "before").result()]
+    # the same CPUs as single-thread sessions, one per CPU: the ceiling is the better layout
+    cpus = os.cpu_count() or 1
+    split_pool = niced_executor(args.bare_nice, cpus)
+    singles = [split_pool.submit(float_session, model, 1).result() for _ in range(cpus)] if cpus > 1 else []
+
+    def bare_both(label: str) -> dict:
+        one = bare.submit(bare_segment, fp32, inputs[:n_bare], label).result()
+        split = bare_split_segment(singles, inputs[:n_bare], label, split_pool) if singles else None
+        best = max([one, split] if split else [one], key=lambda x: x["images_per_s"])
+        return {**best, "layout": "split" if best is split else "one_session", "one_session": one, "split": split}
+
+    segments = [bare_both("before")]
     runs = []
     for i, n in enumerate(sizes):
         folder = dataset_folder(workdir, files, n)
-        runs.append(run_pipeline(model, folder, n, workdir, threads, args.sample_interval, args.experiment,
+        runs.append(run_pipeline(model, folder, n, workdir, args.threads, args.sample_interval, args.experiment,
                                  args.actors))
-        segments.append(bare.submit(bare_segment, fp32, inputs[:n_bare], f"after {n}").result())
+        segments.append(bare_both(f"after {n}"))
+    split_pool.shutdown()
+    singles.clear()
     rates = [s["images_per_s"] for s in segments]
     ceiling = statistics.fmean(rates)
     bare_cpu = statistics.fmean(s["cpu_s_per_image"] for s in segments)
@@ -904,9 +963,13 @@ def main(argv=None) -> dict | None:
         # load-robust view: CPU seconds the bare loop spends per image over what the whole
         # pipeline (every process of it) spends per image
         run["cpu_ratio_to_bare"] = bare_cpu / run["cpu_s_per_image"]
+    layouts = {k: statistics.fmean(s[k]["images_per_s"] for s in segments) for k in ("one_session", "split")
+               if segments[0][k]}
     res["bare"] = {"images_per_s": ceiling, "s_per_image": 1 / ceiling, "cpu_s_per_image": bare_cpu,
-                   "warmup_s": warm, "segments": segments,
-                   "settings": "batchdet.inference.session_options(threads) on the float model, ready float32 inputs",
+                   "warmup_s": warm, "segments": segments, "layouts_images_per_s": layouts,
+                   "settings": f"batchdet.inference.session_options on the float model, ready float32 inputs; "
+                               f"per segment the better of one session x {threads} threads and "
+                               f"{cpus} sessions x 1 thread",
                    "nice": args.bare_nice,
                    "spread": (max(rates) - min(rates)) / ceiling}
     res["pipeline"] = runs
@@ -928,6 +991,7 @@ def main(argv=None) -> dict | None:
         res["int8"] = bare.submit(measure_int8, model, fp32, workdir / f"dataset-{sizes[-1]}",
                                   inputs[:max(1, args.int8_images)], threads, args.calibration_images, workdir,
                                   None if args.int8 == "auto" else args.int8).result()
+        res["int8"]["kernel_ceiling"] = bare.submit(int8_kernel_ceiling, threads, args.reps).result()
     bare.shutdown()
 
     seg_load = [x["foreign_cpu_cores"] for x in segments]

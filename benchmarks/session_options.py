@@ -64,19 +64,19 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="bench-out/session_options.json")
     args = p.parse_args(argv)
 
-    import onnx
     import onnxruntime as ort
 
-    from batchdet.inference import UINT8_INPUT, OnnxBackend, add_uint8_input, session_options
-    from batchdet.preprocess import prepare
+    from batchdet.inference import OnnxBackend, session_options
+    from batchdet.preprocess import preprocess
+    from batchdet.spec import INPUT_NAME
 
     threads = args.threads or min(os.cpu_count() or 1, 4)
     out = Path(args.out)
     work = out.parent / "work"
     model = bench.resolve_model(argparse.Namespace(model=args.model, channels_divisor=args.channels_divisor), work)
     files = bench.synthesize(work / "images", max(args.rounds, 1))
-    images = [prepare(f.read_bytes()).image[None] for f in files]
-    model_bytes = add_uint8_input(onnx.load(str(model))).SerializeToString()
+    images = [preprocess(f.read_bytes())[0] for f in files]
+    model_bytes = model.read_bytes()
     chosen = args.variants.split(",") if args.variants else DEFAULT_SET
     if "default" not in chosen:
         chosen.insert(0, "default")
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
         s = ort.InferenceSession(model_bytes, session_options(n, **kw), providers=["CPUExecutionProvider"])
         created = time.perf_counter() - t
         t = time.perf_counter()
-        s.run(None, {UINT8_INPUT: images[0]})  # warm-up: arena and pattern allocations happen here
+        s.run(None, {INPUT_NAME: images[0]})  # warm-up: arena and pattern allocations happen here
         first = time.perf_counter() - t
         sessions[name] = s
         res["variants"][name] = {"options": VARIANTS[name], "create_s": created, "first_run_s": first,
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
             order = chosen if r % 2 == 0 else chosen[::-1]  # alternate the order: no variant always follows another
             for name in order:
                 t, c = time.perf_counter(), time.process_time()
-                sessions[name].run(None, {UINT8_INPUT: images[r % len(images)]})
+                sessions[name].run(None, {INPUT_NAME: images[r % len(images)]})
                 res["variants"][name]["times"].append(time.perf_counter() - t)
                 res["variants"][name]["cpu"].append(time.process_time() - c)
             print(f"round {r + 1}/{args.rounds} done", flush=True)

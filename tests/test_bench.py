@@ -60,7 +60,7 @@ def test_quick_run_reports_every_field(results):
         assert run["peak_rss_sum_bytes"] >= run["peak_memory_bytes"] * 0.9
 
     pre = results["preprocess"]
-    for key in ("bare_decode_ms", "prepare_ms", "normalise_in_graph_ms", "normalise_numpy_ms", "total_ms"):
+    for key in ("bare_decode_ms", "prepare_ms", "normalise_ms", "normalise_in_graph_ms", "normalise_mlperf_numpy_ms", "total_ms"):
         assert _positive(pre[key]), key
     assert pre["total_ms"] > pre["prepare_ms"] > pre["bare_decode_ms"] * 0.5
     assert math.isclose(pre["ratio_to_decode"], pre["total_ms"] / pre["bare_decode_ms"])
@@ -74,6 +74,8 @@ def test_quick_run_reports_every_field(results):
     q = results["int8"]
     assert q["standin"] is True and Path(q["model"]).name.endswith(".int8.onnx")
     assert _positive(q["speedup"]) and _positive(q["int8_s_per_image"])
+    k = q["kernel_ceiling"]
+    assert _positive(k["fp32_ms"]) and _positive(k["int8_ms"]) and math.isclose(k["speedup"], k["fp32_ms"] / k["int8_ms"])
 
     t = results["targets"]
     assert set(t) == {"pipeline_vs_bare", "preprocess_vs_decode", "memory_growth",

@@ -12,7 +12,6 @@ import tiny_model
 from batchdet.inference import (
     CPU,
     CUDA,
-    FRONT_END_VERSION,
     TENSORRT,
     UINT8_INPUT,
     OnnxBackend,
@@ -90,9 +89,13 @@ def test_front_end_is_bit_exact_with_the_numpy_reference():
     )
     model = add_uint8_input(onnx.helper.make_model(graph))
     session = ort.InferenceSession(model.SerializeToString(), session_options(2), providers=[CPU])
-    image = np.random.default_rng(7).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)
+    image = np.random.default_rng(7).integers(0, 256, (3, 1200, 1200), dtype=np.uint8)
     (seen,) = session.run(None, {UINT8_INPUT: image[None]})
     np.testing.assert_array_equal(seen, normalize(image))
+    # and both are the MLPerf formula, computed here independently
+    formula = (image.astype(np.float32) - np.float32([123.675, 116.28, 103.53])[:, None, None]) \
+        / np.float32([58.395, 57.12, 57.375])[:, None, None]
+    np.testing.assert_array_equal(seen[0], formula)
 
 
 # --- optimized-model cache ---------------------------------------------------------------
@@ -102,15 +105,16 @@ def tiny(tmp_path):
 
 
 def _image():
-    image = np.zeros((1200, 1200, 3), np.uint8)
-    image[100:300, 200:500] = 255
+    image = np.zeros((3, 1200, 1200), np.uint8)
+    image[:, 100:300, 200:500] = 255
     return image
 
 
 def test_cache_key_carries_everything_that_changes_the_graph(tmp_path):
     a = optimized_cache_path(tmp_path, "ab" * 32, "1.2.3")
     assert a.parent == tmp_path and a.name.startswith("ab" * 12) and "ort1.2.3" in a.name
-    assert f"fe{FRONT_END_VERSION}" in a.name and "cpu" in a.name
+    assert "-all-" in a.name and "cpu" in a.name
+    assert optimized_cache_path(tmp_path, "ab" * 32, "1.2.3", level="extended") != a
     assert optimized_cache_path(tmp_path, "ab" * 32, "1.2.4") != a
     assert optimized_cache_path(tmp_path, "cd" * 32, "1.2.3") != a
 
@@ -153,13 +157,14 @@ def test_corrupt_cache_file_is_rebuilt(monkeypatch, tmp_path, tiny):
     assert again.predict(_image()).scores.shape == (3,)
 
 
-def test_io_binding_path_matches_plain_run(monkeypatch, tiny):
-    """The GPU path's I/O binding, exercised on the CPU provider."""
+def test_in_graph_normalisation_path_matches_the_cpu_path(monkeypatch, tiny):
+    """The GPU path (uint8 front end in the graph, I/O binding), exercised on the CPU provider."""
     monkeypatch.setenv("BATCHDET_ORT_CACHE", "0")
     backend = OnnxBackend(tiny, threads=1).load()
-    assert not backend.use_io_binding  # CPU: a plain run
+    assert backend.normalise_in_graph is False  # CPU: normalise first, the model as given
     plain = backend.predict(_image())
-    backend.use_io_binding = True
-    bound = backend.predict(_image())
+    gpu_like = OnnxBackend(tiny, threads=1, normalise_in_graph=True).load()
+    assert UINT8_INPUT in [i.name for i in gpu_like.session.get_inputs()]
+    bound = gpu_like.predict(_image())
     np.testing.assert_array_equal(bound.bboxes, plain.bboxes)
     np.testing.assert_array_equal(bound.labels, plain.labels)

@@ -74,7 +74,7 @@ def test_uint8_front_end_computes_the_normalisation():
 
     fronted = add_uint8_input(_model(outputs=()))  # its one output: the tensor the graph receives
     session = ort.InferenceSession(fronted.SerializeToString(), providers=["CPUExecutionProvider"])
-    image = np.random.default_rng(3).integers(0, 256, (1200, 1200, 3), dtype=np.uint8)
+    image = np.random.default_rng(3).integers(0, 256, (3, 1200, 1200), dtype=np.uint8)
     (seen,) = session.run(None, {UINT8_INPUT: image[None]})
     np.testing.assert_allclose(seen, normalize(image), atol=1e-6)
 
