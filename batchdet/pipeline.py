@@ -7,10 +7,11 @@ import logging
 import os
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from batchdet.plan import RunPlan
-from batchdet.stages import InferenceStage, prepare_batch, read_batch
+from batchdet.stages import IMAGE_SHAPE, InferenceStage, prepare_batch, read_batch
 from batchdet.writing import STAGING_DIR, Output
 
 log = logging.getLogger("batchdet")
@@ -24,6 +25,15 @@ log = logging.getLogger("batchdet")
 PREPARE_CPUS = 0.25
 #: Images per preprocessing task batch: ~35 MB of resized uint8 per block.
 PREPARE_BATCH = 8
+#: Prepared blocks Ray Data may hold in the object store per inference actor
+#: (and never fewer than twice that in all). Decode + resize is ~500× faster
+#: than inference on a CPU, so without a cap every image of the dataset is
+#: prepared at once and waits in the object store: memory then grows with the
+#: dataset (346 MB at 80 images). Ray Data splits the cap among its
+#: operators, and a share smaller than one block starves the actors (a 150 MB
+#: cap did, with one actor); 4 blocks (138 MB) per actor keeps each share
+#: above a block (README, "What costs throughput").
+PREFETCH_BLOCKS_PER_ACTOR = 4
 
 
 @contextlib.contextmanager
@@ -50,7 +60,16 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
 
 
 def actor_layout(plan: RunPlan, local: bool) -> tuple[int, tuple[int, int]]:
-    """(threads per actor, (min, max) actors) for the cluster Ray sees."""
+    """(threads per actor, (min, max) actors) for the cluster Ray sees.
+
+    By default each actor runs as many onnxruntime threads as the largest
+    node has CPUs, up to 4: one session per small node, the least memory.
+    (Two 1-thread actors on 2 cores measured +2 to +7 % in steady state, but
+    lost it end to end to the longer start of two model loads, for +0.3 GB;
+    README, "What costs throughput".) On the embedded Ray the pool starts at
+    its maximum: Ray Data adds actors only when their input queue builds up,
+    which for a small dataset it never does.
+    """
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -67,7 +86,10 @@ def actor_layout(plan: RunPlan, local: bool) -> tuple[int, tuple[int, int]]:
         if local:
             raise ValueError(problem)
         log.warning("%s; waiting for the autoscaler to add a node that fits", problem)
-    return threads, plan.actors or (1, max(1, cpus // threads))
+    high = max(1, cpus // threads)
+    if plan.gpus_per_actor:
+        high = min(high, max(1, int(gpus / plan.gpus_per_actor)))
+    return threads, plan.actors or (high if local else 1, high)
 
 
 def run_pipeline(plan: RunPlan, local: bool = True) -> None:
@@ -76,6 +98,31 @@ def run_pipeline(plan: RunPlan, local: bool = True) -> None:
     import ray.data
 
     threads, (low, high) = actor_layout(plan, local)
+    with ray.data.DataContext.current(job_context(high)):
+        _stream(plan, threads, low, high)
+
+
+def object_store_cap(actors: int) -> int:
+    """Bytes of prepared images Ray Data may hold for ``actors`` inference actors."""
+    return max(actors, 2) * PREFETCH_BLOCKS_PER_ACTOR * PREPARE_BATCH * int(np.prod(IMAGE_SHAPE))
+
+
+def job_context(actors: int):
+    """A copy of the caller's DataContext with the object store capped (the
+    caller's own context, process-global, stays as it was)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current().copy()
+    limits = ctx.execution_options.resource_limits
+    ctx.execution_options.resource_limits = limits.copy(
+        object_store_memory=min(limits.object_store_memory, object_store_cap(actors)))
+    return ctx
+
+
+def _stream(plan: RunPlan, threads: int, low: int, high: int) -> None:
+    """The job itself, read top to bottom."""
+    import ray.data
+
     items = [{"dataset": name, "uri": uri} for name, listing in plan.listings.items() for uri in listing.uris]
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // PREPARE_BATCH, 10_000)))
     ds = ds.map_batches(
@@ -94,7 +141,11 @@ def run_pipeline(plan: RunPlan, local: bool = True) -> None:
             "storage_options": plan.storage_options,  # for a URL model: each node fetches its own copy
         },
         batch_format="pyarrow", batch_size=plan.batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+        # one block at a time per CPU actor (seconds each): the first actor up
+        # cannot hoard blocks its peers then wait for, and the tail balances;
+        # a GPU actor (milliseconds a block) keeps a second one queued
+        compute=ray.data.ActorPoolStrategy(
+            min_size=low, max_size=high, max_tasks_in_flight_per_actor=2 if plan.gpus_per_actor else 1),
         num_cpus=threads - PREPARE_CPUS, num_gpus=plan.gpus_per_actor or None,
     )
     out = Output(plan.output, plan.storage_options)

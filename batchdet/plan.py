@@ -38,8 +38,8 @@ class RunPlan:
     output: str
     model: ModelInfo
     score_threshold: float = NMS_SCORE_THRESHOLD
-    actors: tuple[int, int] | None = None  # None: 1..(cluster CPUs // threads)
-    threads_per_actor: int | None = None  # None: the node's CPUs, at most 4
+    actors: tuple[int, int] | None = None  # None: pipeline.actor_layout decides
+    threads_per_actor: int | None = None  # None: 1
     gpus_per_actor: float = 0.0
     batch_size: int = 4
     max_pixels: int = DEFAULT_MAX_PIXELS

@@ -97,20 +97,21 @@ def _reason(e: Exception) -> str:
     return text or type(e).__name__
 
 
-def resize(rgb: np.ndarray) -> np.ndarray:
+def resize(rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 RGB [H, W, 3] → planar uint8 [3, 1200, 1200], stretched with
-    OpenCV bilinear (the reference's own call), one plane at a time."""
-    planes = np.empty((3, INPUT_SIZE, INPUT_SIZE), np.uint8)
+    OpenCV bilinear (the reference's own call), one plane at a time, into
+    ``out`` when given (a slot of a batch's buffer: no copy afterwards)."""
+    planes = np.empty((3, INPUT_SIZE, INPUT_SIZE), np.uint8) if out is None else out
     for c, plane in enumerate(cv2.split(rgb)):
         cv2.resize(plane, (INPUT_SIZE, INPUT_SIZE), dst=planes[c], interpolation=cv2.INTER_LINEAR)
     return planes
 
 
-def prepare(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
-    """Decode, orient and resize: everything but the float maths."""
+def prepare(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, out: np.ndarray | None = None) -> Prepared:
+    """Decode, orient and resize (into ``out`` when given): everything but the float maths."""
     rgb = decode(data, max_pixels)
     height, width = rgb.shape[:2]
-    return Prepared(resize(rgb), width, height)
+    return Prepared(resize(rgb, out), width, height)
 
 
 #: float32 (v - mean) / std for every byte value v, one table per channel:

@@ -89,3 +89,26 @@ def test_quick_run_writes_a_markdown_table(results_path):
     text = results_path.with_suffix(".md").read_text()
     assert text.startswith("| measure | value | note |") and "| pipeline_vs_bare >= 0.95 |" in text
     assert "onnxruntime" in text and "Command: `bench.py --quick" in text
+
+
+def test_prefetch_cap_bounds_what_waits_in_the_object_store(tmp_path):
+    """benchmarks/prefetch.py on a real local Ray: uncapped, Ray Data prepares
+    more of 160 images ahead of a consumer (0.05 s an
+    image) than the cap allows; with the pipeline's cap, what
+    waits never exceeds the cap plus the block being made."""
+    from batchdet.pipeline import PREPARE_BATCH
+    from batchdet.stages import IMAGE_SHAPE
+
+    out = tmp_path / "prefetch.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "prefetch.py"), "--images", "160", "--seconds", "0.05", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "max prepared ahead" in proc.stdout
+    uncapped, capped = json.loads(out.read_text())
+    assert not uncapped["capped"] and capped["capped"]
+    image_bytes = math.prod(IMAGE_SHAPE)
+    bound = capped["cap_bytes"] + PREPARE_BATCH * image_bytes
+    assert capped["max_images_ahead"] * image_bytes <= bound < uncapped["max_images_ahead"] * image_bytes
+    assert all(0 < r["consumer_busy"] <= 1.0 for r in (uncapped, capped))

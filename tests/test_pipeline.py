@@ -92,9 +92,14 @@ def local_inputs(tmp_path):
 
 
 def test_local_two_datasets_api(ray_local, narrow_model, detector, local_inputs, tmp_path):
+    import ray.data
+
     datasets, expected = local_inputs
     out = str(tmp_path / "out")
+    limits = ray.data.DataContext.get_current().execution_options.resource_limits
     result = detect(datasets, out, model=narrow_model, batch_size=2)
+    # the job caps the object store on its own copy of the context, not the caller's
+    assert ray.data.DataContext.get_current().execution_options.resource_limits == limits
     rows = read_output(out)
     check_rows(rows, expected, detector, result.run_id)
 
@@ -253,6 +258,45 @@ def test_cli_embedded_ray_subprocess(narrow_model, tmp_path):
     assert "2 images in" in proc.stdout
     rows = read_output(str(tmp_path / "out"))
     assert sorted(r["status"] for r in rows.values()) == ["error", "ok"]
+
+
+def test_actor_layout(ray_local, narrow_model, local_inputs, tmp_path):
+    """Threads default to the node's CPUs (at most 4), one actor per that many
+    CPUs; on the embedded Ray the pool is full from the start, on a cluster
+    it grows from one; given values are kept."""
+    from dataclasses import replace
+
+    from batchdet.pipeline import actor_layout
+    from batchdet.plan import plan_run
+
+    datasets, _ = local_inputs
+    plan = plan_run({"alpha": datasets["alpha"]}, str(tmp_path / "o"), model=narrow_model)
+    assert actor_layout(plan, local=True) == (2, (1, 1))  # ray_local: one 2-CPU node
+    one = replace(plan, threads_per_actor=1)
+    assert actor_layout(one, local=True) == (1, (2, 2))
+    assert actor_layout(one, local=False) == (1, (1, 2))
+    assert actor_layout(replace(one, actors=(1, 3)), local=True) == (1, (1, 3))
+
+
+def test_object_store_cap_is_the_jobs_own():
+    """The cap grows with the actors, never below two actors' worth, and is
+    set on a copy: the caller's (process-global) DataContext is untouched."""
+    import ray.data
+
+    from batchdet.pipeline import PREFETCH_BLOCKS_PER_ACTOR, PREPARE_BATCH, job_context
+
+    block = PREPARE_BATCH * 3 * 1200 * 1200
+    caller = ray.data.DataContext.get_current()
+    before = caller.execution_options.resource_limits
+    assert job_context(1).execution_options.resource_limits.object_store_memory == 2 * PREFETCH_BLOCKS_PER_ACTOR * block
+    assert job_context(5).execution_options.resource_limits.object_store_memory == 5 * PREFETCH_BLOCKS_PER_ACTOR * block
+    assert caller.execution_options.resource_limits == before
+    # a tighter limit the caller set is kept
+    caller.execution_options.resource_limits = before.copy(object_store_memory=1e6)
+    try:
+        assert job_context(5).execution_options.resource_limits.object_store_memory == 1e6
+    finally:
+        caller.execution_options.resource_limits = before
 
 
 def test_actor_that_no_node_can_hold_is_refused(ray_local, narrow_model, local_inputs, tmp_path, capsys):
