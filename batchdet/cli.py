@@ -96,8 +96,10 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, metavar="URL", help="where dataset=<NAME>/ partitions go")
     p.add_argument("--model", metavar="PATH", help="ONNX file (default: $BATCHDET_MODEL, else the fetch cache)")
     p.add_argument("--score-threshold", type=float, default=NMS_SCORE_THRESHOLD)
-    p.add_argument("--actors", metavar="MIN[:MAX]", help="inference actor pool (default: CPUs/threads; on a cluster 1:CPUs/threads)")
-    p.add_argument("--threads-per-actor", type=int, help="onnxruntime threads per actor (default 1)")
+    p.add_argument("--actors", metavar="MIN[:MAX]",
+                   help="inference actor pool (default: CPUs/threads; on a cluster 1:CPUs/threads)")
+    p.add_argument("--threads-per-actor", type=int,
+                   help="onnxruntime threads per actor (default: node CPUs, at most 4)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=4, help="images per inference batch")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,

@@ -23,15 +23,18 @@ log = logging.getLogger("batchdet")
 #: CPUs for both would deadlock a 2-core node (the actor waiting for input
 #: no task can be scheduled to produce).
 PREPARE_CPUS = 0.25
-#: Images per preprocessing task batch: ~35 MB of resized uint8 per block.
-PREPARE_BATCH = 8
+#: Images per preprocessing task batch: a 17 MB block of resized uint8. Small
+#: blocks keep what the object-store cap below must hold small, and balance
+#: the last blocks across actors; a task still does ~12 ms of work.
+PREPARE_BATCH = 4
 #: Prepared blocks Ray Data may hold in the object store per inference actor
 #: (and never fewer than twice that in all). Decode + resize is ~500× faster
 #: than inference on a CPU, so without a cap every image of the dataset is
 #: prepared at once and waits in the object store: memory then grows with the
-#: dataset (346 MB at 80 images). Ray Data splits the cap among its
-#: operators, and a share smaller than one block starves the actors (a 150 MB
-#: cap did, with one actor); 4 blocks (138 MB) per actor keeps each share
+#: dataset (950 MB at 320 images, benchmarks/prefetch.py; 16–20 images
+#: whatever the size with the cap). Ray Data splits the cap among its
+#: operators, and a share smaller than one block starves the actors (a
+#: 150 MB cap with 35 MB blocks did); 4 blocks per actor keeps each share
 #: above a block (README, "What costs throughput").
 PREFETCH_BLOCKS_PER_ACTOR = 4
 

@@ -239,6 +239,20 @@ def _proc_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def _proc_name(pid: int) -> str:
+    """A process's role: Ray names its workers ``ray::<task or actor>``; others
+    by their program (``raylet``, ``gcs_server``, ``python``)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    first = argv[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        return first.split(" ")[0]
+    script = next((a.decode(errors="replace") for a in argv[1:2] if a.endswith(b".py")), "")
+    return " ".join(filter(None, [Path(first).name, Path(script).name]))
+
+
 class TreeSampler(threading.Thread):
     """Peak memory of a process and all its descendants, sampled every ``interval`` s.
 
@@ -255,6 +269,7 @@ class TreeSampler(threading.Thread):
         self.interval = interval
         self.peak_pss = self.peak_rss = 0
         self.peak_processes = 0
+        self.peak_by_process: dict[str, int] = {}
         self.samples = 0
         self.cpu_seen: dict[int, float] = {}
         self._halt = threading.Event()
@@ -270,6 +285,7 @@ class TreeSampler(threading.Thread):
 
     def sample(self) -> None:
         pss = rss = n = 0
+        by_process: dict[str, int] = {}
         for pid in self.tree():
             mem = _proc_memory(pid)
             cpu = _proc_cpu_seconds(pid)
@@ -279,8 +295,12 @@ class TreeSampler(threading.Thread):
             rss += mem[1]
             n += 1
             self.cpu_seen[pid] = cpu
+            name = _proc_name(pid)
+            by_process[name] = by_process.get(name, 0) + mem[0]
         if n:
             self.samples += 1
+            if pss > self.peak_pss:  # where the peak's memory was: what grows with the dataset
+                self.peak_by_process = dict(sorted(by_process.items(), key=lambda kv: -kv[1]))
             self.peak_pss = max(self.peak_pss, pss)
             self.peak_rss = max(self.peak_rss, rss)
             self.peak_processes = max(self.peak_processes, n)
@@ -675,6 +695,7 @@ def run_pipeline(model: Path, folder: Path, images: int, workdir: Path, threads:
         "peak_memory_bytes": sampler.peak_pss,
         "peak_rss_sum_bytes": sampler.peak_rss,
         "peak_processes": sampler.peak_processes,
+        "peak_memory_by_process": sampler.peak_by_process,
         "memory_samples": sampler.samples,
         "object_store_bytes_per_image": store_bytes / images,
         "operators": child["operators"],

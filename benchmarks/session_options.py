@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Side-by-side measurement of onnxruntime session settings for batchdet.
 
-Every variant is a session over the same model with batchdet's uint8 front
-end (what the actors run), created up front; then rounds run one image
+Every variant is a session over the same model as given, fed the normalised
+float32 input (what the CPU actors run), created up front; then rounds run one image
 through each variant in turn, so that background load hits all of them
 alike. Reported per variant: time per image relative to the default
 settings (``batchdet.inference.session_options``), and the resident memory
