@@ -110,7 +110,7 @@ def object_store_cap(actors: int) -> int:
     return max(actors, 2) * PREFETCH_BLOCKS_PER_ACTOR * PREPARE_BATCH * int(np.prod(IMAGE_SHAPE))
 
 
-def job_context(actors: int):
+def job_context(actors: int) -> ray.data.DataContext:
     """A copy of the caller's DataContext with the object store capped (the
     caller's own context, process-global, stays as it was)."""
     import ray.data

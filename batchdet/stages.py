@@ -48,8 +48,8 @@ def prepare_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.T
     The resized pixels travel as raw bytes (4.32 MB an image), a quarter of
     the float32 tensor the model finally sees. Each image is resized straight
     into one buffer that becomes the ``image`` column as it is: building the
-    column from per-image ``bytes`` copied every image twice more, doubling
-    the stage's cost (benchmarks/bench.py, "prepare_batch stage").
+    column from per-image ``bytes`` copied every image twice more, and the
+    stage took 12.6 ms an image instead of 7.7 (benchmarks/bench.py).
     """
     size = int(np.prod(IMAGE_SHAPE))
     pixels = np.empty((batch.num_rows, *IMAGE_SHAPE), np.uint8)
