@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from batchdet.preprocess import normalize
 from batchdet.spec import BBOXES, INPUT_NAME, INPUT_SIZE, LABELS, MEAN, SCORES, STD, check_model
 
 UINT8_INPUT = "image_rgb_uint8"
@@ -344,8 +345,6 @@ class OnnxBackend:
 
     def predict(self, image: np.ndarray) -> RawDetections:
         """uint8 RGB planes [3, 1200, 1200] → raw detections."""
-        from batchdet.preprocess import normalize
-
         if self.session is None:
             self.load()
         if not self.normalise_in_graph:

@@ -7,11 +7,10 @@ import logging
 import os
 from typing import Iterator
 
-import numpy as np
 import pyarrow as pa
 
 from batchdet.plan import RunPlan
-from batchdet.stages import IMAGE_SHAPE, InferenceStage, prepare_batch, read_batch
+from batchdet.stages import IMAGE_BYTES, InferenceStage, prepare_batch, read_batch
 from batchdet.writing import STAGING_DIR, Output
 
 log = logging.getLogger("batchdet")
@@ -107,7 +106,7 @@ def run_pipeline(plan: RunPlan, local: bool = True) -> None:
 
 def object_store_cap(actors: int) -> int:
     """Bytes of prepared images Ray Data may hold for ``actors`` inference actors."""
-    return max(actors, 2) * PREFETCH_BLOCKS_PER_ACTOR * PREPARE_BATCH * int(np.prod(IMAGE_SHAPE))
+    return max(actors, 2) * PREFETCH_BLOCKS_PER_ACTOR * PREPARE_BATCH * IMAGE_BYTES
 
 
 def job_context(actors: int) -> ray.data.DataContext:

@@ -24,17 +24,13 @@ import numpy as np
 import pyarrow as pa
 
 from batchdet.pipeline import PREPARE_BATCH, PREPARE_CPUS, job_context
-from batchdet.stages import IMAGE_SHAPE
-
-IMAGE_BYTES = int(np.prod(IMAGE_SHAPE))
+from batchdet.stages import IMAGE_BYTES, image_column
 
 
 def produce(batch: pa.Table) -> pa.Table:
     """A block of images as the prepare stage makes it, stamped when made."""
     n = batch.num_rows
-    pixels = np.full((n, IMAGE_BYTES), 128, np.uint8)
-    image = pa.LargeBinaryArray.from_buffers(
-        pa.large_binary(), n, [None, pa.py_buffer(np.arange(n + 1, dtype=np.int64) * IMAGE_BYTES), pa.py_buffer(pixels)])
+    image = image_column(np.full((n, IMAGE_BYTES), 128, np.uint8), [True] * n)
     return pa.table({"id": batch.column("id"), "image": image, "made": pa.array([time.time()] * n)})
 
 

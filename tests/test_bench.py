@@ -97,7 +97,6 @@ def test_prefetch_cap_bounds_what_waits_in_the_object_store(tmp_path):
     image) than the cap allows; with the pipeline's cap, what
     waits never exceeds the cap plus the block being made."""
     from batchdet.pipeline import PREPARE_BATCH
-    from batchdet.stages import IMAGE_SHAPE
 
     out = tmp_path / "prefetch.json"
     proc = subprocess.run(
@@ -108,7 +107,7 @@ def test_prefetch_cap_bounds_what_waits_in_the_object_store(tmp_path):
     assert "max prepared ahead" in proc.stdout
     uncapped, capped = json.loads(out.read_text())
     assert not uncapped["capped"] and capped["capped"]
-    image_bytes = math.prod(IMAGE_SHAPE)
+    image_bytes = 3 * 1200 * 1200
     bound = capped["cap_bytes"] + PREPARE_BATCH * image_bytes
     assert capped["max_images_ahead"] * image_bytes <= bound < uncapped["max_images_ahead"] * image_bytes
     assert all(0 < r["consumer_busy"] <= 1.0 for r in (uncapped, capped))

@@ -285,7 +285,7 @@ def test_object_store_cap_is_the_jobs_own():
 
     from batchdet.pipeline import PREFETCH_BLOCKS_PER_ACTOR, PREPARE_BATCH, job_context
 
-    block = PREPARE_BATCH * 3 * 1200 * 1200
+    block = PREPARE_BATCH * 3 * 1200 * 1200  # bytes, written out independently of the code
     caller = ray.data.DataContext.get_current()
     before = caller.execution_options.resource_limits
     assert job_context(1).execution_options.resource_limits.object_store_memory == 2 * PREFETCH_BLOCKS_PER_ACTOR * block
