@@ -99,7 +99,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--actors", metavar="MIN[:MAX]",
                    help="inference actor pool (default: CPUs/threads; on a cluster 1:CPUs/threads)")
     p.add_argument("--threads-per-actor", type=int,
-                   help="onnxruntime threads per actor (default: node CPUs, at most 4)")
+                   help="onnxruntime threads per actor (default: 1, one actor per CPU; with GPUs the node's CPUs, at most 4)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=4, help="images per inference batch")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,

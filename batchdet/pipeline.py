@@ -18,9 +18,9 @@ log = logging.getLogger("batchdet")
 #: Logical CPUs a preprocessing task asks for. Decode + resize costs a few ms
 #: against seconds of inference, so a task needs only a slice of a core. An
 #: actor running N onnxruntime threads asks Ray for N - PREPARE_CPUS, which
-#: leaves exactly one task's slice free beside actors that fill a node: full
-#: CPUs for both would deadlock a 2-core node (the actor waiting for input
-#: no task can be scheduled to produce).
+#: leaves a task's slice free per actor beside actors that fill a node: full
+#: CPUs for both would deadlock a node (the actors waiting for input no task
+#: can be scheduled to produce).
 PREPARE_CPUS = 0.25
 #: Images per preprocessing task batch: a 17 MB block of resized uint8. Small
 #: blocks keep what the object-store cap below must hold small, and balance
@@ -38,6 +38,32 @@ PREPARE_BATCH = 4
 PREFETCH_BLOCKS_PER_ACTOR = 4
 
 
+#: Ray node settings batchdet starts its embedded Ray with, and which a
+#: cluster's nodes should have too (as ``RAY_<name>`` environment variables of
+#: ``ray start``: :func:`node_environment`; infra/docker/Dockerfile sets them).
+#: Ray keeps one idle worker per CPU and kills the others after 1 s idle.
+#: Preprocessing tasks take a quarter CPU, so more of them run at once than a
+#: node has CPUs while the first blocks are prepared; afterwards one runs each
+#: time an actor frees a block, seconds apart, and found its worker killed: a
+#: new Python worker, ~1.5 s of CPU taken from the model per block (16 workers
+#: started for 20 blocks; every 4th image took 4 s instead of 2.5: README,
+#: "What costs throughput" 2). A minute keeps them warm between blocks and
+#: still reaps them after the run.
+NODE_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+
+
+def node_environment() -> dict[str, str]:
+    """:data:`NODE_CONFIG` as the environment variables ``ray start`` reads."""
+    return {f"RAY_{name}": str(value) for name, value in NODE_CONFIG.items()}
+
+
+def local_ray_options() -> dict:
+    """``ray.init`` arguments of an embedded Ray: always one of our own
+    (``address="local"``, never a cluster someone ``ray start``ed here), no
+    dashboard, and :data:`NODE_CONFIG`."""
+    return {"address": "local", "include_dashboard": False, "_system_config": dict(NODE_CONFIG)}
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None) -> Iterator[bool]:
     """Join ``address`` (or ``$RAY_ADDRESS``), reuse a Ray already initialised
@@ -52,8 +78,7 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # "local": always a Ray of our own, never one someone `ray start`ed here
-        ray.init(address="local", include_dashboard=False)
+        ray.init(**local_ray_options())
     try:
         yield not address
     finally:
@@ -64,19 +89,22 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
 def actor_layout(plan: RunPlan, local: bool) -> tuple[int, tuple[int, int]]:
     """(threads per actor, (min, max) actors) for the cluster Ray sees.
 
-    By default each actor runs as many onnxruntime threads as the largest
-    node has CPUs, up to 4: one session per small node, the least memory.
-    (Two 1-thread actors on 2 cores measured +2 to +7 % in steady state, but
-    lost it end to end to the longer start of two model loads, for +0.3 GB;
-    README, "What costs throughput".) On the embedded Ray the pool starts at
-    its maximum: Ray Data adds actors only when their input queue builds up,
-    which for a small dataset it never does.
+    By default a CPU actor runs one onnxruntime thread, one actor per CPU.
+    In a multi-threaded session a thread preempted by any other process
+    (Ray's own wake hundreds of times a second) stalls its peers at every
+    operator's end; single-threaded sessions lose only their own time. On
+    2 cores: +7.6 % in steady state over one 2-thread actor (0.425 against
+    0.395 images/s, two runs each), +2.5–4 % end to end at 40 images, for
+    ~0.5 GB per extra actor (README, "What costs throughput" 3). A GPU
+    actor's threads only feed its device: the node's CPUs, up to 4. On the
+    embedded Ray the pool starts at its maximum: Ray Data adds actors only
+    when their input queue builds up, which for a small dataset it never does.
     """
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     per_node = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]) or 1
-    threads = plan.threads_per_actor or min(per_node, 4)
+    threads = plan.threads_per_actor or (min(per_node, 4) if plan.gpus_per_actor else 1)
     gpus = ray.cluster_resources().get("GPU", 0)
     # Ray would wait forever for an actor no node can hold. On the embedded
     # Ray nothing will ever add a node, so refuse; on a cluster an autoscaler

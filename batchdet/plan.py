@@ -39,7 +39,7 @@ class RunPlan:
     model: ModelInfo
     score_threshold: float = NMS_SCORE_THRESHOLD
     actors: tuple[int, int] | None = None  # None: pipeline.actor_layout decides
-    threads_per_actor: int | None = None  # None: the node's CPUs, at most 4
+    threads_per_actor: int | None = None  # None: 1 (GPU actors: the node's CPUs, at most 4)
     gpus_per_actor: float = 0.0
     batch_size: int = 4
     max_pixels: int = DEFAULT_MAX_PIXELS

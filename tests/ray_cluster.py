@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from batchdet.pipeline import node_environment
+
 
 def ray_cli() -> list[str]:
     """The `ray` command of this Python (not whatever `ray` is first on PATH)."""
@@ -81,6 +83,7 @@ class LocalRayCluster:
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file),
             "RAY_USAGE_STATS_ENABLED": "0", "BATCHDET_MODEL_CACHE": str(cache),
             "AWS_EC2_METADATA_DISABLED": "true", "AWS_DEFAULT_REGION": "us-east-1",
+            **node_environment(),  # as infra/docker/Dockerfile sets for every node
         })
         # jobs run `python …`: make it this interpreter, as on a cluster whose image has one Python
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

@@ -53,6 +53,11 @@ def test_quick_run_reports_every_field(results):
     assert [r["images"] for r in results["pipeline"]] == [3, 6]
     for run in results["pipeline"]:
         assert _positive(run["images_per_s"]) and _positive(run["ratio_to_bare"])
+        tl = run["timeline"]  # the actors' own timestamps: one predict per image, one load per actor
+        assert tl["predicts"] == run["images"] and tl["actors"] >= 1 and 0 < tl["steady_busy_fraction"] <= 1.01
+        # the rate once running is at least the end-to-end one (no start-up in it)
+        assert tl["steady_images_per_s"] > run["images_per_s"]
+        assert math.isclose(run["steady_ratio_to_bare"], tl["steady_images_per_s"] / run["bare_images_per_s_adjacent"])
         assert run["datasets"]["bench"]["images_ok"] == run["images"]
         # driver, GCS, raylet and at least the inference actor's worker
         assert run["peak_processes"] >= 4 and run["memory_samples"] >= 1
@@ -81,6 +86,7 @@ def test_quick_run_reports_every_field(results):
     assert set(t) == {"pipeline_vs_bare", "preprocess_vs_decode", "memory_growth",
                       "object_store_mb_per_image", "int8_speedup"}
     assert all(isinstance(v["met"], bool) and v["target"] for v in t.values())
+    assert t["pipeline_vs_bare"]["value"] == results["pipeline"][-1]["steady_ratio_to_bare"]
     assert all(isinstance(v["reliable"], bool) and v["others_cores"] >= 0 for v in t.values())
     assert results["bare"]["nice"] == 15
 

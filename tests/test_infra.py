@@ -16,6 +16,7 @@ import yaml
 
 from batchdet.cli import build_parser
 from batchdet.config import load_config, parse_config
+from batchdet.pipeline import node_environment
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -54,6 +55,10 @@ def test_dockerfile_builds_on_the_ray_the_clients_use():
     assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON\}\$\{VARIANT\}$", dockerfile(), re.M)
     assert dockerfile_arg("PYTHON") == f"py{sys.version_info.major}{sys.version_info.minor}"
     assert re.search(r"^ENV RAY_AUTH_MODE=token", dockerfile(), re.M)  # fails closed without a token
+    # every node of the image runs with the Ray settings the embedded Ray has
+    for name, value in node_environment().items():
+        assert re.search(rf"^ENV {name}={value}$", dockerfile(), re.M), name
+        assert f"export {name}={value}" in (REPO / "README.md").read_text(), name  # the local cluster recipe
     # what the image copies exists, and jobs/ lands where the RayJob entrypoint expects it
     for src, dest in re.findall(r"^COPY (?:--\S+ )*(\S+) (\S+)$", dockerfile(), re.M):
         assert (REPO / src).exists(), src

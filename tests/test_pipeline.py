@@ -261,9 +261,9 @@ def test_cli_embedded_ray_subprocess(narrow_model, tmp_path):
 
 
 def test_actor_layout(ray_local, narrow_model, local_inputs, tmp_path):
-    """Threads default to the node's CPUs (at most 4), one actor per that many
-    CPUs; on the embedded Ray the pool is full from the start, on a cluster
-    it grows from one; given values are kept."""
+    """A CPU actor defaults to one thread, one actor per CPU (a GPU actor to
+    the node's CPUs, at most 4); on the embedded Ray the pool is full from the
+    start, on a cluster it grows from one; given values are kept."""
     from dataclasses import replace
 
     from batchdet.pipeline import actor_layout
@@ -271,11 +271,13 @@ def test_actor_layout(ray_local, narrow_model, local_inputs, tmp_path):
 
     datasets, _ = local_inputs
     plan = plan_run({"alpha": datasets["alpha"]}, str(tmp_path / "o"), model=narrow_model)
-    assert actor_layout(plan, local=True) == (2, (1, 1))  # ray_local: one 2-CPU node
-    one = replace(plan, threads_per_actor=1)
-    assert actor_layout(one, local=True) == (1, (2, 2))
-    assert actor_layout(one, local=False) == (1, (1, 2))
-    assert actor_layout(replace(one, actors=(1, 3)), local=True) == (1, (1, 3))
+    assert actor_layout(plan, local=True) == (1, (2, 2))  # ray_local: one 2-CPU node
+    assert actor_layout(plan, local=False) == (1, (1, 2))
+    two = replace(plan, threads_per_actor=2)
+    assert actor_layout(two, local=True) == (2, (1, 1))
+    assert actor_layout(replace(two, actors=(1, 3)), local=True) == (2, (1, 3))
+    # on a cluster whose GPU nodes are still to come (a warning, not an error): threads = the node's CPUs
+    assert actor_layout(replace(plan, gpus_per_actor=1.0), local=False) == (2, (1, 1))
 
 
 def test_object_store_cap_is_the_jobs_own():
@@ -308,3 +310,40 @@ def test_actor_that_no_node_can_hold_is_refused(ray_local, narrow_model, local_i
     assert "--threads-per-actor 8 exceeds the largest node's 2 CPUs" in capsys.readouterr().err
     assert main([*base, "--output", str(tmp_path / "o2"), "--gpus-per-actor", "1"]) == 2
     assert "--gpus-per-actor 1.0 but the cluster has 0 GPUs" in capsys.readouterr().err
+
+
+WARM_WORKER_PROBE = """
+import os, sys, time
+import ray
+from batchdet.pipeline import local_ray_options
+
+options = local_ray_options()
+if sys.argv[1] == "ray-default":
+    del options["_system_config"]
+ray.init(num_cpus=2, log_to_driver=False, **options)
+
+
+@ray.remote(num_cpus=0.25)
+def worker_pid():
+    time.sleep(0.5)  # concurrent, so each its own worker, as when an actor's first blocks are prepared
+    return os.getpid()
+
+
+pids = set(ray.get([worker_pid.remote() for _ in range(8)]))
+time.sleep(5)  # a CPU actor frees a block every few seconds
+print(len(pids), sum(os.path.exists(f"/proc/{pid}") for pid in pids))
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("config", ["batchdet", "ray-default"])
+def test_embedded_ray_keeps_idle_workers_warm(config):
+    """Preprocessing workers survive the seconds between blocks on a node with
+    more tasks in flight than CPUs. With Ray's default all but 2 (the CPUs)
+    are killed after 1 s idle, and each later block pays a new worker's start."""
+    proc = subprocess.run([sys.executable, "-c", WARM_WORKER_PROBE, config], capture_output=True, text=True,
+                          timeout=120, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    started, alive = map(int, proc.stdout.split()[-2:])
+    assert started >= 4
+    assert alive == started if config == "batchdet" else alive <= 2
