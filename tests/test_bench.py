@@ -117,3 +117,22 @@ def test_prefetch_cap_bounds_what_waits_in_the_object_store(tmp_path):
     bound = capped["cap_bytes"] + PREPARE_BATCH * image_bytes
     assert capped["max_images_ahead"] * image_bytes <= bound < uncapped["max_images_ahead"] * image_bytes
     assert all(0 < r["consumer_busy"] <= 1.0 for r in (uncapped, capped))
+
+
+def test_ray_presence_measures_the_bare_loop_alone_and_beside_ray(tmp_path):
+    """benchmarks/ray_presence.py on a real embedded Ray: both loops run, the
+    ratio is the one of the two rates."""
+    out = tmp_path / "presence.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "ray_presence.py"), "--rounds", "2", "--images", "1",
+         "--channels-divisor", "16", "--settle", "0.5", "--idle-workers", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["idle_workers"] == 2 and len(res["rounds"]) == 2
+    for r in res["rounds"]:
+        assert _positive(r["alone_images_per_s"]) and _positive(r["beside_ray_images_per_s"])
+        assert math.isclose(r["ratio"], r["beside_ray_images_per_s"] / r["alone_images_per_s"])
+    assert res["min_ratio"] <= res["median_ratio"] <= res["max_ratio"]
+    assert "bare loop beside an idle Ray: median" in proc.stdout
