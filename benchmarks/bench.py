@@ -700,7 +700,7 @@ def run_pipeline(model: Path, folder: Path, images: int, workdir: Path, threads:
             "steady_busy_fraction": busy / (span * actors) if span > 0 else 1.0,
             # the rate once running: results after the first, over the time from the first to the last
             "steady_images_per_s": (len(predicts) - 1) / (ends[-1] - ends[0]) if ends[-1] > ends[0] else None,
-            "tail_s": child["ended_epoch"] - predicts[-1][1],  # last result → output committed, Ray down
+            "tail_s": child["ended_epoch"] - ends[-1],  # last result (of any actor) → output committed, Ray down
         }
     cpu = sampler.cpu_seconds()
     run = {

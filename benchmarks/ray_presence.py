@@ -23,6 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
+import ray
+
 import bench
 from batchdet.pipeline import local_ray_options
 
@@ -32,15 +34,16 @@ from batchdet.pipeline import local_ray_options
 PIPELINE_IDLE_WORKERS = 6
 
 
+@ray.remote(num_cpus=0)
+class Idle:
+    """A worker process that only exists, as Ray Data's helpers and warm workers do between calls."""
+
+    def ping(self) -> int:
+        return 0
+
+
 def beside_ray(measure, idle_workers: int, settle_s: float) -> float:
     """``measure()`` with an embedded Ray and ``idle_workers`` idle actors running."""
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class Idle:
-        def ping(self) -> int:
-            return 0
-
     ray.init(**local_ray_options(), log_to_driver=False)
     try:
         idle = [Idle.remote() for _ in range(idle_workers)]
