@@ -6,11 +6,12 @@ import logging
 import os
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from batchdet.pipeline import ray_session, run_pipeline
 from batchdet.plan import DEFAULT_ROWS_PER_FILE, RunPlan, plan_run
 from batchdet.preprocess import DEFAULT_MAX_PIXELS
+from batchdet.progress import Progress
 from batchdet.spec import NMS_SCORE_THRESHOLD
 from batchdet.writing import Output, RunResult, begin_run, done_uris, finish_run, recover, versions
 
@@ -25,13 +26,14 @@ def detect(
     actors: tuple[int, int] | None = None,
     threads_per_actor: int | None = None,
     gpus_per_actor: float = 0.0,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     address: str | None = None,
     storage_options: dict[str, Any] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     rows_per_file: int = DEFAULT_ROWS_PER_FILE,
     resume: bool = False,
     overwrite: bool = False,
+    on_progress: Callable[[Progress], None] | None = None,
 ) -> RunResult:
     """Detect objects in every image of ``datasets`` ({name: url}) and write
     one Parquet row per image under ``output/dataset=<name>/``.
@@ -40,7 +42,9 @@ def detect(
     raises ValueError. Per-image failures become error rows, never exceptions.
     An output that already holds results is refused unless ``resume`` (commit
     what killed runs left, skip images already ``ok`` with this model, retry
-    the rest) or ``overwrite`` (start again from nothing).
+    the rest) or ``overwrite`` (start again from nothing). ``on_progress``
+    is called about once a second with a :class:`batchdet.progress.Progress`
+    (images done of the total, rate, time left) while images are processed.
     """
     plan = plan_run(
         datasets, output, model=model, score_threshold=score_threshold, actors=actors,
@@ -57,7 +61,7 @@ def detect(
     clock = time.perf_counter()
     if todo.num_images:
         with ray_session(address) as local:
-            run_pipeline(todo, local)
+            run_pipeline(todo, local, on_progress)
     result = finish_run(out, plan.run_id, wall_s=time.perf_counter() - clock)
     missing = todo.num_images - sum(c.images for c in result.datasets.values())
     if missing:
@@ -88,7 +92,7 @@ def _record(todo: RunPlan, plan: RunPlan, done: dict[str, set[str]]) -> dict[str
         "run_id": plan.run_id,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"path": plan.model.path, "sha256": plan.model.sha256, "official": plan.model.official,
-                  "kind": plan.model.kind},
+                  "kind": plan.model.kind, "kind_id": plan.model.kind_id},
         "datasets": {
             name: {"url": l.url, "skipped_files": l.skipped, "listing_seconds": round(l.seconds, 3),
                    "already_done": len(plan.listings[name].uris) - len(l.uris)}

@@ -32,13 +32,14 @@ STANDIN_WARNING = (
 
 # --- detect / demo ------------------------------------------------------------
 def _print_result(result) -> None:
-    print(result.to_text())
-    if not result.model["official"]:
+    from batchdet.spec import STANDIN, kind_id_from_text
+
+    print(result.to_text())  # its "model:" line says what the model is, in one line
+    if kind_id_from_text(result.model.get("kind")) == STANDIN:
         print(STANDIN_WARNING)
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
-    from batchdet.api import detect
     from batchdet.plan import parse_actors, parse_dataset
     from batchdet.storage import parse_storage_options
     from batchdet.config import apply_config
@@ -50,22 +51,38 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         if name in datasets:
             raise ValueError(f"dataset {name!r} given twice")
         datasets[name] = url
-    result = detect(
-        datasets, args.output, model=args.model, score_threshold=args.score_threshold,
+    options = dict(
+        model=args.model, score_threshold=args.score_threshold,
         actors=parse_actors(args.actors) if args.actors else None,
         threads_per_actor=args.threads_per_actor, gpus_per_actor=args.gpus_per_actor,
         batch_size=args.batch_size, address=args.address,
         storage_options=parse_storage_options(args.storage_option), max_pixels=args.max_pixels,
         rows_per_file=args.rows_per_file, resume=args.resume, overwrite=args.overwrite,
     )
-    _print_result(result)
+    _detect_on_console(datasets, args.output, args.verbose, **options)
     return 0
+
+
+def _detect_on_console(datasets: dict[str, str], output: str, verbose: bool, **options) -> None:
+    """``detect`` with one progress line on the terminal and everything else
+    Ray prints in a log file, named after the summary (or after the error);
+    all of it on the terminal with ``verbose``."""
+    from batchdet.api import detect
+    from batchdet.console import run_console
+
+    log = None
+    try:
+        with run_console(verbose) as (progress, log):
+            result = detect(datasets, output, on_progress=progress, **options)
+        _print_result(result)
+    finally:
+        if log is not None:
+            print(f"  Ray's log: {log}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from batchdet.api import detect
     from batchdet.demo import demo_model, prepare_demo
     from batchdet.query import EXAMPLES, query, write_result
 
@@ -75,14 +92,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(STANDIN_WARNING)
     datasets = prepare_demo(root)
     print(f"demo images: {root / 'images'} ({', '.join(datasets)}, one broken file on purpose)")
-    result = detect(datasets, str(root / "output"), model=model)
-    _print_result(result)
+    _detect_on_console(datasets, str(root / "output"), args.verbose, model=model)
     title, sql = EXAMPLES[0]
     print(f"\n{title}:\n  batchdet query {root / 'output'} \"{sql}\"")
     write_result(query(str(root / "output"), sql), "table", sys.stdout, max_rows=10)
     print(f"\nnext: batchdet summary {root / 'output'}")
     print(f"      batchdet draw {root / 'output'} --dataset street --to {root / 'drawn'}")
     return 0
+
+
+def _verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own log lines on the terminal instead of a log file")
 
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
@@ -101,11 +122,13 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads-per-actor", type=int,
                    help="onnxruntime threads per actor (default: 1, one actor per CPU; with GPUs the node's CPUs, at most 4)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=4, help="images per inference batch")
+    p.add_argument("--batch-size", type=int,
+                   help="images per block (default: from the dataset size and actors, 1 to 64; 256 on GPUs)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="refuse images declaring more pixels than this (decompression bombs)")
     p.add_argument("--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE,
                    help="rows per Parquet file; work not yet in a file is redone after a kill")
+    _verbose_flag(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an output: commit what killed runs left, skip images already ok with this model")
     p.add_argument("--overwrite", action="store_true", help="delete the output's earlier results first")
@@ -120,6 +143,7 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="synthesize two small datasets and run detect on them, offline")
     p.add_argument("--output", default="batchdet-demo-output", metavar="DIR")
+    _verbose_flag(p)
     p.set_defaults(func=_cmd_demo)
 
 
@@ -149,13 +173,16 @@ def _cmd_model_standin(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
-    from batchdet.spec import check_model
+    from batchdet.spec import OFFICIAL_SHA256, STANDIN, check_model
 
     info = check_model(args.path)
     print(f"path:        {info.path}")
     print(f"kind:        {info.kind}")
     print(f"official:    {'yes' if info.official else 'no'}")
     print(f"sha256:      {info.sha256}")
+    if info.int8:
+        source = " (the official file)" if info.source_sha256 == OFFICIAL_SHA256 else ""
+        print(f"quantized:   by batchdet from sha256 {info.source_sha256 or '(not recorded)'}{source}")
     print(f"size:        {info.size:,} bytes")
     print(f"parameters:  {info.parameters:,}")
     print(f"opset:       {info.opset}")
@@ -164,28 +191,39 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
         print(f"output:      {name} {list(shape)}")
     for key, value in sorted(info.metadata.items()):
         print(f"metadata:    {key} = {value}")
+    if info.kind_id == STANDIN:
+        print(STANDIN_WARNING)
     return 0
 
 
 def _cmd_model_quantize(args: argparse.Namespace) -> int:
     from batchdet.fetch import resolve_model_path
-    from batchdet.quantize import quantize_model
-    from batchdet.spec import check_model
+    from batchdet.quantize import calibration_samples, compare_speed, int8_cpu_flags, int8_cpu_hint, quantize_model
+    from batchdet.spec import STANDIN, check_model
     from batchdet.storage import parse_storage_options
 
     def progress(done: int, total: int) -> None:
         print(f"\r  calibration image {done} of {total}", end="", file=sys.stderr, flush=True)
 
     source = resolve_model_path(args.model)
+    storage_options = parse_storage_options(args.storage_option)
     path = quantize_model(source, args.calibrate, images=args.images, to=args.to,
-                          storage_options=parse_storage_options(args.storage_option), progress=progress)
+                          storage_options=storage_options, progress=progress)
     print(file=sys.stderr)
     info = check_model(path)
     print(f"int8 model written: {path} ({info.size / 1e6:.1f} MB, from {source})")
+    print(f"  kind: {info.kind}")
     print(f"  {info.metadata.get('batchdet.quantized', '')}")
     print(f"  calibration: {info.metadata.get('batchdet.quantized.calibration', '')}")
+    if not args.no_measure:
+        print("  timing FP32 and INT8 on calibration images (--no-measure skips this) ...", file=sys.stderr)
+        samples = calibration_samples(args.calibrate, args.images, storage_options=storage_options)
+        print(f"  {compare_speed(source, path, samples).to_text()}")
+    hint = int8_cpu_hint(int8_cpu_flags())
+    if hint:
+        print(f"  {hint}")
     print(f"  run it with --model {path}; check its accuracy with `batchdet eval` (README, 'INT8')")
-    if "batchdet.standin" in info.metadata:
+    if info.kind_id == STANDIN:
         print(STANDIN_WARNING)
     return 0
 
@@ -223,6 +261,8 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=int, default=DEFAULT_IMAGES,
                    help=f"calibration images, spread over the listing (default {DEFAULT_IMAGES})")
     p.add_argument("--to", metavar="PATH", help="destination (default: <model dir>/<name>.int8.onnx)")
+    p.add_argument("--no-measure", action="store_true",
+                   help="skip timing FP32 against INT8 on a few calibration images afterwards")
     _storage_flag(p)
     p.set_defaults(func=_cmd_model_quantize)
 

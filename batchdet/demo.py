@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from batchdet.fetch import resolve_model_path
-from batchdet.spec import ModelError, check_model
+from batchdet.spec import STANDIN, ModelError, check_model
 
 MARKER = ".batchdet-demo"
 DATASETS = {"street": 5, "indoor": 4}
@@ -43,7 +43,8 @@ def synthesize(folder: Path, count: int, seed: int) -> None:
 
 def demo_model() -> tuple[Path, bool]:
     """(model path, official?): the official file when it is in place, else a
-    full-size stand-in built once into the model cache."""
+    full-size stand-in built once into the model cache (rebuilt if the file
+    there is not a stand-in, so "not official" always means the stand-in)."""
     official = resolve_model_path(None)
     try:
         if check_model(official).official:
@@ -51,12 +52,19 @@ def demo_model() -> tuple[Path, bool]:
     except ModelError:
         pass
     standin = official.with_name("standin-ssd1200.onnx")
-    if not standin.exists():
+    if not _is_standin(standin):
         from batchdet.standin import write_standin
 
         print(f"building the stand-in model (random weights) at {standin} ...")
         write_standin(standin)
     return standin, False
+
+
+def _is_standin(path: Path) -> bool:
+    try:
+        return path.exists() and check_model(path).kind_id == STANDIN
+    except ModelError:
+        return False
 
 
 def prepare_demo(root: Path) -> dict[str, str]:

@@ -3,52 +3,48 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
-from typing import Iterator
-
-import pyarrow as pa
+from typing import Callable, Iterator
 
 from batchdet.plan import RunPlan
-from batchdet.stages import IMAGE_BYTES, InferenceStage, prepare_batch, read_batch
-from batchdet.writing import STAGING_DIR, Output
+from batchdet.progress import Progress, Reporter
+from batchdet.stages import InferenceStage, read_batch
 
 log = logging.getLogger("batchdet")
 
-#: Logical CPUs a preprocessing task asks for. Decode + resize costs a few ms
-#: against seconds of inference, so a task needs only a slice of a core. An
-#: actor running N onnxruntime threads asks Ray for N - PREPARE_CPUS, which
-#: leaves a task's slice free per actor beside actors that fill a node: full
-#: CPUs for both would deadlock a node (the actors waiting for input no task
-#: can be scheduled to produce).
-PREPARE_CPUS = 0.25
-#: Images per preprocessing task batch: a 17 MB block of resized uint8. Small
-#: blocks keep what the object-store cap below must hold small, and balance
-#: the last blocks across actors; a task still does ~12 ms of work.
-PREPARE_BATCH = 4
-#: Prepared blocks Ray Data may hold in the object store per inference actor
-#: (and never fewer than twice that in all). Decode + resize is ~500× faster
-#: than inference on a CPU, so without a cap every image of the dataset is
-#: prepared at once and waits in the object store: memory then grows with the
-#: dataset (950 MB at 320 images, benchmarks/prefetch.py; 16–20 images
-#: whatever the size with the cap). Ray Data splits the cap among its
-#: operators, and a share smaller than one block starves the actors (a
-#: 150 MB cap with 35 MB blocks did); 4 blocks per actor keeps each share
-#: above a block (README, "What costs throughput").
+#: Logical CPUs a read or write task asks for: they wait on storage, not the
+#: CPU. An actor running N onnxruntime threads asks Ray for N - IO_CPUS,
+#: which leaves a task's slice free per actor beside actors that fill a
+#: node: full CPUs for both would deadlock a node (the actors waiting for
+#: input no task can be scheduled to produce).
+IO_CPUS = 0.25
+#: Blocks each actor should see over a run at the least: small runs of slow
+#: models get small blocks, so that the last ones spread over the actors.
+BLOCKS_PER_ACTOR = 4
+#: Images in a block at the most. A block's fixed cost (a task, a hand-off to
+#: an actor, a write) is a few milliseconds: at 64 images it is under 1 % of
+#: even a ~1 ms model's work; larger blocks only lose more on a kill.
+MAX_BLOCK = 64
+#: Encoded bytes per image the object-store cap below is sized by: a large
+#: photograph; smaller files simply let more images wait.
+BYTES_PER_IMAGE = 1 << 20
+#: Blocks that may wait in the object store per inference actor. Reading is
+#: far faster than inference, so without a cap every file of the dataset is
+#: read at once and waits (memory growing with the dataset); Ray Data splits
+#: the cap among its operators, and a share smaller than a block starves the
+#: actors (docs/notes/2026-12-02-fast-models.md).
 PREFETCH_BLOCKS_PER_ACTOR = 4
 
 
 #: Ray node settings batchdet starts its embedded Ray with, and which a
 #: cluster's nodes should have too (as ``RAY_<name>`` environment variables of
 #: ``ray start``: :func:`node_environment`; infra/docker/Dockerfile sets them).
-#: Ray keeps one idle worker per CPU and kills the others after 1 s idle.
-#: Preprocessing tasks take a quarter CPU, so more of them run at once than a
-#: node has CPUs while the first blocks are prepared; afterwards one runs each
-#: time an actor frees a block, seconds apart, and found its worker killed: a
-#: new Python worker, ~1.5 s of CPU taken from the model per block (16 workers
-#: started for 20 blocks; every 4th image took 4 s instead of 2.5: README,
-#: "What costs throughput" 2). A minute keeps them warm between blocks and
-#: still reaps them after the run.
+#: Ray kills idle workers beyond one per CPU after 1 s; quarter-CPU tasks
+#: seconds apart then each start a new Python worker (~1.5 s of CPU taken
+#: from the model). A minute keeps them warm between blocks and still reaps
+#: them after the run (measured: README, "What costs throughput" 2).
 NODE_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
@@ -122,65 +118,90 @@ def actor_layout(plan: RunPlan, local: bool) -> tuple[int, tuple[int, int]]:
     return threads, plan.actors or (high if local else 1, high)
 
 
-def run_pipeline(plan: RunPlan, local: bool = True) -> None:
+def images_per_block(images: int, actors: int, gpus: float = 0.0) -> int:
+    """Block size for ``images`` over ``actors``: at least BLOCKS_PER_ACTOR
+    blocks each, at most MAX_BLOCK images (4× that on a GPU, which does a
+    CPU's block in milliseconds)."""
+    most = MAX_BLOCK * (4 if gpus else 1)
+    return max(1, min(most, -(-images // (max(actors, 1) * BLOCKS_PER_ACTOR))))
+
+
+def run_pipeline(plan: RunPlan, local: bool = True, on_progress: Callable[[Progress], None] | None = None) -> None:
     """Stream every listed image through the model into staged Parquet
-    (``local``: on an embedded Ray that no autoscaler will grow)."""
-    import ray.data
-
+    (``local``: on an embedded Ray that no autoscaler will grow), telling
+    ``on_progress`` how far it is about once a second."""
     threads, (low, high) = actor_layout(plan, local)
-    with ray.data.DataContext.current(job_context(high)):
-        _stream(plan, threads, low, high)
+    block = plan.batch_size or images_per_block(plan.num_images, high, plan.gpus_per_actor)
+    reporter = Reporter(plan.num_images, on_progress) if on_progress else contextlib.nullcontext()
+    with object_store_capped(object_store_cap(high, block)), reporter:
+        _stream(plan, threads, low, high, block, reporter.counter if on_progress else None)
 
 
-def object_store_cap(actors: int) -> int:
-    """Bytes of prepared images Ray Data may hold for ``actors`` inference actors."""
-    return max(actors, 2) * PREFETCH_BLOCKS_PER_ACTOR * PREPARE_BATCH * IMAGE_BYTES
-
-
-def job_context(actors: int) -> ray.data.DataContext:
-    """A copy of the caller's DataContext with the object store capped (the
-    caller's own context, process-global, stays as it was)."""
+def read_compute(actors: int):
+    """Read tasks at once: two per actor. Ray Data checks the object-store
+    cap before it starts a task, not while the task runs, so every running
+    read may land one more block on top of the cap; bounding them bounds that
+    (each reads its block's files concurrently on object storage)."""
     import ray.data
 
-    ctx = ray.data.DataContext.get_current().copy()
-    limits = ctx.execution_options.resource_limits
-    ctx.execution_options.resource_limits = limits.copy(
-        object_store_memory=min(limits.object_store_memory, object_store_cap(actors)))
-    return ctx
+    return ray.data.TaskPoolStrategy(size=2 * max(actors, 1))
 
 
-def _stream(plan: RunPlan, threads: int, low: int, high: int) -> None:
+def object_store_cap(actors: int, block: int) -> int:
+    """Bytes of read files Ray Data may hold for ``actors`` inference actors."""
+    return max(actors, 2) * PREFETCH_BLOCKS_PER_ACTOR * block * BYTES_PER_IMAGE
+
+
+@contextlib.contextmanager
+def object_store_capped(cap: int) -> Iterator[None]:
+    """Ray Data's object-store limit at most ``cap`` bytes while the job
+    runs; the process-global context is given back as it was. (Not
+    ``DataContext.copy()``: its deepcopy sets Ray's deprecated fields again
+    and warns about each.)"""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options
+    options = copy.copy(saved)
+    options.resource_limits = saved.resource_limits.copy(
+        object_store_memory=min(saved.resource_limits.object_store_memory, cap))
+    ctx.execution_options = options
+    try:
+        yield
+    finally:
+        ctx.execution_options = saved
+
+
+def _stream(plan: RunPlan, threads: int, low: int, high: int, block: int, progress=None) -> None:
     """The job itself, read top to bottom."""
     import ray.data
 
+    from batchdet.sink import StagingSink
+
     items = [{"dataset": name, "uri": uri} for name, listing in plan.listings.items() for uri in listing.uris]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // PREPARE_BATCH, 10_000)))
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // block)))
     ds = ds.map_batches(
         read_batch, fn_kwargs={"storage_options": plan.storage_options},
-        batch_format="pyarrow", batch_size=PREPARE_BATCH, num_cpus=PREPARE_CPUS,
-    )
-    ds = ds.map_batches(
-        prepare_batch, fn_kwargs={"max_pixels": plan.max_pixels},
-        batch_format="pyarrow", batch_size=PREPARE_BATCH, num_cpus=PREPARE_CPUS,
+        batch_format="pyarrow", batch_size=block, num_cpus=IO_CPUS, compute=read_compute(high),
     )
     ds = ds.map_batches(
         InferenceStage,
         fn_constructor_kwargs={
             "model_path": plan.model.path, "run_id": plan.run_id, "threads": threads,
-            "gpus": plan.gpus_per_actor, "score_threshold": plan.score_threshold,
+            "gpus": plan.gpus_per_actor, "score_threshold": plan.score_threshold, "max_pixels": plan.max_pixels,
+            # a GPU actor decodes on its other CPUs while the device runs
+            "prepare_threads": max(1, threads - 1) if plan.gpus_per_actor else 0,
             "storage_options": plan.storage_options,  # for a URL model: each node fetches its own copy
+            "progress": progress,
         },
-        batch_format="pyarrow", batch_size=plan.batch_size,
-        # one block at a time per CPU actor (seconds each): the first actor up
-        # cannot hoard blocks its peers then wait for, and the tail balances;
-        # a GPU actor (milliseconds a block) keeps a second one queued
+        batch_format="pyarrow", batch_size=block,
+        # one block at a time per CPU actor: the first actor up cannot hoard
+        # blocks its peers then wait for; a GPU actor keeps a second one queued
         compute=ray.data.ActorPoolStrategy(
             min_size=low, max_size=high, max_tasks_in_flight_per_actor=2 if plan.gpus_per_actor else 1),
-        num_cpus=threads - PREPARE_CPUS, num_gpus=plan.gpus_per_actor or None,
+        num_cpus=threads - IO_CPUS, num_gpus=plan.gpus_per_actor or None,
     )
-    out = Output(plan.output, plan.storage_options)
-    ds.write_parquet(
-        out.join(STAGING_DIR, plan.run_id), partition_cols=["dataset"], min_rows_per_file=plan.rows_per_file,
-        filesystem=pa.fs.PyFileSystem(pa.fs.FSSpecHandler(out.fs)),
-        ray_remote_args={"num_cpus": PREPARE_CPUS},  # a whole CPU would wait until inference is over
+    ds.write_datasink(
+        StagingSink(plan.output, plan.storage_options, plan.run_id, plan.rows_per_file),
+        ray_remote_args={"num_cpus": IO_CPUS},  # a whole CPU would wait until inference is over
     )

@@ -41,7 +41,7 @@ class RunPlan:
     actors: tuple[int, int] | None = None  # None: pipeline.actor_layout decides
     threads_per_actor: int | None = None  # None: 1 (GPU actors: the node's CPUs, at most 4)
     gpus_per_actor: float = 0.0
-    batch_size: int = 4
+    batch_size: int | None = None  # images per block; None: pipeline.images_per_block decides
     max_pixels: int = DEFAULT_MAX_PIXELS
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -120,7 +120,7 @@ def plan_run(
     actors: tuple[int, int] | None = None,
     threads_per_actor: int | None = None,
     gpus_per_actor: float = 0.0,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     rows_per_file: int = DEFAULT_ROWS_PER_FILE,
     storage_options: dict[str, Any] | None = None,
@@ -132,7 +132,7 @@ def plan_run(
         check_dataset_name(name)
     if not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"--score-threshold {score_threshold} is outside [0, 1]")
-    if min(batch_size, rows_per_file, threads_per_actor or 1) < 1 or gpus_per_actor < 0:
+    if min(batch_size or 1, rows_per_file, threads_per_actor or 1) < 1 or gpus_per_actor < 0:
         raise ValueError("--batch-size, --rows-per-file and --threads-per-actor must be >= 1, --gpus-per-actor >= 0")
     options = dict(storage_options or {})
 

@@ -18,16 +18,19 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from batchdet.spec import INPUT_NAME, check_model
+from batchdet.spec import INPUT_NAME, QUANTIZED_KEY, SOURCE_SHA_KEY, check_model
 
-#: metadata keys written on the quantized model
-QUANTIZED_KEY = "batchdet.quantized"
-SOURCE_SHA_KEY = "batchdet.quantized.source_sha256"
+#: metadata keys written on the quantized model, besides the source's own:
+#: QUANTIZED_KEY (what was quantized, how), SOURCE_SHA_KEY (the source file's
+#: sha256: an INT8 copy of the official file is told by it, see
+#: ``spec.ModelInfo.kind_id``), the source's kind and the calibration used.
+SOURCE_KIND_KEY = "batchdet.quantized.source_kind"
 CALIBRATION_KEY = "batchdet.quantized.calibration"
 
 #: Operators quantized. Conv carries ~all the FLOPs; Relu is then absorbed
@@ -163,6 +166,7 @@ def quantize_model(
         QUANTIZED_KEY: f"int8 static QDQ per-channel ({'+'.join(op_types)}), activations uint8, weights int8"
                        + (" 7-bit" if reduce_range else ""),
         SOURCE_SHA_KEY: info.sha256,
+        SOURCE_KIND_KEY: info.kind_id,
         CALIBRATION_KEY: f"{reader.used} images from {calibrate} (MinMax); "
                          f"{len(reader.skipped)} skipped; {time.perf_counter() - started:.0f} s",
     })
@@ -179,9 +183,110 @@ def quantize_model(
     return out
 
 
+#: x86 extensions with an 8-bit dot product (``/proc/cpuinfo`` flag names):
+#: AVX512-VNNI (Intel Cascade Lake / Ice Lake and later, AMD Zen 4 and later),
+#: AVX-VNNI (Intel Alder Lake and later), AMX (Intel Sapphire Rapids and later).
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_cpu_flags(cpuinfo: str | None = None) -> list[str] | None:
+    """The :data:`INT8_DOT_FLAGS` this CPU has, from ``cpuinfo`` (the text of
+    ``/proc/cpuinfo``, read when None): ``[]`` for an x86 CPU without any, so
+    INT8 convolutions run at about FP32's speed; None when it cannot tell (no
+    x86 ``flags`` line: another architecture, or no ``/proc/cpuinfo``)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":  # the first processor speaks for all
+            flags = set(value.split())
+            return [f for f in INT8_DOT_FLAGS if f in flags]
+    return None
+
+
+def int8_cpu_hint(flags: list[str] | None) -> str | None:
+    """One line for a CPU without an 8-bit dot product (``flags == []``); None otherwise."""
+    if flags != []:
+        return None
+    return ("hint: this CPU has no AVX512_VNNI, AVX_VNNI or AMX: its INT8 convolutions are about as fast as FP32's, "
+            "so expect little speed-up here; INT8 pays on CPUs with them (Intel Ice Lake+, AMD Zen 4+) and on GPUs")
+
+
 def _has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True  # unknown CPU: keep full 8-bit range
-    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+    """False only for an x86 CPU known to lack VNNI/AMX (unknown: keep the full 8-bit range)."""
+    return int8_cpu_flags() != []
+
+
+# --- FP32 against INT8 on this machine ----------------------------------------------
+MEASURE_IMAGES = 3
+MEASURE_ROUNDS = 2
+
+
+@dataclass(frozen=True)
+class SpeedComparison:
+    """Seconds per image, median over images × rounds, after one untimed run each."""
+
+    fp32_s: float
+    int8_s: float
+    images: int
+    rounds: int
+    threads: int
+
+    @property
+    def speedup(self) -> float:
+        """How many times faster INT8 is (below 1: slower)."""
+        return self.fp32_s / self.int8_s
+
+    def to_text(self) -> str:
+        return (f"speed on this CPU ({self.threads} threads, median of {self.images} images x {self.rounds} rounds, "
+                f"interleaved): FP32 {self.fp32_s:.3f} s, INT8 {self.int8_s:.3f} s per image: "
+                f"INT8 speed-up x{self.speedup:.2f}")
+
+
+def calibration_samples(calibrate: str | os.PathLike, images: int = DEFAULT_IMAGES, n: int = MEASURE_IMAGES,
+                        storage_options: dict[str, Any] | None = None) -> list[np.ndarray]:
+    """Up to ``n`` of the images :func:`quantize_model` calibrates on with
+    ``images``, spread over them, as the uint8 planes the pipeline feeds the
+    model ([3, 1200, 1200]); unreadable ones are left out."""
+    from batchdet.listing import list_images
+    from batchdet.preprocess import ImageError, prepare
+    from batchdet.reading import read_many
+
+    uris = _pick(_pick(list_images(str(calibrate), storage_options).uris, images), n)
+    samples = []
+    for data in read_many(uris, storage_options):
+        if isinstance(data, ImageError):
+            continue
+        try:
+            samples.append(prepare(data).image)
+        except ImageError:
+            continue
+    return samples
+
+
+def compare_speed(fp32: str | os.PathLike, int8: str | os.PathLike, images: list[np.ndarray],
+                  rounds: int = MEASURE_ROUNDS, threads: int | None = None) -> SpeedComparison:
+    """Time ``fp32`` and ``int8`` on ``images`` (uint8 planes, see
+    :func:`calibration_samples`) the way the pipeline runs them
+    (``batchdet.inference.OnnxBackend``, its session options, ``threads``
+    defaulting to every CPU): one untimed run each, then image by image,
+    FP32 and INT8 alternately, ``rounds`` times; medians."""
+    from batchdet.inference import OnnxBackend
+
+    if not images:
+        raise ValueError("no image to time the models on")
+    backends = [OnnxBackend(fp32, threads).load(), OnnxBackend(int8, threads).load()]
+    for backend in backends:
+        backend.predict(images[0])
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for image in images:
+            for backend, spent in zip(backends, times):
+                t = time.perf_counter()
+                backend.predict(image)
+                spent.append(time.perf_counter() - t)
+    return SpeedComparison(float(np.median(times[0])), float(np.median(times[1])), len(images), rounds,
+                           backends[0].threads)

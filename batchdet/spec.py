@@ -39,8 +39,42 @@ OUTPUT_NAMES = (BBOXES, LABELS, SCORES)
 NMS_SCORE_THRESHOLD = 0.05  # the model's own in-graph threshold
 MAX_DETECTIONS = 200
 
-#: metadata key the stand-in builder writes, so nobody mistakes it for real.
+# --- what a model is (ModelInfo.kind_id) -------------------------------------
+#: Metadata the stand-in builder writes: ``batchdet.kind = standin`` (with the
+#: seed and channels divisor), and the older ``batchdet.standin = true``,
+#: which is all that stand-ins built before the kind key carry; either marks one.
+KIND_KEY = "batchdet.kind"
 STANDIN_KEY = "batchdet.standin"
+#: Metadata ``batchdet model quantize`` writes on its INT8 copy (with the
+#: source's own metadata, so a quantized stand-in is still a stand-in).
+QUANTIZED_KEY = "batchdet.quantized"
+SOURCE_SHA_KEY = "batchdet.quantized.source_sha256"
+
+#: the four kinds: the official file (by sha256); an INT8 copy of it (by the
+#: quantizer's record of its source); a stand-in (random weights, by its
+#: metadata, quantized or not); anything else that meets the interface.
+OFFICIAL, OFFICIAL_INT8, STANDIN, OTHER = "official", "official-int8", "standin", "other"
+#: one line each, as ``model info``, the run summary and the manifest's ``kind`` say it
+KIND_TEXT = {
+    OFFICIAL: "official MLPerf weights",
+    OFFICIAL_INT8: "INT8 copy of the official MLPerf weights (accuracy: check it with `batchdet eval`)",
+    STANDIN: "STAND-IN (random weights: detections are meaningless)",
+    OTHER: "other conforming model (unofficial file: meets the interface, accuracy unknown)",
+}
+#: the same, quantized (an INT8 copy of the official file is its own kind above)
+KIND_TEXT_INT8 = {
+    STANDIN: "STAND-IN, INT8 copy (random weights: detections are meaningless)",
+    OTHER: "other conforming model, INT8 copy (unofficial file: meets the interface, accuracy unknown)",
+}
+#: how each kind's text begins, including the text older versions wrote into manifests
+_KIND_PREFIXES = (("official MLPerf", OFFICIAL), ("INT8 copy of the official", OFFICIAL_INT8),
+                  ("STAND-IN", STANDIN), ("other conforming", OTHER), ("unofficial model", OTHER))
+
+
+def kind_id_from_text(text: str | None) -> str | None:
+    """The kind id of a ``kind`` text (a run manifest's, of this or an older
+    version); None if the text is missing or unknown."""
+    return next((k for prefix, k in _KIND_PREFIXES if text and text.startswith(prefix)), None)
 
 
 class ModelError(ValueError):
@@ -65,12 +99,36 @@ class ModelInfo:
         return self.sha256 == OFFICIAL_SHA256
 
     @property
-    def kind(self) -> str:
+    def int8(self) -> bool:
+        """Written by ``batchdet model quantize``."""
+        return QUANTIZED_KEY in self.metadata
+
+    @property
+    def source_sha256(self) -> str | None:
+        """sha256 of the file an INT8 copy was quantized from, as the quantizer recorded it."""
+        return self.metadata.get(SOURCE_SHA_KEY)
+
+    @property
+    def kind_id(self) -> str:
+        """``official``, ``official-int8``, ``standin`` or ``other`` (see :data:`KIND_TEXT`).
+
+        The official file is known by its sha256; the rest by the metadata
+        batchdet wrote (a stand-in's flag, the quantizer's record of its
+        source), so a file stripped of it counts as ``other``.
+        """
         if self.official:
-            return "official MLPerf weights"
-        if STANDIN_KEY in self.metadata:
-            return "STAND-IN (random weights: detections are meaningless)"
-        return "unofficial model (meets the interface; accuracy unknown)"
+            return OFFICIAL
+        if self.metadata.get(KIND_KEY) == STANDIN or STANDIN_KEY in self.metadata:
+            return STANDIN
+        if self.int8 and self.source_sha256 == OFFICIAL_SHA256:
+            return OFFICIAL_INT8
+        return OTHER
+
+    @property
+    def kind(self) -> str:
+        """What the model is, in one line (:data:`KIND_TEXT`)."""
+        kind_id = self.kind_id
+        return KIND_TEXT_INT8.get(kind_id, KIND_TEXT[kind_id]) if self.int8 else KIND_TEXT[kind_id]
 
 
 def sha256_file(path: str | os.PathLike) -> str:

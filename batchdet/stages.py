@@ -6,27 +6,32 @@ bad file becomes one error row and never a failed task.
 
 Columns along the way:
   listing   → dataset, uri
-  read      → + data (bytes, null on error), error
-  prepare   → dataset, uri, image (3×1200×1200 uint8 planes, null on error), width, height, error
+  read      → + data (the file's bytes, null on error), error
   inference → the contract's row (schema.SCHEMA)
+
+Only the encoded files cross Ray's object store (a JPEG is ~50–500 KB); the
+inference actor decodes, resizes, normalises, runs the model and builds its
+output columns itself. Handing 4.3 MB of resized pixels per image from
+preprocessing tasks to the actors cost more CPU than a fast model's whole
+inference (docs/notes/2026-12-02-fast-models.md).
 """
 
 from __future__ import annotations
 
+import collections
 import os
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
 
 from batchdet.detector import Detector
-from batchdet.preprocess import DEFAULT_MAX_PIXELS, ImageError, prepare
+from batchdet.postprocess import detections_column, select
+from batchdet.preprocess import DEFAULT_MAX_PIXELS, ImageError, Prepared, prepare
 from batchdet.reading import read_many
 from batchdet.schema import SCHEMA, STATUS_ERROR, STATUS_OK
 from batchdet.spec import INPUT_SIZE, NMS_SCORE_THRESHOLD
-
-IMAGE_SHAPE = (3, INPUT_SIZE, INPUT_SIZE)  # planar RGB
-IMAGE_BYTES = 3 * INPUT_SIZE * INPUT_SIZE  # 4.32 MB: what one image costs the object store
 
 
 def _errors(batch: pa.Table) -> list[str | None]:
@@ -43,54 +48,16 @@ def read_batch(batch: pa.Table, storage_options: dict[str, Any] | None = None) -
     )
 
 
-def prepare_batch(batch: pa.Table, max_pixels: int = DEFAULT_MAX_PIXELS) -> pa.Table:
-    """Decode, orient and resize each image to 3×1200×1200 uint8; ``data`` is dropped.
-
-    The resized pixels travel as raw bytes (4.32 MB an image), a quarter of
-    the float32 tensor the model finally sees. Each image is resized straight
-    into one buffer that becomes the ``image`` column as it is: building the
-    column from per-image ``bytes`` copied every image twice more, and the
-    stage took 12.6 ms an image instead of 7.7 (benchmarks/bench.py).
-    """
-    pixels = np.empty((batch.num_rows, *IMAGE_SHAPE), np.uint8)
-    widths, heights, errors, valid = [], [], [], []
-    done = 0  # images resized so far: the next one goes to pixels[done]
-    for data, error in zip(batch.column("data").to_pylist(), _errors(batch)):
-        width = height = None
-        if error is None:
-            try:
-                p = prepare(data, max_pixels, out=pixels[done])
-                width, height, done = p.width, p.height, done + 1
-            except ImageError as e:
-                error = str(e)
-        widths.append(width)
-        heights.append(height)
-        errors.append(error)
-        valid.append(error is None)
-    return pa.table(
-        {
-            "dataset": batch.column("dataset"),
-            "uri": batch.column("uri"),
-            "image": image_column(pixels[:done], valid),
-            "width": pa.array(widths, pa.int32()),
-            "height": pa.array(heights, pa.int32()),
-            "error": pa.array(errors, pa.string()),
-        }
-    )
-
-
-def image_column(pixels: np.ndarray, valid: list[bool]) -> pa.Array:
-    """The ``image`` column over ``pixels`` (the valid rows' images back to
-    back) without copying them: Arrow large_binary from its buffers, a
-    validity bitmap, int64 offsets and the pixels; a failed row takes no bytes."""
-    offsets = np.concatenate([[0], np.cumsum(np.array(valid, np.int64) * IMAGE_BYTES)])
-    return pa.LargeBinaryArray.from_buffers(
-        pa.large_binary(), len(valid), [pa.array(valid, pa.bool_()).buffers()[1], pa.py_buffer(offsets), pa.py_buffer(pixels)])
-
-
 class InferenceStage:
-    """One onnxruntime session per actor, loaded once, run image by image
-    (the MLPerf file's batch axis is fixed to 1)."""
+    """One onnxruntime session per actor, loaded once; each block of files is
+    decoded, resized, normalised, run image by image (the MLPerf file's batch
+    axis is fixed to 1) and turned into output columns.
+
+    A GPU actor decodes on ``prepare_threads`` threads ahead of the device
+    (Pillow and OpenCV release the GIL), so the device does not wait for the
+    CPU; a CPU actor decodes on its own thread, into one reused buffer,
+    between runs (its cores are the model's anyway).
+    """
 
     def __init__(
         self,
@@ -99,39 +66,87 @@ class InferenceStage:
         threads: int | None = None,
         gpus: float = 0.0,
         score_threshold: float = NMS_SCORE_THRESHOLD,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        prepare_threads: int = 0,
         storage_options: dict[str, Any] | None = None,
+        progress: Any = None,
     ):
+        """``progress``: a :class:`batchdet.progress.Counter` actor told of each finished block, or None."""
         from batchdet.distribution import local_model
 
         # A URL#sha256= model: this node's cached, verified copy (fetched once per node); a path: itself.
         model_path = local_model(model_path, storage_options=storage_options)
         self.detector = Detector(model_path, threads=threads, gpus=gpus, score_threshold=score_threshold)
         self.run_id = run_id
+        self.max_pixels = max_pixels
+        self._planes = np.empty((3, INPUT_SIZE, INPUT_SIZE), np.uint8)  # the sequential path's reused image
+        self.prepare_threads = prepare_threads
+        self._pool = ThreadPoolExecutor(prepare_threads) if prepare_threads > 0 else None
+        self.progress = progress
+
+    def _prepared(self, datas: list[bytes | None]) -> Iterator[Prepared | ImageError | None]:
+        """Each file decoded and resized, in order: an ImageError in place of a bad one."""
+
+        def one(data: bytes | None, out: np.ndarray | None = None) -> Prepared | ImageError | None:
+            if data is None:
+                return None
+            try:
+                return prepare(data, self.max_pixels, out=out)
+            except ImageError as e:
+                return e
+
+        if self._pool is None:
+            return (one(d, self._planes) for d in datas)
+        return _ahead(self._pool, one, datas, 2 * self.prepare_threads)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = []
-        images = batch.column("image")
-        widths = batch.column("width").to_pylist()
-        heights = batch.column("height").to_pylist()
-        for i, error in enumerate(_errors(batch)):
-            detections = None
-            if error is None:
+        errors = _errors(batch)
+        datas = [d if e is None else None for d, e in zip(batch.column("data").to_pylist(), errors)]
+        widths: list[int | None] = [None] * batch.num_rows
+        heights: list[int | None] = [None] * batch.num_rows
+        selected: list[tuple | None] = [None] * batch.num_rows
+        for i, p in enumerate(self._prepared(datas)):
+            if isinstance(p, ImageError):
+                errors[i] = str(p)
+            elif p is not None:
                 try:
-                    image = np.frombuffer(images[i].as_buffer(), dtype=np.uint8).reshape(IMAGE_SHAPE)
-                    detections = self.detector.detect_prepared(image, widths[i], heights[i]).detections
+                    raw = self.detector.backend.predict(p.image)
+                    selected[i] = select(raw.bboxes, raw.labels, raw.scores, p.width, p.height,
+                                         self.detector.score_threshold)
+                    widths[i], heights[i] = p.width, p.height
                 except ValueError as e:  # a model emitting labels outside the contract
-                    error = f"ModelOutputError: {e}"
-            ok = error is None
-            rows.append(
-                {
-                    "uri": batch.column("uri")[i].as_py(),
-                    "width": widths[i] if ok else None,
-                    "height": heights[i] if ok else None,
-                    "status": STATUS_OK if ok else STATUS_ERROR,
-                    "error": error,
-                    "detections": detections,
-                    "run_id": self.run_id,
-                    "dataset": batch.column("dataset")[i].as_py(),
-                }
-            )
-        return pa.Table.from_pylist(rows, schema=SCHEMA)
+                    errors[i] = f"ModelOutputError: {e}"
+        if self.progress is not None:
+            self.progress.add.remote(batch.num_rows, sum(e is not None for e in errors))
+        return results_table(batch, widths, heights, errors, selected, self.run_id)
+
+
+def _ahead(pool: ThreadPoolExecutor, fn, items: list, depth: int) -> Iterator:
+    """``map(fn, items)`` on ``pool``, in order, at most ``depth`` items ahead
+    of the consumer: a block of 256 images must not all sit decoded (4.3 MB
+    each) while the device works through them."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def results_table(batch: pa.Table, widths: list, heights: list, errors: list, selected: list, run_id: str) -> pa.Table:
+    """The contract's rows for a block, column by column (no per-row dicts)."""
+    ok = [e is None for e in errors]
+    return pa.table(
+        {
+            "uri": batch.column("uri"),
+            "width": pa.array(widths, pa.int32()),
+            "height": pa.array(heights, pa.int32()),
+            "status": pa.array([STATUS_OK if k else STATUS_ERROR for k in ok], pa.string()),
+            "error": pa.array(errors, pa.string()),
+            "detections": detections_column([s if k else None for s, k in zip(selected, ok)]),
+            "run_id": pa.array([run_id] * batch.num_rows, pa.string()),
+            "dataset": batch.column("dataset"),
+        },
+        schema=SCHEMA,
+    )

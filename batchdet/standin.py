@@ -37,11 +37,13 @@ from batchdet.spec import (
     BBOXES,
     INPUT_NAME,
     INPUT_SIZE,
+    KIND_KEY,
     LABELS,
     MAX_DETECTIONS,
     MEAN,
     NMS_SCORE_THRESHOLD,
     SCORES,
+    STANDIN,
     STANDIN_KEY,
     STD,
 )
@@ -239,7 +241,7 @@ def build_postprocess_model() -> onnx.ModelProto:
         [],
     )
     build_postprocess(graph, "loc", "conf")
-    return _model(graph, {STANDIN_KEY: "true"})
+    return _model(graph, {KIND_KEY: STANDIN, STANDIN_KEY: "true"})
 
 
 class _Network(_Graph):
@@ -427,9 +429,15 @@ def build_standin(seed: int = 0, channels_divisor: int = 1) -> onnx.ModelProto:
     loc = net.op("Concat", locs, "loc", axis=2)
     conf = net.op("Concat", confs, "conf", axis=2)
     build_postprocess(graph, loc, conf)
-    return _model(
-        graph, {STANDIN_KEY: "true", "batchdet.seed": str(seed), "batchdet.channels_divisor": str(channels_divisor)}
-    )
+    return _model(graph, standin_metadata(seed, channels_divisor))
+
+
+def standin_metadata(seed: int, channels_divisor: int) -> dict[str, str]:
+    """What a stand-in says about itself (``batchdet model info`` prints it):
+    its kind, and the seed and divisor that rebuild it byte for byte.
+    ``batchdet.standin`` is the flag older versions recognise stand-ins by."""
+    return {KIND_KEY: STANDIN, STANDIN_KEY: "true", "batchdet.seed": str(seed),
+            "batchdet.channels_divisor": str(channels_divisor)}
 
 
 def _class_bias() -> np.ndarray:

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from batchdet.query import aligned_lines, open_output, run_sql
+from batchdet.spec import OFFICIAL, OFFICIAL_INT8, OTHER, STANDIN, kind_id_from_text
 
 
 @dataclass
@@ -32,7 +33,7 @@ class RunSummary:
     run_id: str
     started: str | None
     finished: str | None
-    #: True for the official MLPerf file, False for the stand-in, None if not recorded.
+    #: True for the official MLPerf file, False for any other, None if not recorded.
     official: bool | None
     model_path: str | None
     datasets: list[str]
@@ -40,6 +41,9 @@ class RunSummary:
     images_per_s: float | None
     #: Committed by a later ``detect --resume`` after the run itself was killed.
     recovered: bool = False
+    #: ``spec.ModelInfo.kind_id`` of the model (official, official-int8, standin,
+    #: other), read from the manifest's kind; None if not recorded.
+    kind: str | None = None
 
 
 @dataclass
@@ -110,6 +114,8 @@ def _run_summary(manifest: dict[str, Any], name: str) -> RunSummary:
         wall_s=_number(manifest.get("wall_s")),
         images_per_s=_number(manifest.get("images_per_s")),
         recovered=bool(manifest.get("recovered")),
+        # manifests since kind_id carry it; older ones only the text
+        kind=model.get("kind_id") or (OFFICIAL if official else kind_id_from_text(model.get("kind"))),
     )
 
 
@@ -137,7 +143,7 @@ def render_summary(summary: Summary) -> str:
         lines.append(f"{summary.superseded_rows:,} older rows were replaced by a later run's row for the same image "
                      "(view all_images keeps them)")
     lines += ["", f"runs ({len(summary.runs)})"]
-    rows = [[r.run_id, (r.finished or "-") + (" (recovered)" if r.recovered else ""), _model_kind(r.official),
+    rows = [[r.run_id, (r.finished or "-") + (" (recovered)" if r.recovered else ""), _model_kind(r),
              _fmt(r.wall_s, ".1f"), _fmt(r.images_per_s, ".2f"), ", ".join(r.datasets)]
             for r in summary.runs]
     lines += aligned_lines(["run id", "finished", "model", "wall s", "images/s", "datasets"], rows, right={3, 4})
@@ -148,13 +154,27 @@ def render_summary(summary: Summary) -> str:
         lines.append("(no run manifests)")
     for name, reason in summary.unreadable_runs.items():
         lines.append(f"unreadable manifest {name}: {reason}")
-    if any(r.official is False for r in summary.runs):
-        lines += ["", "NOTE: runs marked stand-in used random weights; their detections mean nothing."]
+    kinds = {r.kind for r in summary.runs}
+    notes = [note for kind, note in _NOTES.items() if kind in kinds]
+    if notes:
+        lines += ["", *notes]
     return "\n".join(lines) + "\n"
 
 
-def _model_kind(official: bool | None) -> str:
-    return "unknown" if official is None else "official" if official else "stand-in"
+#: the model column: what the manifest's kind says, else whether it was the official file
+_LABELS = {OFFICIAL: "official", OFFICIAL_INT8: "official INT8", STANDIN: "stand-in", OTHER: "other"}
+_NOTES = {
+    STANDIN: "NOTE: runs marked stand-in used random weights; their detections mean nothing.",
+    OFFICIAL_INT8: "NOTE: runs marked official INT8 used an INT8 copy of the official weights; "
+                   "check its accuracy with `batchdet eval`.",
+    OTHER: "NOTE: runs marked other used a model that is not the official file; its accuracy is unknown.",
+}
+
+
+def _model_kind(run: RunSummary) -> str:
+    if run.kind in _LABELS:
+        return _LABELS[run.kind]
+    return "unknown" if run.official is None else "official" if run.official else "unofficial"
 
 
 def _fmt(value: float | None, spec: str) -> str:

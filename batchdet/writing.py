@@ -76,7 +76,7 @@ class RunResult:
         total = sum(c.images for c in self.datasets.values())
         if self.wall_s is not None:
             lines.append(f"  {total} images in {self.wall_s:.1f} s = {self.images_per_s:.2f} images/s")
-        lines.append(f"  model: {self.model['kind']} ({self.model['sha256'][:12]})")
+        lines.append(f"  model: {self.model.get('kind', 'kind not recorded')}, sha256 {self.model['sha256'][:12]}")
         return "\n".join(lines)
 
 
@@ -214,3 +214,4 @@ def versions() -> dict[str, str]:
 
     return {"batchdet": __version__, "ray": ray.__version__, "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version()}
+

@@ -372,13 +372,10 @@ def mlperf_numpy_normalise(planes: np.ndarray) -> np.ndarray:
 
 def measure_preprocessing(files: list[Path], threads: int, reps: int) -> dict:
     """decode → model input per image, against a bare Pillow decode of the same bytes."""
-    import pyarrow as pa
     from PIL import Image
 
     from batchdet.inference import UINT8_INPUT
-    from batchdet.pipeline import PREPARE_BATCH
     from batchdet.preprocess import normalize, prepare
-    from batchdet.stages import prepare_batch
 
     datas = [f.read_bytes() for f in files]
     in_graph = front_end_session(threads)
@@ -399,13 +396,6 @@ def measure_preprocessing(files: list[Path], threads: int, reps: int) -> dict:
         },
         prepared, reps,
     )
-    batch = pa.table({"dataset": ["b"] * len(datas), "uri": [str(f) for f in files],
-                      "data": pa.array(datas, pa.large_binary()), "error": pa.array([None] * len(datas), pa.string())})
-    t = time.perf_counter()
-    for _ in range(reps):
-        for start in range(0, len(datas), PREPARE_BATCH):  # the pipeline's block size
-            prepare_batch(batch.slice(start, PREPARE_BATCH))
-    stage = (time.perf_counter() - t) / reps / len(datas)
     total = per_image["prepare"] + normalise["table"]
     return {
         "images": len(datas),
@@ -415,7 +405,6 @@ def measure_preprocessing(files: list[Path], threads: int, reps: int) -> dict:
         "normalise_ms": normalise["table"] * 1e3,
         "normalise_in_graph_ms": normalise["in_graph"] * 1e3,
         "normalise_mlperf_numpy_ms": normalise["mlperf_numpy"] * 1e3,
-        "prepare_batch_stage_ms": stage * 1e3,
         "total_ms": total * 1e3,
         "ratio_to_decode": total / per_image["bare_decode"],
     }
@@ -551,7 +540,7 @@ def _read_calls(log_dir: Path) -> dict[str, list[tuple[float, float]]]:
 #: pipeline's driver process, so their effect can be measured before anyone
 #: edits batchdet/pipeline.py. Not used by default.
 EXPERIMENTS = {
-    "prepare_batch": "batchdet.pipeline.PREPARE_BATCH = int(VALUE): images per preprocessing block",
+    "max_block": "batchdet.pipeline.MAX_BLOCK = int(VALUE): most images in a block",
     "object_store_limit": "DataContext.execution_options.resource_limits.object_store_memory = VALUE bytes",
     "downstream_ratio": "DataContext.downstream_capacity_backpressure_ratio = VALUE",
     "downstream_threshold": "RAY_DATA_DOWNSTREAM_CAPACITY_OBJECT_STORE_BUDGET_UTIL_THRESHOLD = VALUE "
@@ -570,10 +559,10 @@ def apply_experiments(experiments: list[str]) -> None:
         import ray.data
 
         ctx = ray.data.DataContext.get_current()
-        if key == "prepare_batch":
+        if key == "max_block":
             import batchdet.pipeline
 
-            batchdet.pipeline.PREPARE_BATCH = int(value)
+            batchdet.pipeline.MAX_BLOCK = int(value)
         elif key == "object_store_limit":
             ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
                 object_store_memory=float(value))
@@ -590,13 +579,13 @@ def pipeline_child(args: argparse.Namespace) -> None:
     import ray.data
 
     captured = {}
-    original = ray.data.Dataset.write_parquet
+    original = ray.data.Dataset.write_datasink
 
-    def write_parquet(self, *a, **kw):  # the pipeline's last call: keep its dataset for the stats
+    def write_datasink(self, *a, **kw):  # the pipeline's last call: keep its dataset for the stats
         captured["ds"] = self
         return original(self, *a, **kw)
 
-    ray.data.Dataset.write_parquet = write_parquet
+    ray.data.Dataset.write_datasink = write_datasink
     from batchdet.api import detect
     from batchdet.pipeline import local_ray_options
 
@@ -623,7 +612,7 @@ def pipeline_child(args: argparse.Namespace) -> None:
     ended_epoch = time.time()
     operators = []
     ds = captured.get("ds")
-    ds = getattr(ds, "_write_ds", None) or ds  # write_parquet executes a child dataset holding the stats
+    ds = getattr(ds, "_write_ds", None) or ds  # write_datasink executes a child dataset holding the stats
     if ds is not None:
         try:
             summary = ds._get_stats_summary()

@@ -1,14 +1,14 @@
-"""How far Ray Data prepares ahead of inference, with and without batchdet's
-object-store cap (``batchdet.pipeline.job_context``), at growing dataset sizes.
+"""How far Ray Data reads ahead of inference, with and without batchdet's
+object-store cap (``batchdet.pipeline.object_store_capped``), at growing dataset sizes.
 
-Decoding and resizing an image takes milliseconds, inference seconds, so an
-uncapped job prepares images far faster than the actors take them and holds
-the difference in the object store: memory that grows with the dataset. This
-script runs the pipeline's data path with the pipeline's own block size and
-cap, the producer making blocks of 3×1200×1200 uint8 images (no decoding:
-only the flow is measured) and one actor consuming them at a fixed rate
-(sleeping, so that it does not compete for CPU), and reports the most images
-prepared but not yet consumed at any moment, and whether the actor waited.
+Reading a file takes milliseconds, inference up to seconds, so an uncapped job
+reads files far faster than the actors take them and holds the difference
+in the object store: memory that grows with the dataset. This script runs
+the pipeline's data path with the pipeline's own block size and cap, the
+producer making blocks of ``--kb``-sized files (random bytes: only the flow
+is measured) and one actor consuming them at a fixed rate (sleeping, so that
+it does not compete for CPU), and reports the most images read but not yet
+consumed at any moment, and whether the actor waited.
 
     python benchmarks/prefetch.py --out bench-out/prefetch.json
 """
@@ -16,6 +16,7 @@ prepared but not yet consumed at any moment, and whether the actor waited.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -23,15 +24,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from batchdet.pipeline import PREPARE_BATCH, PREPARE_CPUS, job_context
-from batchdet.stages import IMAGE_BYTES, image_column
+from batchdet.pipeline import IO_CPUS, images_per_block, object_store_cap, object_store_capped, read_compute
 
 
-def produce(batch: pa.Table) -> pa.Table:
-    """A block of images as the prepare stage makes it, stamped when made."""
+def produce(batch: pa.Table, kb: int) -> pa.Table:
+    """A block of files as the read stage makes it, stamped when made."""
     n = batch.num_rows
-    image = image_column(np.full((n, IMAGE_BYTES), 128, np.uint8), [True] * n)
-    return pa.table({"id": batch.column("id"), "image": image, "made": pa.array([time.time()] * n)})
+    data = pa.array([np.random.bytes(kb * 1024) for _ in range(n)], pa.large_binary())
+    return pa.table({"id": batch.column("id"), "data": data, "made": pa.array([time.time()] * n)})
 
 
 class Consume:
@@ -47,14 +47,16 @@ class Consume:
         return pa.table({"made": batch.column("made"), "start": pa.array([start] * n), "end": pa.array([time.time()] * n)})
 
 
-def run(images: int, seconds: float, capped: bool) -> dict:
+def run(images: int, seconds: float, kb: int, capped: bool) -> dict:
     import ray.data
 
-    ctx = job_context(1) if capped else ray.data.DataContext.get_current().copy()
-    with ray.data.DataContext.current(ctx):
-        ds = ray.data.from_items([{"id": i} for i in range(images)], override_num_blocks=images // PREPARE_BATCH)
-        ds = ds.map_batches(produce, batch_format="pyarrow", batch_size=PREPARE_BATCH, num_cpus=PREPARE_CPUS)
-        ds = ds.map_batches(Consume, fn_constructor_args=(seconds,), batch_format="pyarrow", batch_size=4,
+    block = images_per_block(images, 1)
+    cap = object_store_cap(1, block)
+    with object_store_capped(cap) if capped else contextlib.nullcontext():
+        ds = ray.data.from_items([{"id": i} for i in range(images)], override_num_blocks=-(-images // block))
+        ds = ds.map_batches(produce, fn_kwargs={"kb": kb}, batch_format="pyarrow", batch_size=block, num_cpus=IO_CPUS,
+                            compute=read_compute(1))
+        ds = ds.map_batches(Consume, fn_constructor_args=(seconds,), batch_format="pyarrow", batch_size=block,
                             compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=1),
                             num_cpus=1)
         t = time.time()
@@ -65,25 +67,28 @@ def run(images: int, seconds: float, capped: bool) -> dict:
     # images made but not yet started by the consumer, at each consumer start;
     # busy: the consumer's share of the time from its first image to its last
     ahead = int(max(np.searchsorted(made, s, side="right") - np.searchsorted(starts, s, side="left") for s in starts))
-    return {"images": images, "capped": capped, "cap_bytes": ctx.execution_options.resource_limits.object_store_memory
-            if capped else None, "max_images_ahead": ahead, "max_mb_ahead": ahead * IMAGE_BYTES / 1e6,
+    return {"images": images, "block": block, "kb_per_image": kb, "capped": capped, "cap_bytes": cap if capped else None,
+            "read_tasks": read_compute(1).size,
+            "max_images_ahead": ahead, "max_mb_ahead": ahead * kb / 1024,
             "wall_s": wall, "consumer_busy": images * seconds / (max(r["end"] for r in rows) - starts[0])}
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", default="80,320", help="dataset sizes (default 80,320)")
-    p.add_argument("--seconds", type=float, default=0.05, help="consumer seconds per image (default 0.05)")
+    p.add_argument("--images", default="400,1600", help="dataset sizes (default 400,1600)")
+    p.add_argument("--seconds", type=float, default=0.01, help="consumer seconds per image (default 0.01)")
+    p.add_argument("--kb", type=int, default=2048, help="bytes per file, in KiB (default 2048: a large photo)")
     p.add_argument("--out", default="bench-out/prefetch.json")
     args = p.parse_args(argv)
     import ray
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=2)
     try:
-        res = [run(n, args.seconds, capped) for capped in (False, True) for n in map(int, args.images.split(","))]
+        res = [run(n, args.seconds, args.kb, capped) for capped in (False, True)
+               for n in map(int, args.images.split(","))]
     finally:
         ray.shutdown()
-    print(f"{'object store':<24} | {'images':>6} | {'max prepared ahead':>18} | {'consumer busy':>13}")
+    print(f"{'object store':<24} | {'images':>6} | {'max read ahead':>18} | {'consumer busy':>13}")
     for r in res:
         cap = f"capped at {r['cap_bytes'] / 1e6:.0f} MB" if r["capped"] else "uncapped (Ray's default)"
         print(f"{cap:<24} | {r['images']:>6} | {r['max_images_ahead']:>5} img {r['max_mb_ahead']:>6.0f} MB | "

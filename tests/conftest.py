@@ -1,11 +1,95 @@
-"""Shared fixtures: a real S3 endpoint on loopback (moto server mode)."""
+"""Shared fixtures: a real S3 endpoint on loopback (moto server mode).
+
+Hermetic: from the start of the run, every cache batchdet (and onnxruntime)
+would fill is in a temporary folder; the CLI subprocesses and Ray workers the
+tests start inherit that environment. The run errors if it left new files in
+the user's cache, the repository or the folder it was started from. A
+deprecation warning raised from batchdet's code is an error in those
+processes too (see pyproject.toml's filterwarnings for this one).
+"""
 
 from __future__ import annotations
 
+import os
+import pkgutil
+import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+
+
+# --- hermetic --------------------------------------------------------------------------------------
+def _user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+
+
+def _tree(root: Path) -> set[Path]:
+    """Every file under ``root``, not descending into VCS, bytecode, pytest's
+    own cache, build metadata or virtualenvs."""
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder)
+        dirs[:] = [d for d in dirs if not (d in (".git", "__pycache__", ".pytest_cache") or d.endswith(".egg-info")
+                                           or (here / d / "pyvenv.cfg").exists())]
+        found.update(here / f for f in files)
+    return found
+
+
+def _top(root: Path) -> set[Path]:
+    return set(root.iterdir()) if root.is_dir() else set()
+
+
+def _outside(cache: Path, repo: Path, cwd: Path) -> set[Path]:
+    """What a run must not add to: the user's cache (its top level, and all of
+    batchdet's folder there), the repository, and the folder pytest was
+    started from (its top level, when that is not inside the repository)."""
+    found = _top(cache) | _tree(cache / "batchdet") | _tree(repo)
+    return found if cwd.resolve().is_relative_to(repo.resolve()) else found | _top(cwd)
+
+
+def _deprecations_are_errors_in_children() -> str:
+    """PYTHONWARNINGS for subprocesses and Ray workers: a DeprecationWarning or
+    FutureWarning raised from batchdet's own code is an error there too (the
+    in-process equivalent is filterwarnings in pyproject.toml)."""
+    import batchdet
+
+    modules = ["batchdet"] + [f"batchdet.{m.name}" for m in pkgutil.iter_modules(batchdet.__path__)]
+    own = [f"error::{category}:{module}" for category in ("DeprecationWarning", "FutureWarning") for module in modules]
+    return ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *own]))
+
+
+def pytest_configure(config):
+    """Before any test module is imported: caches into a temporary folder."""
+    config._batchdet_watched = (_user_cache(), config.rootpath, Path.cwd())
+    config._batchdet_before = _outside(*config._batchdet_watched)
+    config._batchdet_tmp = Path(tempfile.mkdtemp(prefix="batchdet-tests-"))
+    # $BATCHDET_MODEL, $BATCHDET_MODEL_CACHE, $BATCHDET_ORT_CACHE, ... unset:
+    # batchdet's defaults, every one of them under $XDG_CACHE_HOME
+    for name in [n for n in os.environ if n.startswith("BATCHDET_") and not n.startswith("BATCHDET_TEST_")]:
+        del os.environ[name]
+    os.environ["XDG_CACHE_HOME"] = str(config._batchdet_tmp / "cache")
+    os.environ["PYTHONWARNINGS"] = _deprecations_are_errors_in_children()
+    # Ray adds a show-once filter for RayDeprecationWarning on import; imported
+    # here, that filter lies beneath pyproject's filterwarnings in every test
+    # instead of above them in whichever test imports Ray first.
+    import ray.util.annotations  # noqa: F401
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_batchdet_tmp", None):
+        shutil.rmtree(config._batchdet_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_outside(request):
+    """After the last test: no new file in the user's cache, the current
+    directory or the repository (outputs belong in tmp_path)."""
+    yield
+    new = sorted(map(str, _outside(*request.config._batchdet_watched) - request.config._batchdet_before))
+    assert not new, "the tests (or another process meanwhile) wrote outside their temporary folders:\n  " + "\n  ".join(new[:30])
 
 
 @dataclass

@@ -167,7 +167,7 @@ def test_detect_dataset_flag_replaces_the_files_datasets(tmp_path, captured):
 def test_detect_without_config_keeps_its_defaults(captured):
     assert main(["detect", "--dataset", "a=s3://b/x", "--output", "s3://b/o"]) == 0
     (args, kwargs), = captured
-    assert kwargs["batch_size"] == 4 and kwargs["score_threshold"] == 0.05 and kwargs["storage_options"] == {}
+    assert kwargs["batch_size"] is None and kwargs["score_threshold"] == 0.05 and kwargs["storage_options"] == {}
     assert kwargs["resume"] is False and kwargs["actors"] is None and kwargs["model"] is None
 
 

@@ -164,3 +164,22 @@ def test_in_graph_normalisation_path_matches_the_cpu_path(monkeypatch, tiny):
     bound = gpu_like.predict(_image())
     np.testing.assert_array_equal(bound.bboxes, plain.bboxes)
     np.testing.assert_array_equal(bound.labels, plain.labels)
+
+
+def test_the_graph_takes_one_image_at_a_time(narrow_model):
+    """Why ``--batch-size`` groups images into blocks but each runs alone:
+    the graph (the stand-in is built as the MLPerf file is exported) fixes
+    its batch axis to 1, and even with that axis made symbolic its own heads
+    reshape to batch 1 (and its one TopK over all NMS selections would mix
+    the images of a batch), so a batch of two cannot run."""
+    two = np.zeros((2, 3, 1200, 1200), np.float32)
+    session = ort.InferenceSession(str(narrow_model), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="index: 0 Got: 2 Expected: 1"):
+        session.run(None, {"image": two})
+    model = onnx.load(str(narrow_model))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the failure below is the point; keep its log line off the output
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="Reshape node"):
+        session.run(None, {"image": two})

@@ -281,24 +281,41 @@ def test_actor_layout(ray_local, narrow_model, local_inputs, tmp_path):
 
 
 def test_object_store_cap_is_the_jobs_own():
-    """The cap grows with the actors, never below two actors' worth, and is
-    set on a copy: the caller's (process-global) DataContext is untouched."""
+    """The cap grows with the actors (never below two actors' worth) and the
+    block, holds while the job runs, and the caller's (process-global)
+    DataContext is given back as it was."""
     import ray.data
 
-    from batchdet.pipeline import PREFETCH_BLOCKS_PER_ACTOR, PREPARE_BATCH, job_context
+    from batchdet.pipeline import PREFETCH_BLOCKS_PER_ACTOR, object_store_cap, object_store_capped
 
-    block = PREPARE_BATCH * 3 * 1200 * 1200  # bytes, written out independently of the code
+    mib = 1 << 20  # a large photograph's bytes, written out independently of the code
+    assert object_store_cap(1, 8) == 2 * PREFETCH_BLOCKS_PER_ACTOR * 8 * mib
+    assert object_store_cap(5, 64) == 5 * PREFETCH_BLOCKS_PER_ACTOR * 64 * mib
     caller = ray.data.DataContext.get_current()
-    before = caller.execution_options.resource_limits
-    assert job_context(1).execution_options.resource_limits.object_store_memory == 2 * PREFETCH_BLOCKS_PER_ACTOR * block
-    assert job_context(5).execution_options.resource_limits.object_store_memory == 5 * PREFETCH_BLOCKS_PER_ACTOR * block
-    assert caller.execution_options.resource_limits == before
+    before = caller.execution_options
+    with object_store_capped(123 * mib):
+        assert caller.execution_options.resource_limits.object_store_memory == 123 * mib
+    assert caller.execution_options is before
     # a tighter limit the caller set is kept
-    caller.execution_options.resource_limits = before.copy(object_store_memory=1e6)
+    caller.execution_options.resource_limits = before.resource_limits.copy(object_store_memory=1e6)
     try:
-        assert job_context(5).execution_options.resource_limits.object_store_memory == 1e6
+        with object_store_capped(123 * mib):
+            assert caller.execution_options.resource_limits.object_store_memory == 1e6
     finally:
-        caller.execution_options.resource_limits = before
+        caller.execution_options.resource_limits = before.resource_limits.copy(object_store_memory=None)
+
+
+def test_blocks_spread_small_runs_and_amortise_large_ones():
+    from batchdet.pipeline import BLOCKS_PER_ACTOR, MAX_BLOCK, images_per_block
+
+    assert images_per_block(24, 2) == 3  # 8 blocks: 4 per actor
+    assert images_per_block(5, 2) == 1 and images_per_block(0, 2) == 1
+    assert images_per_block(100_000, 2) == MAX_BLOCK
+    assert images_per_block(100_000, 2, gpus=1) == 4 * MAX_BLOCK
+    for n in (1, 7, 24, 100, 1000):
+        block = images_per_block(n, 3)
+        assert block == MAX_BLOCK or -(-n // block) >= min(n, 3 * BLOCKS_PER_ACTOR)
+
 
 
 def test_actor_that_no_node_can_hold_is_refused(ray_local, narrow_model, local_inputs, tmp_path, capsys):

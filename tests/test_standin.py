@@ -23,6 +23,7 @@ from batchdet.spec import (
     MAX_DETECTIONS,
     MEAN,
     NMS_SCORE_THRESHOLD,
+    KIND_KEY,
     SCORES,
     STANDIN_KEY,
     STD,
@@ -223,7 +224,8 @@ def test_narrow_model_is_much_smaller_with_the_same_interface(full_proto, narrow
         signature = lambda m: [(v.name, str(v.type)) for v in getattr(m.graph, values)]  # noqa: E731
         assert signature(narrow_proto) == signature(full_proto)
     meta = {p.key: p.value for p in narrow_proto.metadata_props}
-    assert meta[STANDIN_KEY] == "true" and meta["batchdet.channels_divisor"] == str(NARROW)
+    assert meta == {KIND_KEY: "standin", STANDIN_KEY: "true", "batchdet.seed": "0",
+                    "batchdet.channels_divisor": str(NARROW)}
     assert [o.version for o in narrow_proto.opset_import] == [17]
 
 
@@ -447,5 +449,6 @@ def test_write_standin_is_atomic_and_passes_the_contract_gate(tmp_path):
     loaded = onnx.load(str(target))
     assert {p.key: p.value for p in loaded.metadata_props}["batchdet.seed"] == "2"
     info = check_model(target)
-    assert "STAND-IN" in info.kind and info.input_shape == (1, 3, 1200, 1200)
+    assert info.kind_id == "standin" and info.kind == "STAND-IN (random weights: detections are meaningless)"
+    assert not info.official and not info.int8 and info.input_shape == (1, 3, 1200, 1200)
     assert info.outputs[BBOXES] == (1, "N", 4)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from outputs_fixture import RUN_A, RUN_B, WrittenOutput, error_row, ok_row, sample_output, write_output  # noqa: F401
 
 from batchdet.cli import main
 from batchdet.schema import RUNS_DIR
+from batchdet.spec import KIND_TEXT, KIND_TEXT_INT8
 from batchdet.storage import filesystem
 from batchdet.summary import DatasetSummary, render_summary, summarize
 
@@ -87,8 +90,40 @@ def test_cli_prints_the_numbers(sample_output: WrittenOutput, capsys) -> None:
     assert lines[5].split() == ["street", "4", "3", "1", "7", "person", "3,", "car", "1,", "dog", "1"]
     assert lines[7] == "runs (2)"
     assert lines[9].split() == [RUN_A, "2025-01-01T00:00:12+00:00", "official", "12.0", "0.50", "nothing,", "street"]
-    assert lines[10].split() == [RUN_B, "2025-01-02T00:00:08+00:00", "stand-in", "8.0", "0.25", "2017"]
-    assert lines[-1] == "NOTE: runs marked stand-in used random weights; their detections mean nothing."
+    # run B's manifest says only "official": false, not which model: no stand-in note for it
+    assert lines[10].split() == [RUN_B, "2025-01-02T00:00:08+00:00", "unofficial", "8.0", "0.25", "2017"]
+    assert lines[-1] == lines[10] and not any("NOTE" in line for line in lines)
+
+
+KIND_RUNS = [  # run id: the manifest's model section, as this and older versions wrote it
+    ("r1", {"official": True, "kind": "official MLPerf weights"}, "official"),
+    ("r2", {"official": False, "kind": KIND_TEXT["official-int8"]}, "official INT8"),
+    ("r3", {"official": False, "kind": KIND_TEXT["standin"]}, "stand-in"),
+    ("r4", {"official": False, "kind": KIND_TEXT_INT8["standin"]}, "stand-in"),
+    ("r5", {"official": False, "kind": KIND_TEXT["other"]}, "other"),
+    ("r6", {"official": False, "kind": "unofficial model (meets the interface; accuracy unknown)"}, "other"),
+    ("r7", {"official": False}, "unofficial"),
+    ("r8", {}, "unknown"),
+]
+
+
+def test_model_kind_of_each_run(tmp_path) -> None:
+    runs = [{"run_id": r, "finished": f"2025-01-0{i + 1}T00:00:00+00:00", "datasets": {"a": {}},
+             "model": {"path": "/m.onnx", "sha256": "ab" * 32, **model}} for i, (r, model, _) in enumerate(KIND_RUNS)]
+    write_output(str(tmp_path), {"a": [ok_row("/a/1.jpg", 1, 1, [], run_id="r1")]}, runs)
+    summary = summarize(str(tmp_path))
+    assert [r.kind for r in summary.runs] == ["official", "official-int8", "standin", "standin", "other", "other",
+                                              None, None]
+    lines = render_summary(summary).splitlines()
+    start = lines.index("runs (8)") + 2
+    assert [re.split(r"\s{2,}", line)[2] for line in lines[start:start + 8]] == [label for *_, label in KIND_RUNS]
+    assert lines[start + 8:] == [
+        "",
+        "NOTE: runs marked stand-in used random weights; their detections mean nothing.",
+        "NOTE: runs marked official INT8 used an INT8 copy of the official weights; "
+        "check its accuracy with `batchdet eval`.",
+        "NOTE: runs marked other used a model that is not the official file; its accuracy is unknown.",
+    ]
 
 
 def test_cli_missing_output(tmp_path, capsys) -> None:

@@ -1,0 +1,409 @@
+#!/usr/bin/env python
+"""What the pipeline itself costs per image: batchdet against the bare per-image path.
+
+For each model, in one run, on the same synthesized 640×480 JPEGs:
+
+  bare      the per-image path with no Ray: read the file → ``prepare``
+            (decode, orient, resize) → ``normalize`` → ``session.run``, in one
+            process per CPU, each a 1-thread session (batchdet's CPU layout),
+            measured before and after the pipeline runs (their mean is the
+            ceiling; both see the same background load);
+  pipeline  ``batchdet.api.detect`` end to end in a fresh process (embedded
+            Ray), at two dataset sizes: images/s end to end, and the marginal
+            rate between the sizes (start-up and the final commit cancel);
+  cost      CPU seconds of the whole process tree per image (every Ray
+            process included, from the kernel's accounting of reaped
+            children), the marginal CPU per image between the two sizes, and
+            the CPU milliseconds per image the pipeline adds over the bare
+            path, split by process role (driver, inference actors, read and
+            write tasks, Ray's own daemons) from /proc samples: the profile
+            of where the overhead goes.
+
+Models: ``nearfree`` (a conforming graph of a few reductions, ~1 ms: what is
+left is the pipeline's own cost), ``narrow`` (the stand-in at
+``--channels-divisor 8``) and ``full`` (the 1200 stand-in). Every target is
+a ratio within this run (the machine is shared; ``others_cores`` says how busy).
+
+    python benchmarks/overhead.py --out bench-out/overhead.json
+    python benchmarks/overhead.py --models nearfree --sizes nearfree=200,800 --out bench-out/o.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench  # noqa: E402  (the shared harness: images, machine, /proc readers)
+
+#: Dataset sizes (small, large) per model: the large run long enough that
+#: start-up is a small share, the small one long enough to reach steady state.
+SIZES = {"nearfree": (400, 1600), "narrow": (24, 96), "full": (8, 24)}
+#: Images each bare process times per segment (after one warm-up image).
+BARE_IMAGES = {"nearfree": 200, "narrow": 12, "full": 4}
+#: The issue's targets on a 2-core machine, as ratios to the bare path.
+TARGETS = {
+    "nearfree": {"marginal_vs_bare": (">=", 0.5)},
+    "narrow": {"marginal_vs_bare": (">=", 0.9)},
+    "full": {"marginal_vs_bare": (">=", 0.93), "whole_run_vs_bare": (">=", 0.85), "memory_growth": ("<=", 0.10),
+             "object_store_mb_per_image": ("<=", 4.5)},
+}
+DISTINCT_IMAGES = 48  # distinct JPEGs; bigger datasets link them under new names
+
+
+# --- models -------------------------------------------------------------------------------
+def near_free_model(path: Path) -> Path:
+    """A model that meets batchdet's interface and costs ~1 ms: the mean of
+    each channel decides three boxes, so nothing is constant-folded away."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from batchdet.spec import INPUT_NAME, INPUT_SIZE
+
+    const = lambda name, v, dt=np.float32: numpy_helper.from_array(np.asarray(v, dt), name)  # noqa: E731
+    nodes = [
+        helper.make_node("ReduceMean", [INPUT_NAME], ["mean"], axes=[1, 2, 3], keepdims=0),  # [1]
+        helper.make_node("Mul", ["mean", "tiny"], ["shift"]),
+        helper.make_node("Add", ["boxes_c", "shift"], ["bboxes"]),  # [1,3,4] + [1]
+        helper.make_node("Add", ["scores_c", "shift"], ["scores"]),
+        helper.make_node("Identity", ["labels_c"], ["labels"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "near_free",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [1, 3, INPUT_SIZE, INPUT_SIZE])],
+        [helper.make_tensor_value_info("bboxes", TensorProto.FLOAT, [1, 3, 4]),
+         helper.make_tensor_value_info("labels", TensorProto.INT64, [1, 3]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 3])],
+        [const("tiny", [1e-6]), const("boxes_c", [[[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.9, 0.8], [0, 0, 1, 1]]]),
+         const("scores_c", [[0.9, 0.6, 0.3]]), const("labels_c", [[1, 3, 18]], np.int64)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def model_path(name: str, workdir: Path) -> Path:
+    """The benchmark's model ``name``, built once into ``workdir``."""
+    from batchdet.standin import write_standin
+
+    path = workdir / "models" / f"{name}.onnx"
+    if not path.exists():
+        print(f"building the {name} model ...", flush=True)
+        if name == "nearfree":
+            near_free_model(path)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_standin(path, seed=0, channels_divisor=8 if name == "narrow" else 1)
+    return path
+
+
+# --- images -------------------------------------------------------------------------------
+def dataset(workdir: Path, count: int) -> Path:
+    """A folder of ``count`` JPEGs: the distinct images, linked again under new names."""
+    distinct = bench.synthesize(workdir / "images", DISTINCT_IMAGES)
+    folder = workdir / f"dataset-{count}"
+    if folder.exists() and len(list(folder.iterdir())) == count:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        os.link(distinct[i % len(distinct)], folder / f"img-{i:06d}.jpg")
+    return folder
+
+
+# --- the bare per-image path ------------------------------------------------------------------
+def _bare_worker(model: str, files: list[str], barrier, out) -> None:
+    """One process: a 1-thread session, one warm-up image, then the timed loop."""
+    os.nice(bench.RAY_WORKER_NICENESS)  # as Ray's workers run
+    from batchdet.inference import OnnxBackend
+    from batchdet.preprocess import prepare
+
+    backend = OnnxBackend(model, threads=1).load()
+    planes = np.empty((3, 1200, 1200), np.uint8)
+    backend.predict(prepare(Path(files[0]).read_bytes(), out=planes).image)
+    barrier.wait()
+    t, c = time.perf_counter(), time.process_time()
+    for f in files:
+        backend.predict(prepare(Path(f).read_bytes(), out=planes).image)
+    out.put((time.perf_counter() - t, time.process_time() - c, len(files)))
+
+
+def bare_segment(model: Path, folder: Path, per_process: int) -> dict:
+    """The per-image path in one process per CPU, all started together."""
+    cpus = os.cpu_count() or 1
+    files = sorted(str(p) for p in folder.iterdir())
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(cpus + 1), ctx.Queue()  # + this process: the phase starts with the timed loops
+    procs = [ctx.Process(target=_bare_worker, args=(str(model), files[i::cpus][:per_process], barrier, out))
+             for i in range(cpus)]
+    for p in procs:
+        p.start()
+    barrier.wait()
+    with bench.Phase(bench.own_cpu) as ph:
+        results = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    images = sum(r[2] for r in results)
+    wall = max(r[0] for r in results)
+    cpu = sum(r[1] for r in results)
+    return {"processes": cpus, "images": images, "images_per_s": images / wall, "cpu_ms_per_image": 1e3 * cpu / images,
+            "others_cores": max(0.0, ph.foreign_cores - cpu / ph.wall)}  # Phase counts the workers as foreign
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+ROLES = (("inference", "InferenceStage"), ("read", "read_batch"), ("write", "Write"), ("driver", "overhead.py"),
+         ("ray data helpers", "ray::_StatsActor"), ("ray data helpers", "ray::AutoscalingRequester"),
+         ("idle ray workers", "ray::IDLE"), ("idle ray workers", "default_worker.py"), ("raylet", "raylet"),
+         ("gcs", "gcs_server"))
+
+
+def role(name: str) -> str:
+    """A process's part in the run, from its name (bench._proc_name)."""
+    for label, marker in ROLES:
+        if marker in name:
+            return label
+    if name.startswith("ray::"):
+        return "other ray workers"
+    return "ray agents"
+
+
+class CpuSampler(threading.Thread):
+    """CPU seconds of each process of a tree by name, read from /proc every
+    ``interval`` s (cheap: one stat file per process) and once more at the
+    end: a process that exits in between keeps its last reading."""
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.root, self.interval = pid, interval
+        self.seen: dict[int, tuple[str, float]] = {}
+        self._halt = threading.Event()
+
+    def sample(self) -> None:
+        children = bench._proc_children()
+        todo = [self.root]
+        while todo:
+            pid = todo.pop()
+            todo.extend(children.get(pid, []))
+            cpu = bench._proc_cpu_seconds(pid)
+            if cpu is not None:
+                # a Ray worker renames itself for each task or actor it runs: keep what it did, not "IDLE"
+                name, known = bench._proc_name(pid), self.seen.get(pid, ("", 0.0))[0]
+                if known.startswith("ray::") and not known.startswith("ray::IDLE") and \
+                        (not name.startswith("ray::") or name.startswith("ray::IDLE")):
+                    name = known
+                self.seen[pid] = (name, cpu)
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds by role, from a last sample taken now."""
+        self._halt.set()
+        self.join()
+        self.sample()
+        by_name: dict[str, float] = {}
+        for name, cpu in self.seen.values():
+            by_name[name] = by_name.get(name, 0.0) + cpu
+        return by_name
+
+
+def pipeline_child(model: str, folder: str, output: str, result: str) -> None:
+    """In a fresh process: ``detect`` over the folder; its wall time and the
+    CPU seconds of every process of the run by name, read before Ray stops
+    (afterwards its workers are gone, their time with them), as JSON."""
+    import ray
+
+    from batchdet.api import detect
+    from batchdet.pipeline import local_ray_options
+
+    sampler = CpuSampler(os.getpid())
+    t = time.perf_counter()
+    ray.init(**local_ray_options())  # what detect would start; kept up here to read the CPU times
+    sampler.start()
+    run = detect({"bench": folder}, output, model=model)
+    wall = time.perf_counter() - t
+    by_name = sampler.stop()
+    ray.shutdown()
+    bytes_read = sum(p.stat().st_size for p in Path(folder).iterdir())  # what crosses the object store, per image
+    Path(result).write_text(json.dumps({"wall_s": wall, "cpu_s_by_name": by_name, "bytes_read": bytes_read,
+                                        "images": sum(c.images for c in run.datasets.values()),
+                                        "ok": sum(c.images_ok for c in run.datasets.values())}))
+
+
+def pipeline_run(model: Path, folder: Path, workdir: Path, source: str | None = None) -> dict:
+    """``detect`` over ``folder`` in a fresh process; ``source``: another
+    checkout of batchdet to run instead of this one (``--compare``)."""
+    images = len(list(folder.iterdir()))
+    tag = f"{images}-compare" if source else str(images)
+    out, result, log = (workdir / f"out-{tag}", workdir / f"run-{tag}.json", workdir / f"run-{tag}.log")
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    if source:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(model), str(folder), str(out), str(result)]
+    with open(log, "w") as logf, bench.Phase(lambda: 0.0) as ph:
+        # Ray puts the driver's working directory first on its workers' path: run there
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=source)
+        memory = bench.TreeSampler(proc.pid, interval=5.0)  # peak PSS of the whole tree, Ray's processes included
+        memory.start()
+        code = proc.wait()
+        memory.stop()
+    if code != 0:
+        raise SystemExit(f"pipeline over {images} images failed (exit {code}); see {log}:\n"
+                         + "\n".join(log.read_text().splitlines()[-20:]))
+    child = json.loads(result.read_text())
+    assert child["images"] == images, child
+    by_role: dict[str, float] = {}
+    for name, seconds in child["cpu_s_by_name"].items():
+        by_role[role(name)] = by_role.get(role(name), 0.0) + seconds
+    cpu = sum(by_role.values())
+    others = max(0.0, ph.foreign_cores - cpu / ph.wall)  # Phase counts the run's own CPU as foreign
+    return {"images": images, "wall_s": child["wall_s"], "images_per_s": images / child["wall_s"],
+            "cpu_s": cpu, "cpu_s_by_role": by_role, "cpu_s_by_name": child["cpu_s_by_name"], "others_cores": others,
+            "peak_memory_bytes": memory.peak_pss, "bytes_read_per_image": child["bytes_read"] / images}
+
+
+# --- one model --------------------------------------------------------------------------------
+def measure(name: str, sizes: tuple[int, int], workdir: Path, compare: str | None = None) -> dict:
+    model = model_path(name, workdir)
+    small, large = (dataset(workdir, n) for n in sizes)
+    print(f"{name}: bare ...", flush=True)
+    segments = [bare_segment(model, large, BARE_IMAGES[name])]
+    runs, others = [], []
+    for folder in (small, large):
+        print(f"{name}: pipeline over {len(list(folder.iterdir()))} images ...", flush=True)
+        runs.append(pipeline_run(model, folder, workdir))
+        if compare:
+            print(f"{name}: pipeline over {len(list(folder.iterdir()))} images, {compare} ...", flush=True)
+            others.append(pipeline_run(model, folder, workdir, compare))
+    print(f"{name}: bare again ...", flush=True)
+    segments.append(bare_segment(model, large, BARE_IMAGES[name]))
+    bare_rate = statistics.fmean(s["images_per_s"] for s in segments)
+    bare_cpu_ms = statistics.fmean(s["cpu_ms_per_image"] for s in segments)
+    a, b = runs
+    extra_images = b["images"] - a["images"]
+    marginal = extra_images / (b["wall_s"] - a["wall_s"])
+    compared = None
+    if compare:
+        ca, cb = others
+        rate = extra_images / (cb["wall_s"] - ca["wall_s"])
+        compared = {"source": compare, "pipeline": others, "marginal_images_per_s": rate,
+                    "marginal_vs_bare": rate / statistics.fmean(s["images_per_s"] for s in segments),
+                    "whole_run_vs_bare": cb["images_per_s"] / statistics.fmean(s["images_per_s"] for s in segments),
+                    "marginal_cpu_ms_per_image": 1e3 * (cb["cpu_s"] - ca["cpu_s"]) / extra_images}
+    marginal_cpu_ms = 1e3 * (b["cpu_s"] - a["cpu_s"]) / extra_images
+    roles = sorted(set(a["cpu_s_by_role"]) | set(b["cpu_s_by_role"]))
+    by_role = {r: 1e3 * (b["cpu_s_by_role"].get(r, 0.0) - a["cpu_s_by_role"].get(r, 0.0)) / extra_images
+               for r in roles}
+    res = {
+        "model": str(model), "sizes": list(sizes),
+        "bare": {"images_per_s": bare_rate, "cpu_ms_per_image": bare_cpu_ms, "segments": segments},
+        "pipeline": runs,
+        "marginal_images_per_s": marginal,
+        "marginal_vs_bare": marginal / bare_rate,
+        "whole_run_vs_bare": b["images_per_s"] / bare_rate,
+        "marginal_cpu_ms_per_image": marginal_cpu_ms,
+        "added_cpu_ms_per_image": marginal_cpu_ms - bare_cpu_ms,
+        "marginal_cpu_ms_by_role": by_role,
+        "memory_growth": b["peak_memory_bytes"] / a["peak_memory_bytes"] - 1,
+        "object_store_mb_per_image": max(r["bytes_read_per_image"] for r in runs) / 1e6,
+        "others_cores": max([s["others_cores"] for s in segments] + [r["others_cores"] for r in runs + others]),
+        "compared": compared,
+    }
+    res["targets"] = {k: {"target": f"{op} {bound}", "value": res[k], "met": res[k] >= bound if op == ">=" else res[k] <= bound}
+                      for k, (op, bound) in TARGETS[name].items()}
+    return res
+
+
+def table(results: dict) -> str:
+    lines = [f"{'model':<9} {'bare img/s':>10} {'pipeline marginal':>17} {'ratio':>6} {'whole run':>9} "
+             f"{'bare CPU ms/img':>15} {'pipeline CPU ms/img':>19} {'added':>7}  targets"]
+    for name, r in results["models"].items():
+        targets = ", ".join(f"{k} {t['target']}: {t['value']:.3f} {'MET' if t['met'] else 'MISSED'}"
+                            for k, t in r["targets"].items())
+        lines.append(f"{name:<9} {r['bare']['images_per_s']:>10.3f} {r['marginal_images_per_s']:>17.3f} "
+                     f"{r['marginal_vs_bare']:>6.3f} {r['whole_run_vs_bare']:>9.3f} {r['bare']['cpu_ms_per_image']:>15.1f} "
+                     f"{r['marginal_cpu_ms_per_image']:>19.1f} {r['added_cpu_ms_per_image']:>7.1f}  {targets}")
+    for name, r in results["models"].items():
+        if r["compared"]:
+            c = r["compared"]
+            lines.append(f"{name + ' (' + c['source'] + ')':<30} pipeline marginal {c['marginal_images_per_s']:.3f} img/s = "
+                         f"{c['marginal_vs_bare']:.3f} x bare, whole run {c['whole_run_vs_bare']:.3f}, "
+                         f"{c['marginal_cpu_ms_per_image']:.1f} CPU ms/img")
+    lines.append("\nmarginal CPU ms per image by process role:")
+    for name, r in results["models"].items():
+        parts = sorted(r["marginal_cpu_ms_by_role"].items(), key=lambda kv: -kv[1])
+        lines.append(f"  {name:<9} " + ", ".join(f"{k} {v:.1f}" for k, v in parts if abs(v) >= 0.05))
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="nearfree,narrow,full", help="comma-separated: nearfree, narrow, full")
+    p.add_argument("--sizes", action="append", default=[], metavar="MODEL=SMALL,LARGE",
+                   help="dataset sizes of one model, e.g. nearfree=200,800")
+    p.add_argument("--bare-images", action="append", default=[], metavar="MODEL=N",
+                   help="images each bare process times per segment")
+    p.add_argument("--out", default="bench-out/overhead.json")
+    p.add_argument("--workdir", help="models, images and outputs (default: beside --out)")
+    p.add_argument("--compare", metavar="DIR", help="also run the pipeline of another batchdet checkout (e.g. a "
+                   "git worktree of an older commit), interleaved, for a before/after within one run")
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict | None:
+    args = parse_args(argv)
+    if args.child:
+        pipeline_child(*args.child)
+        return None
+    for item in args.sizes:
+        name, _, value = item.partition("=")
+        SIZES[name] = tuple(int(v) for v in value.split(","))
+    for item in args.bare_images:
+        name, _, value = item.partition("=")
+        BARE_IMAGES[name] = int(value)
+    out = Path(args.out)
+    workdir = Path(args.workdir) if args.workdir else out.parent / "overhead-work"
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = {"machine": bench.machine_info(), "commit": _commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "command": " ".join(["benchmarks/overhead.py", *(sys.argv[1:] if argv is None else argv)]), "models": {}}
+    m = results["machine"]
+    print(f"machine: {m['nproc']} CPUs, {m['cpu_model']} ({' '.join(m['cpu_flags'])}), commit {results['commit']}")
+    t = time.time()
+    for name in args.models.split(","):
+        results["models"][name] = measure(name, SIZES[name], workdir, args.compare)
+    results["elapsed_s"] = time.time() - t
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(table(results))
+    print(f"\nwritten: {out}  ({results['elapsed_s']:.0f} s)")
+    return results
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The progress line and the quiet terminal: what a person sees while a run works."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+from batchdet.console import quiet
+from batchdet.progress import Counter, Progress, ProgressLine
+
+
+def test_progress_line_counts_rate_and_time_left():
+    assert Progress(0, 0, 100, 4.2, None).line() == "0/100 images  starting (0:00:04)"
+    p = Progress(40, 2, 100, 30.0, 4.0, since_last_s=5.0)
+    assert p.left_s == 60 / 4.0 - 5.0
+    assert p.line() == "40/100 images (2 errors)  4.00 images/s  0:00:10 left"
+    assert Progress(1_000, 1, 1_000_000, 1, 250.0).line() == "1,000/1,000,000 images (1 error)  250.00 images/s  1:06:36 left"
+    assert Progress(99, 0, 100, 9, 1.0, since_last_s=3.0).left_s == 0.0  # overdue: never negative
+
+
+def test_counter_rate_leaves_start_up_out():
+    c = Counter()
+    assert c.read()[:3] == (0, 0, None)
+    c.add(4, 1)
+    done, errors, first, first_done, last, now = c.read()
+    assert (done, errors, first_done) == (4, 1, 4) and first == last <= now
+    c.add(6, 0)
+    assert c.read()[:2] == (10, 1)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_line_rewrites_one_line_on_a_terminal_and_logs_lines_elsewhere():
+    tty = _Terminal()
+    line = ProgressLine(tty)
+    for done in (0, 5, 10, 10):  # the last one twice, as the final poll repeats it
+        line(Progress(done, 0, 10, 1.0, 2.0 if done else None))
+    text = tty.getvalue()
+    assert text.count("\n") == 1 and text.endswith("10/10 images  2.00 images/s  0:00:00 left\n")
+    assert text.count("\r") == 3
+
+    log = io.StringIO()
+    line = ProgressLine(log, every=3600)
+    for done in (0, 5, 10, 10):
+        line(Progress(done, 0, 10, 1.0, 2.0 if done else None))
+    assert log.getvalue().splitlines() == ["  0/10 images  starting (0:00:01)", "  10/10 images  2.00 images/s  0:00:00 left"]
+
+
+def test_quiet_sends_everything_to_the_log_and_keeps_the_terminal(tmp_path, capfd):
+    log = tmp_path / "run.log"
+    with quiet(log) as terminal:
+        print("python print", file=sys.__stdout__, flush=True)  # the process's own stdout (pytest swaps sys.stdout)
+        os.write(2, b"C-level stderr\n")  # what Ray's C++ core writes
+        subprocess.run([sys.executable, "-c", "import sys; print('child out'); print('child err', file=sys.stderr)"])
+        terminal.write("progress\n")
+    print("after")
+    out, err = capfd.readouterr()
+    assert out == "after\n" and err == "progress\n"
+    assert log.read_text().splitlines() == ["python print", "C-level stderr", "child out", "child err"]
+
+
+def test_detect_prints_progress_and_summary_and_keeps_ray_in_its_log(narrow_model, many_images, tmp_path):
+    """The CLI as a user runs it (a fresh process, its own Ray): the terminal
+    gets the progress and the summary; Ray's own lines, the C++ core's
+    included, land in the log file the summary names."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"many={many_images}",
+         "--output", str(tmp_path / "out"), "--model", str(narrow_model)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) <= 12, lines
+    assert not [x for x in lines if " INFO " in x or "core_worker" in x or "WARNING" in x], lines
+    assert lines[-1].startswith("31/31 images (1 error)") or any(x.strip().startswith("31/31 images (1 error)")
+                                                                 for x in lines)
+    assert any(x.split()[:2] == ["many", "31"] for x in lines)  # the summary's row
+    log = next(x.split("Ray's log: ", 1)[1] for x in lines if "Ray's log: " in x)
+    text = open(log).read()
+    assert "Started a local Ray instance" in text and "Starting execution of Dataset" in text
