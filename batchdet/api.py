@@ -8,10 +8,11 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from batchdet.lease import Lease, acquire
 from batchdet.pipeline import ray_session, run_pipeline
 from batchdet.plan import DEFAULT_ROWS_PER_FILE, RunPlan, plan_run
 from batchdet.preprocess import DEFAULT_MAX_PIXELS
-from batchdet.progress import Progress
+from batchdet.progress import DEFAULT_STALL_S, Progress
 from batchdet.spec import NMS_SCORE_THRESHOLD
 from batchdet.writing import Output, RunResult, begin_run, done_uris, finish_run, recover, versions
 
@@ -33,6 +34,7 @@ def detect(
     rows_per_file: int = DEFAULT_ROWS_PER_FILE,
     resume: bool = False,
     overwrite: bool = False,
+    stall_timeout: float = DEFAULT_STALL_S,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> RunResult:
     """Detect objects in every image of ``datasets`` ({name: url}) and write
@@ -45,34 +47,42 @@ def detect(
     the rest) or ``overwrite`` (start again from nothing). ``on_progress``
     is called about once a second with a :class:`batchdet.progress.Progress`
     (images done of the total, rate, time left) while images are processed.
+    A run in which no image finishes for ``stall_timeout`` seconds (or four
+    times the longest gap between blocks, if longer; 0: never) raises
+    :class:`batchdet.progress.Stalled` naming the stage; what it wrote so far
+    is kept for ``resume``.
     """
+    if resume and overwrite:  # before listing anything, and before facing another run's lease
+        raise ValueError("--resume and --overwrite contradict each other: choose one")
     plan = plan_run(
         datasets, output, model=model, score_threshold=score_threshold, actors=actors,
         threads_per_actor=threads_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size,
         max_pixels=max_pixels, rows_per_file=rows_per_file, storage_options=storage_options,
+        stall_timeout=stall_timeout,
     )
     for name, listing in plan.listings.items():
         log.info("dataset %s: %d images listed (%d other files skipped) in %.2f s",
                  name, len(listing.uris), listing.skipped, listing.seconds)
     out = Output(output, plan.storage_options)
-    done = _prepare_output(out, plan, resume, overwrite)
-    todo = plan.without(done)
-    begin_run(out, _record(todo, plan, done))
-    clock = time.perf_counter()
-    if todo.num_images:
-        with ray_session(address) as local:
-            run_pipeline(todo, local, on_progress)
-    result = finish_run(out, plan.run_id, wall_s=time.perf_counter() - clock)
+    with acquire(out, plan.run_id) as lease:  # one writer per output, released however the run ends
+        done = _prepare_output(out, plan, lease, resume, overwrite)
+        todo = plan.without(done)
+        begin_run(out, _record(todo, plan, done))
+        clock = time.perf_counter()
+        if todo.num_images:
+            with ray_session(address) as local:
+                run_pipeline(todo, local, on_progress)
+        lease.check()  # taken over while this run was frozen: the staged rows are a --resume's now
+        result = finish_run(out, plan.run_id, wall_s=time.perf_counter() - clock)
     missing = todo.num_images - sum(c.images for c in result.datasets.values())
     if missing:
         raise RuntimeError(f"{missing} image(s) of run {plan.run_id} have no row; run again with --resume")
     return result
 
 
-def _prepare_output(out: Output, plan: RunPlan, resume: bool, overwrite: bool) -> dict[str, set[str]]:
-    """Refuse, clear or recover the output; return what --resume may skip."""
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: choose one")
+def _prepare_output(out: Output, plan: RunPlan, lease: Lease, resume: bool, overwrite: bool) -> dict[str, set[str]]:
+    """Refuse, clear or recover the output, its ``lease`` held (so no other
+    run is writing it); return what --resume may skip."""
     if overwrite:
         out.clear()
     elif not resume and not out.is_empty():
@@ -80,7 +90,7 @@ def _prepare_output(out: Output, plan: RunPlan, resume: bool, overwrite: bool) -
                          "pass --resume to continue them or --overwrite to replace them")
     if not resume:
         return {}
-    for result in recover(out):
+    for result in recover(out, lease):
         log.info("recovered %d rows staged by killed run %s",
                  sum(c.images for c in result.datasets.values()), result.run_id)
     return done_uris(out, plan.model.sha256)

@@ -58,6 +58,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, address=args.address,
         storage_options=parse_storage_options(args.storage_option), max_pixels=args.max_pixels,
         rows_per_file=args.rows_per_file, resume=args.resume, overwrite=args.overwrite,
+        stall_timeout=args.stall_timeout,
     )
     _detect_on_console(datasets, args.output, args.verbose, **options)
     return 0
@@ -109,6 +110,7 @@ def _verbose_flag(parser: argparse.ArgumentParser) -> None:
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
     from batchdet.preprocess import DEFAULT_MAX_PIXELS
     from batchdet.plan import DEFAULT_ROWS_PER_FILE
+    from batchdet.progress import DEFAULT_STALL_S
     from batchdet.spec import NMS_SCORE_THRESHOLD
 
     p = sub.add_parser("detect", help="run the detector over datasets into partitioned Parquet")
@@ -128,6 +130,9 @@ def _add_run_commands(sub: argparse._SubParsersAction) -> None:
                    help="refuse images declaring more pixels than this (decompression bombs)")
     p.add_argument("--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE,
                    help="rows per Parquet file; work not yet in a file is redone after a kill")
+    p.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_S, metavar="SECONDS",
+                   help="fail the run, naming the stage, when no image finishes for this long "
+                        "(or 4x the longest gap between blocks, if longer); 0: never")
     _verbose_flag(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an output: commit what killed runs left, skip images already ok with this model")
@@ -222,7 +227,7 @@ def _cmd_model_quantize(args: argparse.Namespace) -> int:
     hint = int8_cpu_hint(int8_cpu_flags())
     if hint:
         print(f"  {hint}")
-    print(f"  run it with --model {path}; check its accuracy with `batchdet eval` (README, 'INT8')")
+    print(f"  run it with --model {path}; check its accuracy with `batchdet eval` (docs/model.md, 'INT8')")
     if info.kind_id == STANDIN:
         print(STANDIN_WARNING)
     return 0
@@ -406,7 +411,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and getattr(args, "func", None) is _cmd_submit:  # the usual slip: detect's flags without --
+        parser.error("batchdet submit takes detect's arguments after --: "
+                     "batchdet submit [--address URL] [--config FILE] -- --dataset NAME=URL --output URL ...")
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("batchdet: %(message)s"))
     log = logging.getLogger("batchdet")

@@ -49,6 +49,7 @@ SCHEMA: dict[str, str] = {
     "batch_size": "int",
     "max_pixels": "int",
     "rows_per_file": "int",
+    "stall_timeout": "float",
     "resume": "bool",
     "overwrite": "bool",
     "address": "str",
@@ -58,7 +59,7 @@ SCHEMA: dict[str, str] = {
 DESTS = {"datasets": "dataset", "storage_options": "storage_option"}
 #: smallest value allowed for numeric keys.
 MINIMUM = {"batch_size": 1, "threads_per_actor": 1, "max_pixels": 1, "rows_per_file": 1, "gpus_per_actor": 0,
-           "score_threshold": 0}
+           "score_threshold": 0, "stall_timeout": 0}
 
 
 class ConfigError(ValueError):

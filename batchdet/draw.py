@@ -1,6 +1,6 @@
 """Look at the detections: boxes drawn on the images, and an HTML gallery of them.
 
-Boxes are in pixels of the image *after* EXIF orientation (CONTRACT.md), so
+Boxes are in pixels of the image *after* EXIF orientation (docs/output.md), so
 every image is read from its ``uri`` and turned upright with
 ``ImageOps.exif_transpose`` before drawing; an image whose upright size no
 longer matches its output row is skipped rather than drawn with wrong boxes.

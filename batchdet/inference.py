@@ -14,7 +14,7 @@ where that is cheapest:
 
 Session settings, providers and the optimized-model cache live here too; each
 choice carries the effect it was measured to have (``benchmarks/``, see
-the README, "Performance").
+docs/performance.md).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _env_flag(name: str, default: bool) -> bool:
 #: onnxruntime 1.32: benchmarks/session_options.py, 4 rounds, variants
 #: interleaved, the median of per-round ratios to the defaults (a second copy
 #: of the defaults, as a noise gauge, came out x0.975 [0.93-1.01]); the table
-#: is in the README, "Performance".
+#: is in docs/performance.md.
 #:
 #: * graph optimisation ORT_ENABLE_ALL: its NCHWc layout transformer blocks
 #:   the convolutions for AVX2. EXTENDED (everything but NCHWc) is x1.50 the

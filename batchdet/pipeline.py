@@ -9,7 +9,7 @@ import os
 from typing import Callable, Iterator
 
 from batchdet.plan import RunPlan
-from batchdet.progress import Progress, Reporter
+from batchdet.progress import Progress, Reporter, Stalled
 from batchdet.stages import InferenceStage, read_batch
 
 log = logging.getLogger("batchdet")
@@ -44,7 +44,7 @@ PREFETCH_BLOCKS_PER_ACTOR = 4
 #: Ray kills idle workers beyond one per CPU after 1 s; quarter-CPU tasks
 #: seconds apart then each start a new Python worker (~1.5 s of CPU taken
 #: from the model). A minute keeps them warm between blocks and still reaps
-#: them after the run (measured: README, "What costs throughput" 2).
+#: them after the run (measured: docs/notes/2026-11-performance-history.md, "What costs throughput" 2).
 NODE_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
 
 
@@ -91,7 +91,7 @@ def actor_layout(plan: RunPlan, local: bool) -> tuple[int, tuple[int, int]]:
     operator's end; single-threaded sessions lose only their own time. On
     2 cores: +7.6 % in steady state over one 2-thread actor (0.425 against
     0.395 images/s, two runs each), +2.5–4 % end to end at 40 images, for
-    ~0.5 GB per extra actor (README, "What costs throughput" 3). A GPU
+    ~0.5 GB per extra actor (docs/notes/2026-11-performance-history.md, "What costs throughput" 3). A GPU
     actor's threads only feed its device: the node's CPUs, up to 4. On the
     embedded Ray the pool starts at its maximum: Ray Data adds actors only
     when their input queue builds up, which for a small dataset it never does.
@@ -129,12 +129,19 @@ def images_per_block(images: int, actors: int, gpus: float = 0.0) -> int:
 def run_pipeline(plan: RunPlan, local: bool = True, on_progress: Callable[[Progress], None] | None = None) -> None:
     """Stream every listed image through the model into staged Parquet
     (``local``: on an embedded Ray that no autoscaler will grow), telling
-    ``on_progress`` how far it is about once a second."""
+    ``on_progress`` how far it is about once a second. Raises
+    :class:`batchdet.progress.Stalled` when no image finishes for
+    ``plan.stall_timeout`` seconds (or 4× the longest gap between blocks)."""
     threads, (low, high) = actor_layout(plan, local)
     block = plan.batch_size or images_per_block(plan.num_images, high, plan.gpus_per_actor)
-    reporter = Reporter(plan.num_images, on_progress) if on_progress else contextlib.nullcontext()
-    with object_store_capped(object_store_cap(high, block)), reporter:
-        _stream(plan, threads, low, high, block, reporter.counter if on_progress else None)
+    with object_store_capped(object_store_cap(high, block)), \
+            Reporter(plan.num_images, on_progress, plan.stall_timeout) as reporter:
+        try:
+            _stream(plan, threads, low, high, block, reporter.counter)
+        except KeyboardInterrupt:
+            if reporter.stalled:
+                raise Stalled(reporter.stalled) from None
+            raise
 
 
 def read_compute(actors: int):
@@ -181,7 +188,7 @@ def _stream(plan: RunPlan, threads: int, low: int, high: int, block: int, progre
     items = [{"dataset": name, "uri": uri} for name, listing in plan.listings.items() for uri in listing.uris]
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // block)))
     ds = ds.map_batches(
-        read_batch, fn_kwargs={"storage_options": plan.storage_options},
+        read_batch, fn_kwargs={"storage_options": plan.storage_options, "progress": progress},
         batch_format="pyarrow", batch_size=block, num_cpus=IO_CPUS, compute=read_compute(high),
     )
     ds = ds.map_batches(

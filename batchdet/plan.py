@@ -18,6 +18,7 @@ from typing import Any
 from batchdet.distribution import resolve_model
 from batchdet.listing import Listing, list_images
 from batchdet.preprocess import DEFAULT_MAX_PIXELS
+from batchdet.progress import DEFAULT_STALL_S
 from batchdet.schema import RUNS_DIR, check_dataset_name
 from batchdet.spec import NMS_SCORE_THRESHOLD, ModelInfo
 from batchdet.storage import filesystem, redact
@@ -45,6 +46,7 @@ class RunPlan:
     max_pixels: int = DEFAULT_MAX_PIXELS
     rows_per_file: int = DEFAULT_ROWS_PER_FILE
     storage_options: dict[str, Any] = field(default_factory=dict)
+    stall_timeout: float = DEFAULT_STALL_S  # seconds with no image finished before the run fails; 0: never
 
     @property
     def num_images(self) -> int:
@@ -72,6 +74,7 @@ class RunPlan:
             "max_pixels": self.max_pixels,
             "rows_per_file": self.rows_per_file,
             "storage_options": redact(self.storage_options),
+            "stall_timeout": self.stall_timeout,
         }
 
 
@@ -124,6 +127,7 @@ def plan_run(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     rows_per_file: int = DEFAULT_ROWS_PER_FILE,
     storage_options: dict[str, Any] | None = None,
+    stall_timeout: float = DEFAULT_STALL_S,
 ) -> RunPlan:
     """Validate every argument and list the inputs; raise ValueError on the first problem."""
     if not datasets:
@@ -132,8 +136,9 @@ def plan_run(
         check_dataset_name(name)
     if not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"--score-threshold {score_threshold} is outside [0, 1]")
-    if min(batch_size or 1, rows_per_file, threads_per_actor or 1) < 1 or gpus_per_actor < 0:
-        raise ValueError("--batch-size, --rows-per-file and --threads-per-actor must be >= 1, --gpus-per-actor >= 0")
+    if min(batch_size or 1, rows_per_file, threads_per_actor or 1) < 1 or min(gpus_per_actor, stall_timeout) < 0:
+        raise ValueError("--batch-size, --rows-per-file and --threads-per-actor must be >= 1, "
+                         "--gpus-per-actor and --stall-timeout >= 0")
     options = dict(storage_options or {})
 
     # A URL model is fetched into this node's cache and checked here; info.path keeps URL#sha256=<hex>.
@@ -153,4 +158,5 @@ def plan_run(
         max_pixels=max_pixels,
         rows_per_file=rows_per_file,
         storage_options=options,
+        stall_timeout=stall_timeout,
     )

@@ -71,7 +71,7 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
             "ImageTooLarge", f"{width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}"
         )
     try:
-        im = ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)  # not a copy of every upright image
         return _to_rgb(im)
     except Exception as e:
         raise ImageError("DecodeError", _reason(e)) from None
@@ -87,6 +87,8 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     if im.mode == "F":
         grey = np.clip(np.rint(np.asarray(im)), 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
+    if im.mode == "RGB":  # convert("RGB") would copy it once more
+        return np.asarray(im, dtype=np.uint8)
     # RGBA/LA/PA: alpha dropped (as OpenCV's IMREAD_COLOR does); CMYK, YCbCr,
     # palette and 1-bit: Pillow's conversions.
     return np.asarray(im.convert("RGB"), dtype=np.uint8)

@@ -1,14 +1,15 @@
-"""How far a run is: images done of the total, the rate, the time left.
+"""How far a run is, and whether it still moves.
 
-The inference actors report each block they finish to one small counter
-actor; a thread in the driver polls it and hands a :class:`Progress` to the
-caller's callback (the CLI draws one line from it; a Python user can feed
-tqdm or a log). A block is a few seconds of work at most, so the count
-moves smoothly whatever the model's speed.
+The read tasks and the inference actors report each block they finish to one
+small counter actor; a thread in the driver polls it, hands a
+:class:`Progress` to the caller's callback (the CLI draws one line from it;
+a Python user can feed tqdm or a log), and stops a run in which nothing has
+moved for too long, saying which stage stalled (:class:`Watchdog`).
 """
 
 from __future__ import annotations
 
+import _thread
 import sys
 import threading
 import time
@@ -51,7 +52,7 @@ class Counter:
     """The counter actor's class: added to by the actors, read by the driver."""
 
     def __init__(self) -> None:
-        self.done = self.errors = 0
+        self.done = self.errors = self.files_read = 0
         self.first: float | None = None  # when the first block finished, and how many it held
         self.first_done = 0
         self.last: float | None = None  # when the latest block finished
@@ -63,21 +64,71 @@ class Counter:
         self.done += done
         self.errors += errors
 
-    def read(self) -> tuple[int, int, float | None, int, float | None, float]:
-        return self.done, self.errors, self.first, self.first_done, self.last, time.time()
+    def add_read(self, files: int) -> None:
+        self.files_read += files
+
+    def read(self) -> tuple[int, int, float | None, int, float | None, float, int]:
+        return self.done, self.errors, self.first, self.first_done, self.last, time.time(), self.files_read
+
+
+#: Seconds with no image finished before a run counts as stalled, at the least
+#: (``--stall-timeout``): the embedded Ray's start, the actors' model load and
+#: a first block of 64 full-model images on one slow core fit in it.
+DEFAULT_STALL_S = 900.0
+#: Once blocks finish, a run is stalled only after this many times the
+#: longest gap seen between them, if that is longer than the timeout.
+STALL_GAPS = 4
+
+
+class Stalled(TimeoutError):
+    """No image finished for too long; the message names the stage. What the
+    run wrote so far stays staged: ``--resume`` commits it."""
+
+
+class Watchdog:
+    """Decides, from what the counter says, whether a run has stalled."""
+
+    def __init__(self, timeout_s: float, started: float):
+        self.timeout_s, self.started = timeout_s, started
+        self.longest_gap = 0.0
+        self._last_done: float | None = None
+
+    def check(self, done: int, total: int, last: float | None, files_read: int, now: float) -> str | None:
+        """None while the run moves, else the one-line reason."""
+        if self.timeout_s <= 0 or done >= total:
+            return None
+        since = last if last is not None else self.started
+        if last is not None and last != self._last_done:
+            self.longest_gap = max(self.longest_gap, last - (self._last_done or self.started))
+            self._last_done = last
+        limit = max(self.timeout_s, STALL_GAPS * self.longest_gap)
+        idle = now - since
+        if idle < limit:
+            return None
+        if files_read <= done:
+            stage = f"reading stalled: {files_read:,} of {total:,} files read"
+        else:
+            stage = f"inference stalled: {files_read:,} files read, {done:,} images done"
+        return (f"no image finished in {idle:.0f} s ({stage}); what the run wrote is kept: "
+                "run again with --resume (and a larger --stall-timeout if blocks are that slow)")
 
 
 class Reporter:
     """Driver side: start the counter actor, poll it every ``interval``
-    seconds and call ``callback`` with each new :class:`Progress`."""
+    seconds, call ``callback`` (if any) with each new :class:`Progress`, and
+    interrupt the driver's main thread when the :class:`Watchdog` says the
+    run stalled (:attr:`stalled` then holds the reason)."""
 
-    def __init__(self, total: int, callback: Callable[[Progress], None], interval: float = 1.0):
+    def __init__(self, total: int, callback: Callable[[Progress], None] | None = None,
+                 stall_timeout_s: float = DEFAULT_STALL_S, interval: float = 1.0):
         import ray
 
         self.total, self.callback, self.interval = total, callback, interval
         # no CPU of its own: it must never wait for a slot behind the actors
         self.counter = ray.remote(num_cpus=0)(Counter).remote()
         self._started = time.time()
+        self.watchdog = Watchdog(stall_timeout_s, self._started)
+        self.stalled: str | None = None
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -101,12 +152,17 @@ class Reporter:
         import ray
 
         try:
-            done, errors, first, first_done, last, now = ray.get(self.counter.read.remote(), timeout=10)
+            done, errors, first, first_done, last, now, files_read = ray.get(self.counter.read.remote(), timeout=10)
         except Exception:  # a slow or lost counter costs the display, never the run
             return
         rate = (done - first_done) / (last - first) if first is not None and last - first > 0.5 else None
-        self.callback(Progress(done, errors, self.total, time.time() - self._started, rate,
-                               now - last if last is not None else 0.0))
+        if self.callback:
+            self.callback(Progress(done, errors, self.total, time.time() - self._started, rate,
+                                   now - last if last is not None else 0.0))
+        reason = self.watchdog.check(done, self.total, last, files_read, now)
+        if reason and not self.stalled:
+            self.stalled = reason
+            _thread.interrupt_main()  # the main thread waits inside Ray Data: stop it there
 
 
 class ProgressLine:

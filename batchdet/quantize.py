@@ -10,7 +10,7 @@ official one bit for bit. The result keeps the model contract (float32 input
 ``--model`` runs it; a quantized stand-in keeps the stand-in flag.
 
 Accuracy is *not* guaranteed by construction: check it with ``batchdet eval``
-on COCO val2017 with the official weights (README, "INT8").
+on COCO val2017 with the official weights (docs/model.md, "INT8").
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ CALIBRATION_KEY = "batchdet.quantized.calibration"
 
 #: Operators quantized. Conv carries ~all the FLOPs; Relu is then absorbed
 #: into the convolution's output quantization (no float pass between two
-#: convolutions) and MaxPool runs on uint8. See the README, "INT8",
+#: convolutions) and MaxPool runs on uint8. See docs/model.md, "INT8",
 #: for the measured effect of each. Nothing after the heads is in the list:
 #: Reshape, Concat, Softmax, the decode arithmetic, NonMaxSuppression and
 #: TopK stay float32.

@@ -1,7 +1,7 @@
 """SQL over a finished output, and the one place that knows how to read one.
 
 An output is Hive-partitioned Parquet (``OUTPUT/dataset=<NAME>/*.parquet``)
-plus run manifests (``OUTPUT/_runs/*.json``); see CONTRACT.md. DuckDB reads
+plus run manifests (``OUTPUT/_runs/*.json``); see docs/output.md. DuckDB reads
 the Parquet files where they are: local paths natively, everything else
 (``s3://``, ``gs://``, ``memory://`` …) through the fsspec filesystem
 registered on the connection, so only the byte ranges a query needs travel.

@@ -1,4 +1,4 @@
-"""The Parquet schema users script against (see CONTRACT.md).
+"""The Parquet schema users script against (see docs/output.md).
 
 One row per input image; ``dataset`` is the Hive partition column, so it is
 not stored inside the files but recovered from the ``dataset=<NAME>/``

@@ -1,6 +1,6 @@
 """The model contract: what an ONNX file must look like for batchdet to use it.
 
-Facts come from ``shared/MODEL.md`` (MLPerf's ``resnet34-ssd1200.onnx``). Any
+Facts come from docs/model.md (MLPerf's ``resnet34-ssd1200.onnx``). Any
 file meeting this interface works, official or not; :func:`check_model` is
 the single gate every entry point (CLI, Detector, Ray actors) goes through, so
 a wrong file is refused with one line before any work starts.

@@ -38,9 +38,12 @@ def _errors(batch: pa.Table) -> list[str | None]:
     return batch.column("error").to_pylist() if "error" in batch.column_names else [None] * batch.num_rows
 
 
-def read_batch(batch: pa.Table, storage_options: dict[str, Any] | None = None) -> pa.Table:
-    """Add each URI's bytes (``data``) or its read error."""
+def read_batch(batch: pa.Table, storage_options: dict[str, Any] | None = None, progress: Any = None) -> pa.Table:
+    """Add each URI's bytes (``data``) or its read error; tell ``progress``
+    (a :class:`batchdet.progress.Counter` actor, or None) how many were read."""
     results = read_many(batch.column("uri").to_pylist(), storage_options)
+    if progress is not None:
+        progress.add_read.remote(batch.num_rows)
     data = [r if isinstance(r, bytes) else None for r in results]
     errors = [str(r) if isinstance(r, ImageError) else None for r in results]
     return batch.append_column("data", pa.array(data, pa.large_binary())).append_column(

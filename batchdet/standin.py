@@ -8,7 +8,7 @@ blocks, stride-3 heads on six maps) and the official interface (input
 in-graph decode, softmax and NonMaxSuppression). Everything downstream
 (pre-processing, batching, Ray actors, Parquet writing, timing) therefore
 exercises the same shapes, operators and cost as with the real weights; only
-the detections are meaningless. See ``shared/MODEL.md``, "Architecture".
+the detections are meaningless. See docs/model.md.
 
 ``channels_divisor`` narrows every internal channel count for fast tests
 while keeping the input size, the 15,130 default boxes, the 81 classes and
@@ -50,7 +50,7 @@ from batchdet.spec import (
 
 OPSET = 17
 
-# --- default boxes and heads (MODEL.md, "Architecture") ---------------------
+# --- default boxes and heads (docs/model.md) ---------------------
 FEAT_SIZES = (50, 25, 13, 7, 3, 3)
 STEPS = (24, 48, 92, 171, 400, 400)
 BOX_SCALES = (84, 180, 396, 612, 828, 1044, 1260)  # pixels of the 1200 input

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import fsspec
 from fsspec.core import url_to_fs
 
-#: storage-option keys whose values are secrets (never logged or written).
+#: storage-option keys whose values are secrets (never logged, written or sent to a cluster).
 SECRET_KEYS = frozenset(
     {"key", "secret", "token", "password", "session_token", "aws_access_key_id",
      "aws_secret_access_key", "aws_session_token", "account_key", "sas_token",
-     "client_secret", "connection_string"}
+     "client_secret", "connection_string", "credential"}
 )
 REDACTED = "***"
 
@@ -44,9 +45,33 @@ def parse_storage_options(items: list[str] | None) -> dict[str, Any]:
     return options
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether a storage option, environment variable or URL query parameter
+    called ``name`` holds a secret: one of :data:`SECRET_KEYS`, in any case, or
+    ending in ``_`` and one of them, because that is how the same credentials
+    are named elsewhere (``AWS_SECRET_ACCESS_KEY``, ``AZURE_STORAGE_ACCOUNT_KEY``,
+    ``HF_TOKEN``)."""
+    lowered = name.lower()
+    return lowered in SECRET_KEYS or any(lowered.endswith(f"_{key}") for key in SECRET_KEYS)
+
+
+def url_secret(url: str) -> str | None:
+    """What in ``url`` is a credential — a password in ``user:pass@host`` or a
+    query parameter named like a secret (``?token=…``) — or None. fsspec and
+    HTTP clients use both, so such a URL is a secret wherever it is stored.
+    Local paths have none."""
+    if "://" not in url:
+        return None
+    parts = urlsplit(url)
+    if parts.password is not None:
+        return "a password (user:password@host)"
+    named = [name for name, _ in parse_qsl(parts.query, keep_blank_values=True) if is_secret_name(name)]
+    return f"the query parameter {named[0]!r}" if named else None
+
+
 def redact(options: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``options`` safe to print or write into a manifest."""
-    return {k: (REDACTED if k.lower() in SECRET_KEYS else v) for k, v in options.items()}
+    return {k: (REDACTED if is_secret_name(k) else v) for k, v in options.items()}
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

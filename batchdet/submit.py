@@ -25,6 +25,14 @@ as ``Authorization: Bearer …`` on every request (also without
 into the job's runtime environment. A cluster whose dashboard answers without
 a token is refused unless ``--insecure`` is given.
 
+Secrets stay on this machine: everything submitted is kept by the cluster —
+the working_dir package in Ray's GCS and unpacked on every node, the runtime
+environment, entrypoint and metadata in the job's record — and the Jobs API
+has no channel that is not. So storage options that are secrets (see
+:func:`batchdet.storage.is_secret_name`), URLs holding credentials and
+secret environment variables in ``--runtime-env`` are refused with one line,
+before any request; the nodes bring their own credentials.
+
 The exit status is the job's: 0 only when it SUCCEEDED. ``--no-wait`` prints
 the submission id and returns at once.
 """
@@ -53,6 +61,10 @@ TOKEN_ENV = "RAY_AUTH_TOKEN"
 TOKEN_PATH_ENV = "RAY_AUTH_TOKEN_PATH"
 #: Seconds to wait for a final status once the log stream has closed.
 STATUS_TIMEOUT_S = 60.0
+#: Where a refused secret should come from instead; ends every such refusal.
+NODE_CREDENTIALS = ("the cluster keeps everything submitted (Ray's GCS, every node's disk), so give its nodes their "
+                    "own credentials: an instance profile (IRSA on EKS), environment variables from a Kubernetes "
+                    "Secret, or the nodes' AWS config/credentials files (see README, 'Running on a cluster')")
 
 
 class SubmitError(ValueError):
@@ -173,6 +185,22 @@ def job_config(detect_args: list[str], config: str | None = None) -> dict[str, A
     return config_from_args(parsed)
 
 
+def refuse_secrets(config: dict[str, Any]) -> None:
+    """Raise SubmitError naming the first secret in a job spec — a secret
+    storage option, or a dataset, output or model URL holding credentials —
+    because the spec travels with the job and the cluster keeps it."""
+    from batchdet.storage import is_secret_name, url_secret
+
+    for key in config.get("storage_options", {}):
+        if is_secret_name(key):
+            raise SubmitError(f"storage option {key!r} is a secret and is not sent to a cluster: {NODE_CREDENTIALS}")
+    urls = [(f"dataset {name!r}", url) for name, url in config.get("datasets", {}).items()]
+    for what, url in [*urls, ("output", config.get("output")), ("model", config.get("model"))]:
+        found = url_secret(url) if url else None
+        if found:
+            raise SubmitError(f"the {what} URL holds {found}, which is not sent to a cluster: {NODE_CREDENTIALS}")
+
+
 def local_paths(config: dict[str, Any]) -> list[str]:
     """Local paths in a job spec: on the cluster they name the nodes' files, not this machine's."""
     from batchdet.distribution import is_remote
@@ -182,7 +210,10 @@ def local_paths(config: dict[str, Any]) -> list[str]:
 
 
 def runtime_env(job_dir: str | os.PathLike, pip_deps: bool = False, extra: dict[str, Any] | None = None) -> dict:
-    """The job's runtime environment (see the module docstring). Never holds the token."""
+    """The job's runtime environment (see the module docstring). Never holds
+    the token or another secret: Ray stores it with the job."""
+    from batchdet.storage import is_secret_name
+
     env: dict[str, Any] = {
         "py_modules": [str(Path(batchdet.__file__).resolve().parent)],
         "working_dir": str(job_dir),
@@ -204,6 +235,10 @@ def runtime_env(job_dir: str | os.PathLike, pip_deps: bool = False, extra: dict[
     bad = [k for k in env.get("env_vars", {}) if k.upper() in (TOKEN_ENV, TOKEN_PATH_ENV)]
     if bad:
         raise SubmitError(f"{bad[0]} must not go into the runtime environment: the cluster nodes hold the token")
+    secret = [k for k in env.get("env_vars", {}) if is_secret_name(k)]
+    if secret:
+        raise SubmitError(f"--runtime-env env_vars {secret[0]} is a secret and is not sent to a cluster: "
+                          f"{NODE_CREDENTIALS}")
     return env
 
 
@@ -254,6 +289,7 @@ def submit(
     from batchdet.config import dump_config
 
     spec = job_config(detect_args, config)  # all local checks first
+    refuse_secrets(spec)
     extra = _read_runtime_env(runtime_env_file) if runtime_env_file else None
     address = check_address(address)
     token = resolve_token()
@@ -263,15 +299,15 @@ def submit(
               "(ray dashboard), kubectl port-forward or an https proxy", file=err)
     for path in local_paths(spec):
         print(f"batchdet: note: {path} is a local path: the cluster's nodes read it, not this machine", file=err)
-    if not insecure:
-        require_auth(address)
-    client = _client(address, token)
     job_dir = tempfile.mkdtemp(prefix="batchdet-submit-")
     try:
+        env = runtime_env(job_dir, pip_deps=pip_deps, extra=extra)  # refuses secrets before any request
+        if not insecure:
+            require_auth(address)
+        client = _client(address, token)
         spec_file = Path(job_dir) / JOB_CONFIG_NAME
         spec_file.write_text(dump_config(spec), encoding="utf-8")
         spec_file.chmod(0o600)
-        env = runtime_env(job_dir, pip_deps=pip_deps, extra=extra)
         try:
             submission_id = client.submit_job(
                 entrypoint=ENTRYPOINT, runtime_env=env,

@@ -1,7 +1,7 @@
 """An output's life: stage a run, commit it, write its manifest last; recover
 what a killed run staged; tell ``--resume`` what is already done.
 
-Layout (CONTRACT.md): ``dataset=<NAME>/<run_id>_<…>.parquet`` and
+Layout (docs/output.md): ``dataset=<NAME>/<run_id>_<…>.parquet`` and
 ``_runs/<run_id>.json``. While a run works, Ray writes its Parquet under
 ``_staging/<run_id>/`` beside a ``_run.json`` record of the run. Committing
 moves each complete, readable file into its partition — a rename locally, a
@@ -18,9 +18,11 @@ from __future__ import annotations
 import json
 import platform
 import posixpath
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,6 +31,9 @@ import pyarrow.parquet as pq
 from batchdet import __version__
 from batchdet.schema import RUNS_DIR, STATUS_OK
 from batchdet.storage import filesystem
+
+if TYPE_CHECKING:  # lease.py builds on Output
+    from batchdet.lease import Lease
 
 STAGING_DIR = "_staging"
 RUN_RECORD = "_run.json"
@@ -129,32 +134,87 @@ def _read_whole(out: Output, path: str) -> pa.Table | None:
         return None
 
 
+#: Files read (or moved) at once by the commit and ``--resume``: each is a
+#: request or two, so on S3 they wait on latency rather than on the driver's CPU.
+IO_THREADS = 16
+
+
+def _read_keys(out: Output, path: str) -> pa.Table | None:
+    """A staged file's ``uri`` and ``status``, and ``detections`` cut down to one
+    int32 leaf (enough for the lists' lengths, never the detections themselves),
+    or None when the file is incomplete or unreadable (a half-written file has
+    no Parquet footer)."""
+    try:
+        with out.fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            leaf = next(parquet.schema.column(i).path for i in range(len(parquet.schema))
+                        if parquet.schema.column(i).path.startswith("detections."))
+            table = parquet.read(columns=["uri", "status", leaf])
+        table.column("detections")  # the leaf named a column this file has
+        return table
+    except Exception:
+        return None
+
+
+def _in_threads(fn: Callable[[Any], Any], items: list) -> Iterator[Any]:
+    """``map(fn, items)``, in order, IO_THREADS at a time; each result is
+    handed on as soon as it and those before it are ready."""
+    threads = min(IO_THREADS, len(items))
+    if threads < 2:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        window: deque[Future] = deque()  # bounded: results never pile up ahead of the caller
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= 2 * threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
 def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered: bool = False) -> RunResult:
-    """Commit ``run_id``'s staged files, count them, write the manifest, drop the staging folder."""
+    """Commit ``run_id``'s staged files, count them, write the manifest, drop the staging folder.
+
+    The driver reads each file's footer and its ``uri``/``status`` columns and
+    one int32 leaf of ``detections`` (for the count); it reads a file whole
+    only to drop rows a retried task wrote twice. De-duplication is exact:
+    every URI committed so far, per dataset, is kept as a Python string.
+    """
     stage = out.join(STAGING_DIR, run_id)
     record = json.loads(out.fs.cat_file(posixpath.join(stage, RUN_RECORD)))
     counts = {name: DatasetCounts(**d) for name, d in record["datasets"].items()}
-    seen: set[tuple[str, str]] = set()
-    files = []
-    for src in sorted(p for p in out.fs.find(stage) if p.endswith(".parquet")):
+    sources = sorted(p for p in out.fs.find(stage) if p.endswith(".parquet"))
+    seen: dict[str, set[str]] = {}
+    files, moves, rewrites = [], [], []
+    for src, keys in zip(sources, _in_threads(lambda p: _read_keys(out, p), sources)):
         partition = posixpath.basename(posixpath.dirname(src))  # dataset=<NAME>
         dataset = partition.partition("=")[2]
-        table = _read_whole(out, src)
-        if table is None or dataset not in counts:
+        if keys is None or dataset not in counts:
             continue
-        keys = [(dataset, u) for u in table.column("uri").to_pylist()]
-        fresh = [k not in seen for k in keys]
-        seen.update(keys)
+        uris = keys.column("uri").to_pylist()
+        done = seen.setdefault(dataset, set())
+        fresh = [u not in done for u in uris]
+        done.update(uris)
         relative = f"{partition}/{run_id}_{posixpath.basename(src)}"
-        out.fs.makedirs(out.join(partition), exist_ok=True)
         if all(fresh):
-            out.fs.mv(src, out.join(relative))
+            moves.append((src, relative))
         else:  # a retried task wrote these rows twice: keep the first copy
-            table = table.filter(pa.array(fresh))
-            with out.fs.open(out.join(relative), "wb") as f:
-                pq.write_table(table, f)
+            keys = keys.filter(pa.array(fresh))
+            rewrites.append((src, relative, fresh))
         files.append(relative)
-        _count(counts[dataset], table)
+        _count(counts[dataset], keys)
+    del seen
+    for partition in sorted({relative.partition("/")[0] for relative in files}):
+        out.fs.makedirs(out.join(partition), exist_ok=True)
+    for src, relative, fresh in rewrites:
+        table = _read_whole(out, src)
+        if table is None:
+            raise RuntimeError(f"staged file {src} became unreadable during the commit")
+        with out.fs.open(out.join(relative), "wb") as f:
+            pq.write_table(table.filter(pa.array(fresh)), f)
+    for _ in _in_threads(lambda move: out.fs.mv(move[0], out.join(move[1])), moves):
+        pass
     finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
     images = sum(c.images for c in counts.values())
     result = RunResult(
@@ -170,6 +230,7 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
 
 
 def _count(c: DatasetCounts, table: pa.Table) -> None:
+    """Add ``table``'s rows to ``c``; ``detections`` may be the whole column or one leaf of it."""
     ok = pc.sum(pc.equal(table.column("status"), STATUS_OK)).as_py() or 0
     c.images += table.num_rows
     c.images_ok += ok
@@ -186,25 +247,34 @@ def _write_manifest(out: Output, result: RunResult) -> None:
     out.fs.mv(temp, final)
 
 
-def recover(out: Output) -> list[RunResult]:
-    """Commit what killed runs staged (called before this run stages anything)."""
+def recover(out: Output, lease: Lease) -> list[RunResult]:
+    """Commit what killed runs staged (called before this run stages anything).
+
+    Only the holder of the output's lease may: a run still writing holds a
+    live lease, so no other run does, and committing its staging folder
+    under it would corrupt both. The lease is checked against the store first.
+    """
+    lease.check()
     return [finish_run(out, run_id, recovered=True) for run_id in out.staged_runs()
-            if out.fs.exists(out.join(STAGING_DIR, run_id, RUN_RECORD))]
+            if run_id != lease.run_id and out.fs.exists(out.join(STAGING_DIR, run_id, RUN_RECORD))]
 
 
 def done_uris(out: Output, model_sha256: str) -> dict[str, set[str]]:
     """Per dataset, the URIs that already have an ``ok`` row from a committed
-    run of the same model (``--resume`` skips them; error rows are retried)."""
+    run of the same model (``--resume`` skips them; error rows are retried).
+    Reads only the ``uri`` and ``status`` columns, IO_THREADS files at a time."""
     runs = {run_id for run_id, m in out.manifests().items() if m["model"]["sha256"] == model_sha256}
-    done: dict[str, set[str]] = {}
-    for path in out.data_files():
-        if posixpath.basename(path).split("_", 1)[0] not in runs:
-            continue
+    paths = [p for p in out.data_files() if posixpath.basename(p).split("_", 1)[0] in runs]
+
+    def ok_uris(path: str) -> pa.ChunkedArray:
         with out.fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=["uri", "status"])
+        return table.filter(pc.equal(table.column("status"), STATUS_OK)).column("uri")
+
+    done: dict[str, set[str]] = {}
+    for path, uris in zip(paths, _in_threads(ok_uris, paths)):
         dataset = posixpath.basename(posixpath.dirname(path)).partition("=")[2]
-        ok = table.filter(pc.equal(table.column("status"), STATUS_OK)).column("uri").to_pylist()
-        done.setdefault(dataset, set()).update(ok)
+        done.setdefault(dataset, set()).update(uris.to_pylist())
     return done
 
 

@@ -724,7 +724,7 @@ def int8_kernel_ceiling(threads: int, reps: int = 5, channels: int = 256, size: 
     quantized exactly as ``batchdet model quantize`` does (static QDQ,
     per-channel, u8 activations, s8 weights), timed interleaved. The model's
     time is ~99 % convolutions, so its gain follows theirs: ~1× without VNNI,
-    ~4× with it (README, INT8)."""
+    ~4× with it (docs/model.md, INT8)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static

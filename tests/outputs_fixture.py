@@ -1,4 +1,4 @@
-"""Synthetic batchdet outputs, written exactly as CONTRACT.md describes.
+"""Synthetic batchdet outputs, written exactly as docs/output.md describes.
 
 The readers (query, summary, eval, draw) are tested against these instead of
 a real run, so the tests need neither Ray nor a model, and every expected

@@ -208,3 +208,11 @@ def test_apply_config_rejects_keys_this_detect_lacks(tmp_path):
     ns = argparse.Namespace(dataset=["a=s3://b/x"], output="s3://b/o", config=str(write(tmp_path, "resume: true\n")))
     with pytest.raises(ConfigError, match="'resume' is not supported by this version"):
         apply_config(ns)
+
+
+def test_submit_without_the_separator_says_how(capsys):
+    """detect's flags given to submit without ``--`` before them: one line saying where they go."""
+    with pytest.raises(SystemExit) as e:
+        main(["submit", "--address", "http://127.0.0.1:1", "--dataset", "a=s3://b/x", "--output", "s3://b/o"])
+    assert e.value.code == 2
+    assert "batchdet submit takes detect's arguments after --" in capsys.readouterr().err

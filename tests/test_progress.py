@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from batchdet.console import quiet
-from batchdet.progress import Counter, Progress, ProgressLine
+from batchdet.progress import Counter, Progress, ProgressLine, Watchdog
 
 
 def test_progress_line_counts_rate_and_time_left():
@@ -24,10 +24,22 @@ def test_counter_rate_leaves_start_up_out():
     c = Counter()
     assert c.read()[:3] == (0, 0, None)
     c.add(4, 1)
-    done, errors, first, first_done, last, now = c.read()
-    assert (done, errors, first_done) == (4, 1, 4) and first == last <= now
+    c.add_read(8)
+    done, errors, first, first_done, last, now, files_read = c.read()
+    assert (done, errors, first_done, files_read) == (4, 1, 4, 8) and first == last <= now
     c.add(6, 0)
     assert c.read()[:2] == (10, 1)
+
+
+def test_watchdog_names_the_stage_and_waits_longer_for_slow_blocks():
+    w = Watchdog(timeout_s=60, started=1000.0)
+    assert w.check(0, 10, None, 0, 1059) is None
+    assert w.check(0, 10, None, 0, 1061).startswith("no image finished in 61 s (reading stalled: 0 of 10 files read)")
+    assert w.check(2, 10, 1100.0, 5, 1150) is None  # a block after 100 s: the longest gap so far
+    assert w.check(2, 10, 1100.0, 5, 1399) is None  # 4 x 100 s is the limit now, not 60 s
+    assert "inference stalled: 5 files read, 2 images done" in w.check(2, 10, 1100.0, 5, 1501)
+    assert w.check(10, 10, 1100.0, 10, 9999) is None  # a finished run never stalls
+    assert Watchdog(timeout_s=0, started=0).check(0, 10, None, 0, 1e9) is None  # 0: never
 
 
 class _Terminal(io.StringIO):
@@ -83,3 +95,27 @@ def test_detect_prints_progress_and_summary_and_keeps_ray_in_its_log(narrow_mode
     log = next(x.split("Ray's log: ", 1)[1] for x in lines if "Ray's log: " in x)
     text = open(log).read()
     assert "Started a local Ray instance" in text and "Starting execution of Dataset" in text
+
+
+def test_a_stuck_read_fails_the_run_naming_the_stage_and_resume_finishes_it(narrow_model, many_images, tmp_path):
+    """A FIFO with no writer blocks whoever opens it: a real stall in the read
+    stage. The run fails with one line naming it; rows written before are
+    kept, and once the file is gone ``--resume`` completes the run."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in sorted(many_images.iterdir())[:8]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    os.mkfifo(folder / "zz-stuck.jpg")
+    base = [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"d={folder}", "--output",
+            str(tmp_path / "out"), "--model", str(narrow_model), "--batch-size", "3", "--rows-per-file", "1"]
+    proc = subprocess.run([*base, "--stall-timeout", "20"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    error = [x for x in proc.stderr.splitlines() if x.startswith("batchdet: error:")]
+    assert len(error) == 1 and "reading stalled: 6 of 9 files read" in error[0] and "--resume" in error[0], proc.stderr
+    (folder / "zz-stuck.jpg").unlink()
+    proc = subprocess.run([*base, "--resume"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "out" / "dataset=d").to_pylist()
+    assert sorted(r["uri"] for r in rows) == sorted(str(f) for f in folder.iterdir()) and len(rows) == 8

@@ -1,6 +1,6 @@
 """The stand-in model: architecture size, interface, and post-processing values.
 
-Reference values come from ``shared/MODEL.md`` and are recomputed here in
+Reference values come from docs/model.md (the model card facts) and are recomputed here in
 plain numpy (default boxes by hand, decode, softmax, greedy NMS), never by
 calling the code under test, so a mistake in ``batchdet.standin`` cannot
 agree with itself.
@@ -38,7 +38,7 @@ from batchdet.standin import (
 
 NUM_BOXES = 15130
 NARROW = 8
-# MODEL.md, "Architecture"
+# docs/model.md and the MLPerf architecture
 GRIDS = (50, 25, 13, 7, 3, 3)
 BOXES_PER_CELL = (4, 6, 6, 6, 4, 4)
 
@@ -85,7 +85,7 @@ def _flat_image(value: float = 128.0) -> np.ndarray:
 
 
 def _check_contract(outputs: dict[str, np.ndarray]) -> int:
-    """Assert the output contract of MODEL.md; returns N."""
+    """Assert the output contract of docs/model.md; returns N."""
     boxes, labels, scores = outputs[BBOXES], outputs[LABELS], outputs[SCORES]
     assert boxes.dtype == np.float32 and labels.dtype == np.int64 and scores.dtype == np.float32
     n = boxes.shape[1]
@@ -266,7 +266,7 @@ def _iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
 
 
 def _reference_postprocess(loc: np.ndarray, conf: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """MODEL.md's post-processing in numpy: loc [4, B], conf [81, B] -> boxes [N, 4], labels [N], scores [N]."""
+    """The model's post-processing (docs/model.md) in numpy: loc [4, B], conf [81, B] -> boxes [N, 4], labels [N], scores [N]."""
     dbox = default_boxes()
     t = loc.T
     xy = t[:, :2] * np.float32(0.1) * dbox[:, 2:] + dbox[:, :2]
@@ -329,7 +329,7 @@ BACKGROUND_ONLY = -30.0  # logit of every class not asked for: e^-30 of probabil
 
 
 def _encode(index: int, ltrb: tuple[float, float, float, float]) -> np.ndarray:
-    """The loc column that decodes to box ``ltrb`` at default box ``index`` (MODEL.md's decode inverted)."""
+    """The loc column that decodes to box ``ltrb`` at default box ``index`` (the model's decode inverted)."""
     cx, cy, w, h = default_boxes()[index].astype(np.float64)
     x0, y0, x1, y1 = ltrb
     return np.array(
