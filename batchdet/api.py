@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
 from batchdet.lease import Lease, acquire
+from batchdet.options import DetectOptions
+from batchdet.output import Output
 from batchdet.pipeline import ray_session, run_pipeline
-from batchdet.plan import DEFAULT_ROWS_PER_FILE, RunPlan, plan_run
-from batchdet.preprocess import DEFAULT_MAX_PIXELS
-from batchdet.progress import DEFAULT_STALL_S, Progress
-from batchdet.spec import NMS_SCORE_THRESHOLD
-from batchdet.writing import Output, RunResult, begin_run, done_uris, finish_run, recover, versions
+from batchdet.plan import RunPlan, plan_run
+from batchdet.progress import Progress
+from batchdet.writing import RunResult, begin_run, done_uris, finish_run, recover, versions
 
 log = logging.getLogger("batchdet")
 
@@ -22,26 +21,27 @@ log = logging.getLogger("batchdet")
 def detect(
     datasets: dict[str, str],
     output: str,
-    model: str | os.PathLike | None = None,
-    score_threshold: float = NMS_SCORE_THRESHOLD,
-    actors: tuple[int, int] | None = None,
-    threads_per_actor: int | None = None,
-    gpus_per_actor: float = 0.0,
-    batch_size: int | None = None,
-    address: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    rows_per_file: int = DEFAULT_ROWS_PER_FILE,
-    resume: bool = False,
-    overwrite: bool = False,
-    stall_timeout: float = DEFAULT_STALL_S,
+    *,
     on_progress: Callable[[Progress], None] | None = None,
+    on_listing: Callable[[str, int], None] | None = None,
+    **options: Any,
 ) -> RunResult:
     """Detect objects in every image of ``datasets`` ({name: url}) and write
     one Parquet row per image under ``output/dataset=<name>/``.
 
-    Arguments are validated (and inputs listed) before Ray starts; a bad one
-    raises ValueError. Per-image failures become error rows, never exceptions.
+    ``options`` are the keyword arguments of :class:`batchdet.options.DetectOptions`
+    (``model``, ``score_threshold``, ``actors``, ``batch_size``, ``resume``, …),
+    with its defaults; see :func:`run`.
+    """
+    return run(DetectOptions(datasets, output, **options), on_progress, on_listing)
+
+
+def run(options: DetectOptions, on_progress: Callable[[Progress], None] | None = None,
+        on_listing: Callable[[str, int], None] | None = None) -> RunResult:
+    """Run ``detect`` with ``options`` (what the CLI, job specs and ``detect()`` build).
+
+    Inputs are listed and the model and output checked before Ray starts; a
+    bad one raises ValueError. Per-image failures become error rows, never exceptions.
     An output that already holds results is refused unless ``resume`` (commit
     what killed runs left, skip images already ``ok`` with this model, retry
     the rest) or ``overwrite`` (start again from nothing). ``on_progress``
@@ -52,25 +52,18 @@ def detect(
     :class:`batchdet.progress.Stalled` naming the stage; what it wrote so far
     is kept for ``resume``.
     """
-    if resume and overwrite:  # before listing anything, and before facing another run's lease
-        raise ValueError("--resume and --overwrite contradict each other: choose one")
-    plan = plan_run(
-        datasets, output, model=model, score_threshold=score_threshold, actors=actors,
-        threads_per_actor=threads_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size,
-        max_pixels=max_pixels, rows_per_file=rows_per_file, storage_options=storage_options,
-        stall_timeout=stall_timeout,
-    )
+    plan = plan_run(options, on_listing)
     for name, listing in plan.listings.items():
         log.info("dataset %s: %d images listed (%d other files skipped) in %.2f s",
                  name, len(listing.uris), listing.skipped, listing.seconds)
-    out = Output(output, plan.storage_options)
+    out = Output(options.output, options.storage_options)
     with acquire(out, plan.run_id) as lease:  # one writer per output, released however the run ends
-        done = _prepare_output(out, plan, lease, resume, overwrite)
+        done = _prepare_output(out, plan, lease)
         todo = plan.without(done)
         begin_run(out, _record(todo, plan, done))
         clock = time.perf_counter()
         if todo.num_images:
-            with ray_session(address) as local:
+            with ray_session(options.address) as local:
                 run_pipeline(todo, local, on_progress)
         lease.check()  # taken over while this run was frozen: the staged rows are a --resume's now
         result = finish_run(out, plan.run_id, wall_s=time.perf_counter() - clock)
@@ -80,15 +73,15 @@ def detect(
     return result
 
 
-def _prepare_output(out: Output, plan: RunPlan, lease: Lease, resume: bool, overwrite: bool) -> dict[str, set[str]]:
+def _prepare_output(out: Output, plan: RunPlan, lease: Lease) -> dict[str, set[str]]:
     """Refuse, clear or recover the output, its ``lease`` held (so no other
     run is writing it); return what --resume may skip."""
-    if overwrite:
+    if plan.options.overwrite:
         out.clear()
-    elif not resume and not out.is_empty():
+    elif not plan.options.resume and not out.is_empty():
         raise ValueError(f"output {out.url} already holds batchdet results: "
                          "pass --resume to continue them or --overwrite to replace them")
-    if not resume:
+    if not plan.options.resume:
         return {}
     for result in recover(out, lease):
         log.info("recovered %d rows staged by killed run %s",

@@ -12,16 +12,18 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from batchdet import __version__
 
+if TYPE_CHECKING:
+    from batchdet.options import DetectOptions
+
 
 def _storage_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--storage-option", action="append", default=[], metavar="KEY=VALUE",
-        help="fsspec/s3fs option, e.g. endpoint_url=http://127.0.0.1:9000 or anon=true (repeatable)",
-    )
+    from batchdet.options import STORAGE_OPTION_HELP
+
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help=STORAGE_OPTION_HELP)
 
 
 STANDIN_WARNING = (
@@ -32,49 +34,31 @@ STANDIN_WARNING = (
 
 # --- detect / demo ------------------------------------------------------------
 def _print_result(result) -> None:
-    from batchdet.spec import STANDIN, kind_id_from_text
+    from batchdet.spec import STANDIN
 
     print(result.to_text())  # its "model:" line says what the model is, in one line
-    if kind_id_from_text(result.model.get("kind")) == STANDIN:
+    if result.model.get("kind_id") == STANDIN:
         print(STANDIN_WARNING)
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
-    from batchdet.plan import parse_actors, parse_dataset
-    from batchdet.storage import parse_storage_options
-    from batchdet.config import apply_config
+    from batchdet.config import options_from_args
 
-    args = apply_config(args)  # --config FILE fills in the flags not given; --dataset/--output required from either
-    datasets: dict[str, str] = {}
-    for spec in args.dataset:
-        name, url = parse_dataset(spec)
-        if name in datasets:
-            raise ValueError(f"dataset {name!r} given twice")
-        datasets[name] = url
-    options = dict(
-        model=args.model, score_threshold=args.score_threshold,
-        actors=parse_actors(args.actors) if args.actors else None,
-        threads_per_actor=args.threads_per_actor, gpus_per_actor=args.gpus_per_actor,
-        batch_size=args.batch_size, address=args.address,
-        storage_options=parse_storage_options(args.storage_option), max_pixels=args.max_pixels,
-        rows_per_file=args.rows_per_file, resume=args.resume, overwrite=args.overwrite,
-        stall_timeout=args.stall_timeout,
-    )
-    _detect_on_console(datasets, args.output, args.verbose, **options)
+    _detect_on_console(options_from_args(args), args.verbose)
     return 0
 
 
-def _detect_on_console(datasets: dict[str, str], output: str, verbose: bool, **options) -> None:
+def _detect_on_console(options: DetectOptions, verbose: bool) -> None:
     """``detect`` with one progress line on the terminal and everything else
     Ray prints in a log file, named after the summary (or after the error);
     all of it on the terminal with ``verbose``."""
-    from batchdet.api import detect
+    from batchdet.api import run
     from batchdet.console import run_console
 
     log = None
     try:
         with run_console(verbose) as (progress, log):
-            result = detect(datasets, output, on_progress=progress, **options)
+            result = run(options, on_progress=progress, on_listing=progress.listing)
         _print_result(result)
     finally:
         if log is not None:
@@ -85,6 +69,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from batchdet.demo import demo_model, prepare_demo
+    from batchdet.options import DetectOptions
     from batchdet.query import EXAMPLES, query, write_result
 
     root = Path(args.output).resolve()
@@ -93,7 +78,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(STANDIN_WARNING)
     datasets = prepare_demo(root)
     print(f"demo images: {root / 'images'} ({', '.join(datasets)}, one broken file on purpose)")
-    _detect_on_console(datasets, str(root / "output"), args.verbose, model=model)
+    _detect_on_console(DetectOptions(datasets, str(root / "output"), model=model), args.verbose)
     title, sql = EXAMPLES[0]
     print(f"\n{title}:\n  batchdet query {root / 'output'} \"{sql}\"")
     write_result(query(str(root / "output"), sql), "table", sys.stdout, max_rows=10)
@@ -108,42 +93,14 @@ def _verbose_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
-    from batchdet.preprocess import DEFAULT_MAX_PIXELS
-    from batchdet.plan import DEFAULT_ROWS_PER_FILE
-    from batchdet.progress import DEFAULT_STALL_S
-    from batchdet.spec import NMS_SCORE_THRESHOLD
+    from batchdet.options import add_flags
 
     p = sub.add_parser("detect", help="run the detector over datasets into partitioned Parquet")
-    p.add_argument("--dataset", action="append", required=True, metavar="NAME=URL",
-                   help="a folder/prefix (searched recursively) or glob; local, file://, s3://, any fsspec URL")
-    p.add_argument("--output", required=True, metavar="URL", help="where dataset=<NAME>/ partitions go")
-    p.add_argument("--model", metavar="PATH", help="ONNX file (default: $BATCHDET_MODEL, else the fetch cache)")
-    p.add_argument("--score-threshold", type=float, default=NMS_SCORE_THRESHOLD)
-    p.add_argument("--actors", metavar="MIN[:MAX]",
-                   help="inference actor pool (default: CPUs/threads; on a cluster 1:CPUs/threads)")
-    p.add_argument("--threads-per-actor", type=int,
-                   help="onnxruntime threads per actor (default: 1, one actor per CPU; with GPUs the node's CPUs, at most 4)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int,
-                   help="images per block (default: from the dataset size and actors, 1 to 64; 256 on GPUs)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help="refuse images declaring more pixels than this (decompression bombs)")
-    p.add_argument("--rows-per-file", type=int, default=DEFAULT_ROWS_PER_FILE,
-                   help="rows per Parquet file; work not yet in a file is redone after a kill")
-    p.add_argument("--stall-timeout", type=float, default=DEFAULT_STALL_S, metavar="SECONDS",
-                   help="fail the run, naming the stage, when no image finishes for this long "
-                        "(or 4x the longest gap between blocks, if longer); 0: never")
+    add_flags(p)  # one per option of batchdet.options.DetectOptions; --dataset/--output here or in --config
     _verbose_flag(p)
-    p.add_argument("--resume", action="store_true",
-                   help="continue an output: commit what killed runs left, skip images already ok with this model")
-    p.add_argument("--overwrite", action="store_true", help="delete the output's earlier results first")
-    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
-    _storage_flag(p)
     p.add_argument("--config", metavar="FILE",
-                   help="job spec YAML (datasets, output, model, actors, …; see README, 'Running on a cluster'); flags override it")
-    from batchdet.config import config_aware
-
-    config_aware(p)  # tells flags given from defaults, so --config fills in only the others
+                   help="job spec YAML (datasets, output, model, actors, …; see docs/cli.md, 'Job specs'); "
+                        "flags override it")
     p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser("demo", help="synthesize two small datasets and run detect on them, offline")
@@ -430,8 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         if os.environ.get("BATCHDET_DEBUG"):
             raise
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"batchdet: error: {message}", file=sys.stderr)
+        from batchdet.errors import one_line
+
+        print(f"batchdet: error: {one_line(e, with_type=False)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("batchdet: interrupted", file=sys.stderr)

@@ -21,8 +21,10 @@ from batchdet.progress import ProgressLine
 
 
 def log_path() -> Path:
-    """A new log file for one command: ``$TMPDIR/batchdet/<time>-<pid>.log``."""
-    folder = Path(tempfile.gettempdir()) / "batchdet"
+    """A new log file for one command: ``$TMPDIR/batchdet-logs/<time>-<pid>.log``.
+    Not ``$TMPDIR/batchdet``: Ray puts the driver's working directory on its
+    workers' path, and a folder named like the package there would shadow it."""
+    folder = Path(tempfile.gettempdir()) / "batchdet-logs"
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
@@ -55,8 +57,16 @@ def run_console(verbose: bool) -> Iterator[tuple[ProgressLine, Path | None]]:
     """(progress callback, log file or None) for one ``detect``: quiet with a
     log file unless ``verbose``."""
     if verbose:
-        yield ProgressLine(sys.stderr), None
+        line = ProgressLine(sys.stderr)
+        try:
+            yield line, None
+        finally:
+            line.close()
         return
     log = log_path()
     with quiet(log) as terminal:
-        yield ProgressLine(terminal), log
+        line = ProgressLine(terminal)
+        try:
+            yield line, log
+        finally:
+            line.close()

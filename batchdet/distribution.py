@@ -30,16 +30,17 @@ import logging
 import os
 import re
 import socket
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 from urllib.parse import urlsplit
+
+from batchdet.errors import one_line
+from batchdet.files import CHUNK, atomic_write, cache_folder, save_verified, sha256_of_file
 
 CACHE_ENV = "BATCHDET_MODEL_CACHE"
 SHA_FRAGMENT = "#sha256="
 #: How long an actor waits for another process on its node to finish a download.
 LOCK_TIMEOUT_S = 1800.0
-_CHUNK = 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 log = logging.getLogger("batchdet")
 
@@ -86,11 +87,7 @@ def _local_path(location: str) -> Path:
 
 def model_cache_dir() -> Path:
     """This node's model cache (see the module docstring)."""
-    explicit = os.environ.get(CACHE_ENV)
-    if explicit:
-        return Path(explicit).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "batchdet" / "models"
+    return cache_folder("models", env=CACHE_ENV)
 
 
 # --- the one entry point ------------------------------------------------------
@@ -123,7 +120,8 @@ def local_model(
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DistributionError(f"cannot create the model cache {cache}: {e.strerror or e}") from None
+        reason = one_line(e.strerror or e, with_type=False)
+        raise DistributionError(f"cannot create the model cache {cache}: {reason}") from None
     if want:
         return _fetch_pinned(location, want, cache, storage_options)
     return _fetch_unpinned(location, cache, storage_options)
@@ -151,18 +149,10 @@ def resolve_model(model: str | os.PathLike | None, storage_options: dict[str, An
 
 
 # --- internals ----------------------------------------------------------------
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verify_local(path: Path, want: str) -> None:
     if not path.is_file():
         raise DistributionError(f"model file not found on node {socket.gethostname()}: {path}")
-    got = _sha256_of(path)
+    got = sha256_of_file(path)
     if got != want:
         raise DistributionError(f"sha256 mismatch for {path}: got {got}, expected {want}")
 
@@ -171,7 +161,7 @@ def _cached(target: Path, want: str) -> bool:
     """True if ``target`` is there and is the wanted file (a bad one is removed)."""
     if not target.is_file():
         return False
-    if _sha256_of(target) == want:
+    if sha256_of_file(target) == want:
         return True
     target.unlink(missing_ok=True)  # bit rot or tampering: fetch it again
     return False
@@ -224,9 +214,8 @@ def _fetch_unpinned(location: str, cache: Path, options: dict[str, Any] | None) 
         digest = _download(location, cache, options, None)
         if stamp:
             index.parent.mkdir(exist_ok=True)
-            tmp = index.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"url": location, "stamp": stamp, "sha256": digest}))
-            os.replace(tmp, index)
+            with atomic_write(index) as f:
+                f.write(json.dumps({"url": location, "stamp": stamp, "sha256": digest}).encode())
     return cache / f"{digest}.onnx"
 
 
@@ -258,36 +247,21 @@ def _download(location: str, cache: Path, options: dict[str, Any] | None, want: 
     try:
         fs, path = _filesystem(location, options)
     except Exception as e:
-        raise DistributionError(f"cannot open model {location}: {_one_line(e)}") from None
+        raise DistributionError(f"cannot open model {location}: {one_line(e)}") from None
     log.info("node %s: fetching model %s into %s", socket.gethostname(), location, cache)
-    fd, tmp_name = tempfile.mkstemp(dir=cache, prefix=".download-", suffix=".part")
-    tmp = Path(tmp_name)
     try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with fs.open(path, "rb") as src:
-                    for block in iter(lambda: src.read(_CHUNK), b""):
-                        digest.update(block)
-                        out.write(block)
-            except FileNotFoundError:
-                raise DistributionError(f"model not found: {location}") from None
-            except DistributionError:
-                raise
-            except Exception as e:
-                raise DistributionError(f"cannot fetch model {location}: {_one_line(e)}") from None
-            out.flush()
-            os.fsync(out.fileno())
-        got = digest.hexdigest()
-        if want and got != want:
-            raise DistributionError(f"sha256 mismatch for {location}: got {got}, expected {want}")
-        os.replace(tmp, cache / f"{got}.onnx")
-        return got
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        return save_verified(_chunks(fs, path, location), cache, lambda got: f"{got}.onnx", want,
+                             source=location, error=DistributionError)
+    except OSError as e:  # of the local disk (the source's errors come as DistributionError)
+        raise DistributionError(f"cannot fetch model {location}: {one_line(e)}") from None
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+def _chunks(fs: Any, path: str, location: str) -> Iterator[bytes]:
+    """The object's bytes; its errors as one DistributionError line."""
+    try:
+        with fs.open(path, "rb") as src:
+            yield from iter(lambda: src.read(CHUNK), b"")
+    except FileNotFoundError:
+        raise DistributionError(f"model not found: {location}") from None
+    except Exception as e:
+        raise DistributionError(f"cannot fetch model {location}: {one_line(e)}") from None

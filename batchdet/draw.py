@@ -21,6 +21,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from batchdet.errors import one_line
 from batchdet.labels import COCO_NAMES
 from batchdet.query import open_output, read_dataset
 from batchdet.schema import STATUS_OK
@@ -128,7 +129,7 @@ def _draw_one(uri: str, size: tuple[int, int], detections: list[dict[str, Any]],
     try:
         image, source_format = _read_upright(uri, storage_options)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        report.skipped.append((uri, f"cannot read: {type(e).__name__}: {e}"))
+        report.skipped.append((uri, f"cannot read: {one_line(e)}"))
         return
     if image.size != size:
         report.skipped.append((uri, f"image is {image.width}x{image.height} now, the output row says "

@@ -11,24 +11,23 @@ it into place atomically. Air-gapped machines copy the file around and point
 
 from __future__ import annotations
 
-import hashlib
 import http.client
+import inspect
 import os
-import re
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
-from batchdet.spec import MIRROR_URL, OFFICIAL_NAME, OFFICIAL_SHA256, OFFICIAL_SIZE, OFFICIAL_URL, sha256_file
+from batchdet.errors import one_line
+from batchdet.files import CHUNK, cache_root, save_verified, sha256_of_file
+from batchdet.spec import MIRROR_URL, OFFICIAL_NAME, OFFICIAL_SHA256, OFFICIAL_SIZE, OFFICIAL_URL
 
 #: ``progress(bytes_so_far, total_or_None)``, called after every chunk.
 Progress = Callable[[int, int | None], None]
 
 MODEL_ENV = "BATCHDET_MODEL"
-_CHUNK = 1 << 20
 _USER_AGENT = "batchdet-fetch/1 (+python urllib)"
 
 
@@ -38,8 +37,7 @@ class FetchError(ValueError):
 
 def default_model_path() -> Path:
     """Where a fetched model lives by default: the user's cache, per XDG."""
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "batchdet" / OFFICIAL_NAME
+    return cache_root() / OFFICIAL_NAME
 
 
 def resolve_model_path(explicit: str | os.PathLike | None = None) -> Path:
@@ -98,7 +96,7 @@ def _already_there(dest: Path, sha256: str, size: int | None) -> bool:
     try:
         if not dest.is_file() or (size is not None and dest.stat().st_size != size):
             return False
-        return sha256_file(dest) == sha256
+        return sha256_of_file(dest) == sha256
     except OSError:
         return False
 
@@ -113,55 +111,42 @@ def _to_url(source: str) -> str:
     return Path(source).expanduser().resolve().as_uri()
 
 
-def _one_line(reason: object) -> str:
-    return re.sub(r"\s+", " ", str(reason)).strip() or type(reason).__name__
-
-
 def _download(source: str, dest: Path, sha256: str, size: int | None, timeout: float, progress: Progress | None) -> None:
     """Stream ``source`` into a temp file beside ``dest``, verify, rename into place."""
     url = _to_url(source)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     except OSError as e:
-        raise FetchError(f"cannot write to {dest.parent}: {_one_line(e.strerror or e)}") from None
-    tmp = Path(tmp_name)
+        raise FetchError(f"cannot write to {dest.parent}: {one_line(e.strerror or e, with_type=False)}") from None
+    chunks = _stream(source, url, size, timeout, progress)
     try:
-        with os.fdopen(fd, "wb") as out:
-            _stream(source, url, out, sha256, size, timeout, progress)
-            out.flush()
-            os.fsync(out.fileno())  # the data must be on disk before the rename makes it visible
-        os.replace(tmp, dest)
-    except BaseException as e:  # Ctrl-C too: never leave a .part file behind
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise FetchError(f"cannot write {dest}: {_one_line(e.strerror or e)}") from None
-        raise
-    _fsync_dir(dest.parent)
+        save_verified(chunks, dest.parent, dest.name, sha256, source=source, error=FetchError)
+    except OSError as e:  # the stream starts once the temp file is open: before that, the folder refused it
+        where = f"to {dest.parent}" if inspect.getgeneratorstate(chunks) == inspect.GEN_CREATED else dest
+        raise FetchError(f"cannot write {where}: {one_line(e.strerror or e, with_type=False)}") from None
 
 
-def _stream(source: str, url: str, out, sha256: str, size: int | None, timeout: float, progress: Progress | None) -> None:
-    """Copy the body of ``url`` into ``out``, hashing as it goes; raise FetchError on anything wrong."""
+def _stream(source: str, url: str, size: int | None, timeout: float, progress: Progress | None) -> Iterator[bytes]:
+    """The body of ``url``, chunk by chunk; FetchError on anything wrong (the caller checks the sha256)."""
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         raise FetchError(f"HTTP {e.code} for {source}") from None
     except urllib.error.URLError as e:
-        raise FetchError(f"cannot reach {source}: {_one_line(e.reason)}") from None
+        raise FetchError(f"cannot reach {source}: {one_line(e.reason, with_type=False)}") from None
     except (OSError, http.client.HTTPException) as e:  # e.g. a timeout during the TLS handshake
-        raise FetchError(f"cannot reach {source}: {_one_line(e)}") from None
+        raise FetchError(f"cannot reach {source}: {one_line(e, with_type=False)}") from None
     with response:
         header = response.headers.get("Content-Length")
         announced = int(header) if header and header.isdigit() else None
         if announced is not None and size is not None and announced != size:
             raise FetchError(f"{source} is {announced} bytes, expected {size} (wrong file?)")
         total = announced if announced is not None else size
-        digest = hashlib.sha256()
         received = 0
         while True:
             try:
-                chunk = response.read(_CHUNK)
+                chunk = response.read(CHUNK)
             except (OSError, http.client.HTTPException) as e:  # IncompleteRead, reset, timeout
                 raise FetchError(
                     f"download of {source} cut off after {received} of {total or '?'} bytes ({type(e).__name__})"
@@ -171,26 +156,9 @@ def _stream(source: str, url: str, out, sha256: str, size: int | None, timeout: 
             received += len(chunk)
             if size is not None and received > size:
                 raise FetchError(f"{source} is larger than the expected {size} bytes (wrong file?)")
-            digest.update(chunk)
-            out.write(chunk)
+            yield chunk
             if progress is not None:
                 progress(received, total)
     if total is not None and received < total:
         raise FetchError(f"download of {source} cut off after {received} of {total} bytes")
-    got = digest.hexdigest()
-    if got != sha256:
-        raise FetchError(f"sha256 mismatch for {source}: got {got}, expected {sha256}")
 
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); harmless to skip where unsupported."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

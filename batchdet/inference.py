@@ -22,13 +22,13 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from batchdet.files import AtomicFile, cache_root
 from batchdet.preprocess import normalize
 from batchdet.spec import BBOXES, INPUT_NAME, INPUT_SIZE, LABELS, MEAN, SCORES, STD, check_model
 
@@ -184,8 +184,7 @@ def optimized_cache_dir() -> Path | None:
         return None
     if value and value.lower() not in ("1", "true", "yes", "on"):
         return Path(value)
-    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(cache) / "batchdet" / "ort-optimized"
+    return cache_root() / "ort-optimized"
 
 
 def optimized_cache_path(cache_dir: Path, model_sha256: str, ort_version: str, level: str = "all") -> Path:
@@ -318,29 +317,22 @@ class OnnxBackend:
                 return session
             except Exception:  # truncated or foreign file: rebuild it below
                 path.unlink(missing_ok=True)
-        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.onnx")
         except OSError:  # read-only home: run uncached
-            pass
-        options = session_options(self.threads, optimized_model_filepath=tmp)
-        if tmp is not None:
+            self.load_source = "uncached"
+            return ort.InferenceSession(self._model_bytes(), session_options(self.threads), providers=[CPU])
+        with AtomicFile(path, suffix=".tmp.onnx") as file:  # concurrent actors never see half a file
+            options = session_options(self.threads, optimized_model_filepath=str(file.temp))
             # onnxruntime warns that an ORT_ENABLE_ALL graph is hardware
             # specific; the cache key carries the CPU fingerprint for that.
             options.log_severity_level = 3
-        session = ort.InferenceSession(self._model_bytes(), options, providers=[CPU])
-        if tmp is not None:
+            session = ort.InferenceSession(self._model_bytes(), options, providers=[CPU])
             try:
-                os.replace(tmp, path)  # atomic: concurrent actors never see half a file
+                file.commit()
                 self.load_source = "cache-miss"
             except OSError:
                 self.load_source = "uncached"
-            finally:
-                if tmp.exists():
-                    tmp.unlink(missing_ok=True)
-        else:
-            self.load_source = "uncached"
         return session
 
     def predict(self, image: np.ndarray) -> RawDetections:

@@ -32,16 +32,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import posixpath
 import socket
 import threading
-import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from types import TracebackType
 
+from batchdet.errors import one_line
+from batchdet.files import AtomicFile, replace_bytes
 from batchdet.storage import is_local
-from batchdet.writing import Output
+from batchdet.output import Output
 
 log = logging.getLogger("batchdet")
 
@@ -53,9 +53,6 @@ STALE_AFTER_S = 60.0
 HEARTBEATS_PER_LIMIT = 6
 #: How many times taking the lease is retried when another run changes it in between.
 ATTEMPTS = 5
-
-PREFIX = "_lease."
-SUFFIX = ".json"
 
 
 def stale_after_s() -> float:
@@ -124,20 +121,11 @@ class LeaseLost(OSError):
     (An OSError, like a storage failure: the CLI reports it in one line.)"""
 
 
-def _path(out: Output, generation: int) -> str:
-    return out.join(f"{PREFIX}{generation}{SUFFIX}")
-
-
 def _generations(out: Output) -> list[int]:
     """The lease generations present, highest last (listing caches dropped:
     another process may have changed them)."""
     out.fs.invalidate_cache(out.root)
-    found = []
-    for p in out.fs.glob(out.join(f"{PREFIX}*{SUFFIX}")):
-        middle = posixpath.basename(p)[len(PREFIX): -len(SUFFIX)]
-        if middle.isdigit():
-            found.append(int(middle))
-    return sorted(found)
+    return out.lease_generations()
 
 
 def _read(out: Output, generation: int) -> Holder | None:
@@ -147,42 +135,28 @@ def _read(out: Output, generation: int) -> Holder | None:
     written whole) and raises, rather than being silently taken over.
     """
     try:
-        data = out.fs.cat_file(_path(out, generation))
+        data = out.fs.cat_file(out.lease(generation))
     except FileNotFoundError:
         return None
     try:
         return Holder(**json.loads(data))
     except (ValueError, TypeError) as e:
-        raise ValueError(f"output {out.url} has an unreadable lease {_path(out, generation)} "
+        raise ValueError(f"output {out.url} has an unreadable lease {out.lease(generation)} "
                          f"({type(e).__name__}); delete it if no run is writing there") from None
-
-
-def _write(out: Output, path: str, data: bytes) -> None:
-    """Replace ``path`` whole (a reader never sees half a record)."""
-    if is_local(out.fs):
-        temp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(temp, "wb") as f:
-            f.write(data)
-        os.replace(temp, path)
-    else:
-        out.fs.pipe_file(path, data)  # an S3 PUT replaces the object atomically
 
 
 def _create(out: Output, generation: int, holder: Holder) -> bool:
     """Create ``generation``'s record if absent; True if it is now ``holder``'s."""
-    path = _path(out, generation)
+    path = out.lease(generation)
     data = json.dumps(asdict(holder)).encode()
     if is_local(out.fs):
         out.fs.makedirs(out.root, exist_ok=True)
-        temp = posixpath.join(out.root, f".{PREFIX}{generation}.{uuid.uuid4().hex}.tmp")
-        with open(temp, "wb") as f:
-            f.write(data)
-        try:
-            os.link(temp, path)
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(temp)
+        with AtomicFile(path) as file:  # written whole, then linked: no reader sees half a record
+            file.temp.write_bytes(data)
+            try:
+                os.link(file.temp, path)
+            except FileExistsError:
+                return False
         return True
     try:
         out.fs.pipe_file(path, data, mode="create")
@@ -232,9 +206,9 @@ class Lease:
                     log.error("run %s lost its lease on %s to %s", self.run_id, self.out.url, self._lost)
                     return
                 self.holder = Holder(**{**asdict(self.holder), "heartbeat": _now().isoformat()})
-                _write(self.out, _path(self.out, self.generation), json.dumps(asdict(self.holder)).encode())
+                replace_bytes(self.out.fs, self.out.lease(self.generation), json.dumps(asdict(self.holder)).encode())
             except Exception as e:  # noqa: BLE001 - a beat must never kill the run; the next one retries
-                log.warning("lease heartbeat on %s failed: %s: %s", self.out.url, type(e).__name__, e)
+                log.warning("lease heartbeat on %s failed: %s", self.out.url, one_line(e))
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` unless this run still holds the lease, as
@@ -251,7 +225,7 @@ class Lease:
         try:
             mine = _read(self.out, self.generation)
             if mine is not None and mine.run_id == self.run_id:
-                self.out.fs.rm_file(_path(self.out, self.generation))
+                self.out.fs.rm_file(self.out.lease(self.generation))
         except Exception as e:  # noqa: BLE001 - the run's result stands; the lease just goes stale
             log.warning("could not release the lease on %s (%s: %s); it expires in %.0f s",
                         self.out.url, type(e).__name__, e, self.limit_s)
@@ -286,7 +260,7 @@ def acquire(out: Output, run_id: str) -> Lease:
         if _create(out, generation, me):
             for old in generations:
                 try:
-                    out.fs.rm_file(_path(out, old))
+                    out.fs.rm_file(out.lease(old))
                 except FileNotFoundError:
                     pass
             if current is not None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import posixpath
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
+from batchdet.errors import one_line
 from batchdet.storage import filesystem, full_uri
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -15,6 +17,12 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 #: buckets too large to list: text (one per line), or CSV/Parquet with a ``uri`` column.
 MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".parquet"})
 GLOB_CHARS = frozenset("*?[")
+#: Folders (prefixes) listed at once. Object stores answer a listing a page of
+#: 1,000 keys at a time, one request after another; sub-prefixes listed side
+#: by side divide that wait (docs/notes/2026-12-02-scale.md).
+LIST_WORKERS = 16
+#: How many folder levels to open, at most, looking for LIST_WORKERS prefixes.
+LIST_DEPTH = 3
 
 
 @dataclass(frozen=True)
@@ -31,12 +39,15 @@ def is_image_name(path: str) -> bool:
     return posixpath.splitext(path)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_images(url: str, storage_options: dict[str, Any] | None = None) -> Listing:
+def list_images(url: str, storage_options: dict[str, Any] | None = None,
+                on_progress: Callable[[int], None] | None = None) -> Listing:
     """List ``url``'s image files; raise ValueError with one line when there are none.
 
-    Storage failures (unknown bucket, missing credentials, access denied) are
-    re-raised as ValueError naming the URL, so the CLI can refuse the run
-    before any work starts.
+    A folder is listed by sub-folder, several at once (:func:`find_files`),
+    telling ``on_progress`` how many files were found so far. Storage failures
+    (unknown bucket, missing credentials, access denied) are re-raised as
+    ValueError naming the URL, so the CLI can refuse the run before any work
+    starts.
     """
     start = time.perf_counter()
     fs, path = filesystem(url, storage_options)
@@ -47,7 +58,7 @@ def list_images(url: str, storage_options: dict[str, Any] | None = None) -> List
         if GLOB_CHARS & set(path):
             files = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"]
         elif fs.isdir(path):
-            files = fs.find(path)
+            files = find_files(fs, path, on_progress=on_progress)
         elif fs.isfile(path):
             files = [path]
         else:
@@ -55,11 +66,40 @@ def list_images(url: str, storage_options: dict[str, Any] | None = None) -> List
     except ValueError:
         raise
     except Exception as e:  # s3fs/botocore raise many types; the message is what matters
-        raise ValueError(f"cannot list {url}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ValueError(f"cannot list {url}: {one_line(e)}") from None
     images = sorted(full_uri(fs, p) for p in files if is_image_name(p))
     if not images:
         raise ValueError(f"no images under {url} ({len(files)} other file(s) skipped)")
     return Listing(url, images, len(files) - len(images), time.perf_counter() - start)
+
+
+def find_files(fs, path: str, workers: int = LIST_WORKERS, depth: int = LIST_DEPTH,
+               on_progress: Callable[[int], None] | None = None) -> list[str]:
+    """Every file under folder ``path``, as ``fs.find`` gives them, found
+    ``workers`` sub-folders at a time: open folders level by level (up to
+    ``depth``) until there are ``workers`` of them, then ``find`` each whole.
+    A flat folder is one listing, as before."""
+    files: list[str] = []
+
+    def report() -> None:
+        if on_progress is not None:
+            on_progress(len(files))
+
+    with ThreadPoolExecutor(workers) as pool:
+        folders = [path]
+        for _ in range(depth):
+            if not folders or len(folders) >= workers:
+                break
+            below: list[str] = []
+            for future in as_completed([pool.submit(fs.ls, folder, detail=True) for folder in folders]):
+                for entry in future.result():
+                    (below if entry["type"] == "directory" else files).append(entry["name"])
+                report()
+            folders = below
+        for future in as_completed([pool.submit(fs.find, folder) for folder in folders]):
+            files.extend(future.result())
+            report()
+    return files
 
 
 def _read_manifest(fs, path: str, url: str) -> list[str]:
@@ -81,7 +121,7 @@ def _read_manifest(fs, path: str, url: str) -> list[str]:
     except ValueError:
         raise
     except Exception as e:
-        raise ValueError(f"cannot read manifest {url}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise ValueError(f"cannot read manifest {url}: {one_line(e)}") from None
     base = full_uri(fs, posixpath.dirname(path))
     uris = list(dict.fromkeys(e if "://" in e or e.startswith("/") else f"{base}/{e}" for e in entries))
     if not uris:

@@ -20,6 +20,9 @@ log = logging.getLogger("batchdet")
 #: node: full CPUs for both would deadlock a node (the actors waiting for
 #: input no task can be scheduled to produce).
 IO_CPUS = 0.25
+#: Write tasks at once (they ask for no CPU, so this bounds them): Parquet
+#: files of a block's rows take milliseconds to encode and store.
+WRITE_TASKS = 2
 #: Blocks each actor should see over a run at the least: small runs of slow
 #: models get small blocks, so that the last ones spread over the actors.
 BLOCKS_PER_ACTOR = 4
@@ -210,5 +213,7 @@ def _stream(plan: RunPlan, threads: int, low: int, high: int, block: int, progre
     )
     ds.write_datasink(
         StagingSink(plan.output, plan.storage_options, plan.run_id, plan.rows_per_file),
-        ray_remote_args={"num_cpus": IO_CPUS},  # a whole CPU would wait until inference is over
+        # no CPU of its own: with any, Ray Data's budget lets reads and actors
+        # take it and the finished rows wait unwritten (lost to a kill, a stall)
+        ray_remote_args={"num_cpus": 0}, concurrency=WRITE_TASKS,
     )

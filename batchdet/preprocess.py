@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
+from batchdet.errors import one_line
 from batchdet.spec import INPUT_SIZE, MEAN, STD
 
 #: Pixels an image may declare before it is refused unread (width × height).
@@ -95,8 +96,7 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def _reason(e: Exception) -> str:
-    text = str(e).splitlines()[0] if str(e) else ""
-    return text or type(e).__name__
+    return one_line(e, with_type=False)
 
 
 def resize(rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

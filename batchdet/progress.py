@@ -10,6 +10,7 @@ moved for too long, saying which stage stalled (:class:`Watchdog`).
 from __future__ import annotations
 
 import _thread
+import ctypes
 import sys
 import threading
 import time
@@ -76,7 +77,8 @@ class Counter:
 #: a first block of 64 full-model images on one slow core fit in it.
 DEFAULT_STALL_S = 900.0
 #: Once blocks finish, a run is stalled only after this many times the
-#: longest gap seen between them, if that is longer than the timeout.
+#: longest gap seen between two of them, if that is longer than the timeout
+#: (the wait for the first block is start-up, not a block's pace).
 STALL_GAPS = 4
 
 
@@ -99,7 +101,8 @@ class Watchdog:
             return None
         since = last if last is not None else self.started
         if last is not None and last != self._last_done:
-            self.longest_gap = max(self.longest_gap, last - (self._last_done or self.started))
+            if self._last_done is not None:
+                self.longest_gap = max(self.longest_gap, last - self._last_done)
             self._last_done = last
         limit = max(self.timeout_s, STALL_GAPS * self.longest_gap)
         idle = now - since
@@ -124,31 +127,37 @@ class Reporter:
         import ray
 
         self.total, self.callback, self.interval = total, callback, interval
-        # no CPU of its own: it must never wait for a slot behind the actors
-        self.counter = ray.remote(num_cpus=0)(Counter).remote()
+        # no CPU of its own: it must never wait for a slot behind the actors;
+        # none at all when nobody watches (no callback, no stall timeout)
+        watched = callback is not None or stall_timeout_s > 0
+        self.counter = ray.remote(num_cpus=0)(Counter).remote() if watched else None
         self._started = time.time()
         self.watchdog = Watchdog(stall_timeout_s, self._started)
         self.stalled: str | None = None
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._caller = threading.current_thread()  # the thread to stop when the run stalls
 
     def __enter__(self) -> "Reporter":
-        self._thread.start()
+        if self.counter is not None:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         import ray
 
+        if self.counter is None:
+            return
         self._halt.set()
         self._thread.join()
-        self._poll()  # the final count
+        self._poll(watch=False)  # the final count; the run is over, stalled or not
         ray.kill(self.counter)
 
     def _run(self) -> None:
         while not self._halt.wait(self.interval):
             self._poll()
 
-    def _poll(self) -> None:
+    def _poll(self, watch: bool = True) -> None:
         import ray
 
         try:
@@ -159,10 +168,20 @@ class Reporter:
         if self.callback:
             self.callback(Progress(done, errors, self.total, time.time() - self._started, rate,
                                    now - last if last is not None else 0.0))
-        reason = self.watchdog.check(done, self.total, last, files_read, now)
+        reason = self.watchdog.check(done, self.total, last, files_read, now) if watch else None
         if reason and not self.stalled:
             self.stalled = reason
-            _thread.interrupt_main()  # the main thread waits inside Ray Data: stop it there
+            _interrupt(self._caller)  # the caller waits inside Ray Data: stop it there
+
+
+def _interrupt(thread: threading.Thread) -> None:
+    """Raise KeyboardInterrupt in ``thread``: by signal in the main thread
+    (which also wakes a blocking call), else asynchronously at its next
+    Python instruction (Ray Data's driver loop runs Python every few ms)."""
+    if thread is threading.main_thread():
+        _thread.interrupt_main()
+    else:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt))
 
 
 class ProgressLine:
@@ -180,13 +199,26 @@ class ProgressLine:
         if self._finished:
             return
         self._finished = p.done == p.total
-        text = "  " + p.line()
+        self._show("  " + p.line(), self._finished)
+
+    def listing(self, dataset: str, files: int) -> None:
+        """``  listing coco: 45,000 files so far``: a large prefix takes a while to list."""
+        self._show(f"  listing {dataset}: {files:,} files so far", False)
+
+    def close(self) -> None:
+        """End an open line on a terminal, so that what follows (an error) starts on its own."""
+        if self.tty and self._width and not self._finished:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._finished = True
+
+    def _show(self, text: str, last: bool) -> None:
         if self.tty:
             self.stream.write("\r" + text.ljust(self._width))
             self._width = len(text)
-            if self._finished:
+            if last:
                 self.stream.write("\n")
-        elif self._last is None or time.monotonic() - self._last >= self.every or self._finished:
+        elif self._last is None or time.monotonic() - self._last >= self.every or last:
             self.stream.write(text + "\n")
             self._last = time.monotonic()
         self.stream.flush()

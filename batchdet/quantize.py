@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from batchdet.files import AtomicFile
 from batchdet.spec import INPUT_NAME, QUANTIZED_KEY, SOURCE_SHA_KEY, check_model
 
 #: metadata keys written on the quantized model, besides the source's own:
@@ -176,9 +177,9 @@ def quantize_model(
     if not result.producer_name:
         result.producer_name = "batchdet.quantize"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    onnx.save(result, str(tmp_out))
-    tmp_out.replace(out)
+    with AtomicFile(out) as file:
+        onnx.save(result, str(file.temp))
+        file.commit()
     check_model(out)  # the contract still holds
     return out
 

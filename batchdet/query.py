@@ -1,13 +1,15 @@
 """SQL over a finished output, and the one place that knows how to read one.
 
 An output is Hive-partitioned Parquet (``OUTPUT/dataset=<NAME>/*.parquet``)
-plus run manifests (``OUTPUT/_runs/*.json``); see docs/output.md. DuckDB reads
-the Parquet files where they are: local paths natively, everything else
-(``s3://``, ``gs://``, ``memory://`` …) through the fsspec filesystem
-registered on the connection, so only the byte ranges a query needs travel.
+plus run manifests (``OUTPUT/_runs/*.json``); see docs/output.md. Which files
+a reader sees is :meth:`batchdet.output.Output.data_files`, the writer's rule
+too. DuckDB reads the Parquet files where they are: local paths natively,
+everything else (``s3://``, ``gs://``, ``memory://`` …) through the fsspec
+filesystem registered on the connection, so only the byte ranges a query
+needs travel.
 
 ``summary``, ``evaluate`` and ``draw`` all read through :func:`open_output`
-and :meth:`Output.connect`, so listing rules and error messages are the same
+and :meth:`Snapshot.connect`, so listing rules and error messages are the same
 for every command.
 """
 
@@ -15,17 +17,17 @@ from __future__ import annotations
 
 import csv
 import json
-import posixpath
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 import duckdb
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchdet.schema import RUNS_DIR, SCHEMA
-from batchdet.storage import filesystem, full_uri, is_local
+from batchdet.errors import one_line
+from batchdet.output import RUNS_DIR, Output
+from batchdet.schema import SCHEMA
+from batchdet.storage import full_uri, is_local
 
 #: (what it answers, SQL): shown by ``batchdet query OUTPUT`` without SQL.
 EXAMPLES: tuple[tuple[str, str], ...] = (
@@ -49,23 +51,13 @@ EXAMPLES: tuple[tuple[str, str], ...] = (
 
 
 @dataclass(frozen=True)
-class Output:
-    """A batchdet output directory or prefix, opened on its filesystem.
+class Snapshot:
+    """An output's committed data files, listed once, so every query on it sees the
+    same rows even while a run is still adding files."""
 
-    ``files`` is the listing taken when it was opened, so every query on one
-    ``Output`` sees the same rows even while a run is still adding files.
-    """
-
-    url: str
-    fs: fsspec.AbstractFileSystem
-    root: str
-    #: Every ``dataset=<NAME>/…/*.parquet`` file, as a path or URI DuckDB can open.
+    output: Output
+    #: :meth:`Output.data_files` when opened, as paths or URIs DuckDB can open.
     files: tuple[str, ...]
-
-    def run_files(self) -> list[str]:
-        """Paths (inside :attr:`fs`) of the run manifests, ``_runs/*.json`` (not the writer's hidden temporaries)."""
-        return sorted(p for p in self.fs.glob(posixpath.join(self.root, RUNS_DIR, "*.json"))
-                      if not posixpath.basename(p).startswith("."))
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB connection with the views ``images`` (one row per image: the
@@ -73,8 +65,8 @@ class Output:
         (every row of every file, superseded ones included)."""
         con = duckdb.connect()
         if self.files:
-            if not is_local(self.fs):
-                con.register_filesystem(self.fs)
+            if not is_local(self.output.fs):
+                con.register_filesystem(self.output.fs)
             # hive_types: a dataset named "2017" stays a string; union_by_name:
             # files written before a column was added still read.
             con.execute(
@@ -102,37 +94,21 @@ class Output:
         return con
 
 
-def open_output(output: str, storage_options: dict[str, Any] | None = None) -> Output:
+def open_output(output: str, storage_options: dict[str, Any] | None = None) -> Snapshot:
     """Open ``output`` (a local path or any fsspec URL); OSError/ValueError if it is not one.
 
     An output needs at least one Parquet partition or one run manifest, so a
     typo in the path fails here with the path in the message instead of as an
     empty result later.
     """
-    fs, root = filesystem(output, storage_options)
-    root = root.rstrip("/")
-    if not fs.exists(root):
+    out = Output(output, storage_options)
+    if not out.fs.exists(out.root):
         raise FileNotFoundError(f"no output at {output}")
-    out = Output(output, fs, root, _parquet_files(fs, root))
-    if not out.files and not out.run_files():
+    snapshot = Snapshot(out, tuple(full_uri(out.fs, path) for path in out.data_files()))
+    if not snapshot.files and not out.manifest_files():
         raise ValueError(f"{output} is not a batchdet output: no dataset=<NAME>/*.parquet files "
                          f"and no {RUNS_DIR}/*.json")
-    return out
-
-
-def _parquet_files(fs: fsspec.AbstractFileSystem, root: str) -> tuple[str, ...]:
-    """The partition files under ``root``: local paths, or full URIs for the registered filesystem.
-
-    Names starting with ``.`` or ``_`` are skipped (temporary and bookkeeping
-    files, the rule pyarrow's dataset discovery follows too).
-    """
-    files = []
-    for path in fs.find(root):
-        parts = posixpath.relpath(path, root).split("/")
-        if (len(parts) >= 2 and parts[0].startswith("dataset=") and path.endswith(".parquet")
-                and not any(p.startswith((".", "_")) for p in parts)):
-            files.append(full_uri(fs, path))
-    return tuple(sorted(files))
+    return snapshot
 
 
 def connect(output: str, storage_options: dict[str, Any] | None = None) -> duckdb.DuckDBPyConnection:
@@ -149,7 +125,7 @@ def run_sql(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None =
         relation = con.sql(sql, params=params)
         return relation.to_arrow_table() if relation is not None else pa.table({})
     except duckdb.Error as e:
-        raise ValueError(f"query failed: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"query failed: {one_line(e, with_type=False)}") from None
 
 
 def query(output: str, sql: str, storage_options: dict[str, Any] | None = None) -> pa.Table:
@@ -157,13 +133,13 @@ def query(output: str, sql: str, storage_options: dict[str, Any] | None = None) 
     return run_sql(connect(output, storage_options), sql)
 
 
-def read_dataset(out: Output, dataset: str) -> pa.Table:
+def read_dataset(snapshot: Snapshot, dataset: str) -> pa.Table:
     """All ``images`` rows of one dataset, ordered by URI; ValueError naming the datasets there are."""
-    con = out.connect()
+    con = snapshot.connect()
     rows = run_sql(con, "SELECT * FROM images WHERE dataset = ? ORDER BY uri", [dataset])
     if rows.num_rows == 0:
         names = run_sql(con, "SELECT DISTINCT dataset FROM images ORDER BY dataset").column(0).to_pylist()
-        raise ValueError(f"no dataset {dataset!r} in {out.url} (datasets: {', '.join(names) or 'none'})")
+        raise ValueError(f"no dataset {dataset!r} in {snapshot.output.url} (datasets: {', '.join(names) or 'none'})")
     return rows
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from fsspec.asyn import sync
 
+from batchdet.errors import one_line
 from batchdet.preprocess import ImageError
 from batchdet.storage import filesystem
 
@@ -68,5 +69,4 @@ def _as_result(value: bytes | BaseException, max_bytes: int) -> bytes | ImageErr
         return ImageError("ReadError", "not found (deleted after listing?)")
     if isinstance(value, PermissionError):
         return ImageError("ReadError", f"access denied: {value}")
-    text = str(value).splitlines()[0] if str(value) else ""
-    return ImageError("ReadError", f"{type(value).__name__}: {text}" if text else type(value).__name__)
+    return ImageError("ReadError", one_line(value))

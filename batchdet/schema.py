@@ -11,6 +11,8 @@ import re
 
 import pyarrow as pa
 
+from batchdet.output import RUNS_DIR  # noqa: F401  the layout lives in output.py; still importable from here
+
 DETECTION_TYPE = pa.struct(
     [
         ("label_id", pa.int32()),
@@ -43,7 +45,6 @@ STATUS_OK = "ok"
 STATUS_ERROR = "error"
 
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-RUNS_DIR = "_runs"
 
 
 def check_dataset_name(name: str) -> str:

@@ -1,8 +1,7 @@
-"""Where Ray Data puts a run's rows: the run's staging folder (see writing.py)."""
+"""Where Ray Data puts a run's rows: the run's staging folder (output.py; committed by writing.py)."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any, Iterable
 
 import pyarrow as pa
@@ -10,7 +9,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from batchdet.writing import STAGING_DIR, Output
+from batchdet.output import Output
 
 
 class StagingSink(Datasink):
@@ -42,7 +41,6 @@ class StagingSink(Datasink):
         out = Output(self.output, self.storage_options)
         datasets = table.column("dataset")
         for name in pc.unique(datasets).to_pylist():
-            folder = out.join(STAGING_DIR, self.run_id, f"dataset={name}")
-            out.fs.makedirs(folder, exist_ok=True)
-            with out.fs.open(f"{folder}/{uuid.uuid4().hex}.parquet", "wb") as f:
+            out.fs.makedirs(out.staged_partition(self.run_id, name), exist_ok=True)
+            with out.fs.open(out.new_staged_file(self.run_id, name), "wb") as f:
                 pq.write_table(table.filter(pc.equal(datasets, name)).drop_columns(["dataset"]), f)

@@ -8,12 +8,13 @@ a wrong file is refused with one line before any work starts.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from batchdet.files import sha256_of_file as sha256_file  # also imported from here, its old home
 
 # --- the official file ------------------------------------------------------
 OFFICIAL_NAME = "resnet34-ssd1200.onnx"
@@ -129,15 +130,6 @@ class ModelInfo:
         """What the model is, in one line (:data:`KIND_TEXT`)."""
         kind_id = self.kind_id
         return KIND_TEXT_INT8.get(kind_id, KIND_TEXT[kind_id]) if self.int8 else KIND_TEXT[kind_id]
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, streamed (the official file is 80 MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _dims(value_info) -> tuple:

@@ -53,6 +53,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 import batchdet
+from batchdet.errors import one_line
 
 JOB_CONFIG_NAME = "batchdet-job.yaml"
 ENTRYPOINT = f"python -m batchdet.job --config {JOB_CONFIG_NAME}"
@@ -165,10 +166,10 @@ def requirements() -> list[str]:
 
 
 def job_config(detect_args: list[str], config: str | None = None) -> dict[str, Any]:
-    """Parse and validate ``detect`` arguments (plus ``--config``) exactly as
-    ``batchdet detect`` would; return the merged job spec."""
+    """Parse and check ``detect`` arguments (plus ``--config``) exactly as
+    ``batchdet detect`` would; return the merged job spec (options that differ from their defaults)."""
     from batchdet.cli import build_parser
-    from batchdet.config import apply_config, config_from_args
+    from batchdet.config import options_from_args
 
     args = list(detect_args)
     if args[:1] == ["--"]:
@@ -179,10 +180,10 @@ def job_config(detect_args: list[str], config: str | None = None) -> dict[str, A
         raise SubmitError("--config given twice (before and after --)")
     if config:
         args += ["--config", config]
-    parsed = apply_config(build_parser().parse_args(["detect", *args]))
-    if parsed.address:
+    options = options_from_args(build_parser().parse_args(["detect", *args]))
+    if options.address:
         raise SubmitError("--address is not a detect argument here: the job joins the cluster it is submitted to")
-    return config_from_args(parsed)
+    return options.to_spec()
 
 
 def refuse_secrets(config: dict[str, Any]) -> None:
@@ -264,7 +265,7 @@ def _client(address: str, token: str | None):
     try:
         return JobSubmissionClient(address, headers=auth_headers(token))
     except Exception as e:  # ConnectionError, ray.exceptions.AuthenticationError, RuntimeError, …
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = one_line(e, with_type=False)
         hint = ""
         if "uthentication" in first:
             hint = (" (set $RAY_AUTH_TOKEN or $RAY_AUTH_TOKEN_PATH to the cluster's token)" if token is None
@@ -314,7 +315,7 @@ def submit(
                 metadata={"batchdet_version": batchdet.__version__, "submitted_by": "batchdet submit"},
             )
         except Exception as e:  # the Jobs API refused it (runtime env too large, bad field, …)
-            raise SubmitError(f"job submission failed: {str(e).strip().splitlines()[0]}") from None
+            raise SubmitError(f"job submission failed: {one_line(e, with_type=False)}") from None
     finally:
         shutil.rmtree(job_dir, ignore_errors=True)
     if not wait:
@@ -353,6 +354,6 @@ def watch(client, submission_id: str, out: TextIO, err: TextIO) -> int:
             time.sleep(0.5)
         status = client.get_job_status(submission_id)
     info = client.get_job_info(submission_id)
-    message = f": {info.message.strip().splitlines()[0]}" if status != JobStatus.SUCCEEDED and info.message else ""
+    message = f": {one_line(info.message, with_type=False)}" if status != JobStatus.SUCCEEDED and (info.message or "").strip() else ""
     print(f"batchdet: job {submission_id} {status.value}{message}", file=err)
     return 0 if status == JobStatus.SUCCEEDED else 1

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from batchdet.errors import one_line
+from batchdet.output import manifest_run
 from batchdet.query import aligned_lines, open_output, run_sql
 from batchdet.spec import OFFICIAL, OFFICIAL_INT8, OTHER, STANDIN, kind_id_from_text
 
@@ -66,8 +68,8 @@ def summarize(output: str, storage_options: dict[str, Any] | None = None,
 
     ``min_score`` is compared as float32, the type of ``score``, so 0.9 counts a stored 0.9.
     """
-    out = open_output(output, storage_options)
-    con = out.connect()
+    snapshot = open_output(output, storage_options)
+    con = snapshot.connect()
     counts = run_sql(con, """
         SELECT dataset, count(*) AS images,
                count(*) FILTER (WHERE status = 'ok') AS ok,
@@ -89,23 +91,23 @@ def summarize(output: str, storage_options: dict[str, Any] | None = None,
     row_runs = {r for (r,) in con.execute("SELECT DISTINCT run_id FROM all_images").fetchall()}
 
     runs, unreadable = [], {}
-    for path in out.run_files():
+    for path in snapshot.output.manifest_files():
         name = path.rsplit("/", 1)[-1]
         try:
-            with out.fs.open(path, "r") as f:
-                runs.append(_run_summary(json.load(f), name))
+            with snapshot.output.fs.open(path, "r") as f:
+                runs.append(_run_summary(json.load(f), manifest_run(path)))
         except (ValueError, TypeError, AttributeError, KeyError) as e:
-            unreadable[name] = f"{type(e).__name__}: {e}"
+            unreadable[name] = one_line(e)
     runs.sort(key=lambda r: (r.finished or r.started or "", r.run_id))
-    recorded = {r.run_id for r in runs} | {name.removesuffix(".json") for name in unreadable}
+    recorded = {r.run_id for r in runs} | {manifest_run(name) for name in unreadable}
     return Summary(output, min_score, datasets, runs, superseded, sorted(row_runs - recorded), unreadable)
 
 
-def _run_summary(manifest: dict[str, Any], name: str) -> RunSummary:
+def _run_summary(manifest: dict[str, Any], run_id: str) -> RunSummary:
     model = manifest.get("model") or {}
     official = model.get("official")
     return RunSummary(
-        run_id=str(manifest.get("run_id") or name.removesuffix(".json")),
+        run_id=str(manifest.get("run_id") or run_id),
         started=_time_text(manifest.get("started")),
         finished=_time_text(manifest.get("finished")),
         official=None if official is None else bool(official),

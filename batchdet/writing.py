@@ -1,9 +1,10 @@
 """An output's life: stage a run, commit it, write its manifest last; recover
 what a killed run staged; tell ``--resume`` what is already done.
 
-Layout (docs/output.md): ``dataset=<NAME>/<run_id>_<…>.parquet`` and
-``_runs/<run_id>.json``. While a run works, Ray writes its Parquet under
-``_staging/<run_id>/`` beside a ``_run.json`` record of the run. Committing
+Layout (docs/output.md; every path rule is in output.py):
+``dataset=<NAME>/<run_id>_<…>.parquet`` and ``_runs/<run_id>.json``. While a
+run works, Ray writes its Parquet under ``_staging/<run_id>/`` beside a
+``_run.json`` record of the run. Committing
 moves each complete, readable file into its partition — a rename locally, a
 whole-object copy on S3, so a reader sees a file whole or not at all — drops
 rows a retried task wrote twice, and writes the manifest *last*: a run's rows
@@ -17,26 +18,22 @@ from __future__ import annotations
 
 import json
 import platform
-import posixpath
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchdet import __version__
-from batchdet.schema import RUNS_DIR, STATUS_OK
-from batchdet.storage import filesystem
-
-if TYPE_CHECKING:  # lease.py builds on Output
-    from batchdet.lease import Lease
-
-STAGING_DIR = "_staging"
-RUN_RECORD = "_run.json"
+from batchdet.files import replace_bytes
+from batchdet.lease import Lease
+from batchdet.output import RUNS_DIR, Output, committed_name, dataset_of, run_of
+from batchdet.output import RUN_RECORD, STAGING_DIR  # noqa: F401  still importable from here (tests, benchmarks)
+from batchdet.schema import STATUS_OK
 
 
 @dataclass
@@ -85,44 +82,10 @@ class RunResult:
         return "\n".join(lines)
 
 
-class Output:
-    """An output directory on any fsspec filesystem."""
-
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
-        self.url = url
-        self.fs, root = filesystem(url, storage_options)
-        self.root = root.rstrip("/")
-
-    def join(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def manifests(self) -> dict[str, dict]:
-        """Committed runs: ``_runs/<run_id>.json`` contents by run id."""
-        pattern = self.join(RUNS_DIR, "*.json")
-        return {posixpath.basename(p)[: -len(".json")]: json.loads(self.fs.cat_file(p))
-                for p in self.fs.glob(pattern) if not posixpath.basename(p).startswith(".")}
-
-    def staged_runs(self) -> list[str]:
-        """Run ids with a staging folder: running now, or killed."""
-        return sorted(posixpath.basename(p) for p in self.fs.glob(self.join(STAGING_DIR, "*")))
-
-    def data_files(self) -> list[str]:
-        return sorted(self.fs.glob(self.join("dataset=*", "*.parquet")))
-
-    def is_empty(self) -> bool:
-        return not (self.data_files() or self.staged_runs() or self.manifests())
-
-    def clear(self) -> None:
-        """Remove everything batchdet wrote here (``--overwrite``)."""
-        for path in self.fs.glob(self.join("dataset=*")) + [self.join(RUNS_DIR), self.join(STAGING_DIR)]:
-            if self.fs.exists(path):
-                self.fs.rm(path, recursive=True)
-
-
 def begin_run(out: Output, record: dict[str, Any]) -> None:
     """Write the run's record into its staging folder before any work."""
-    out.fs.makedirs(out.join(STAGING_DIR, record["run_id"]), exist_ok=True)
-    out.fs.pipe_file(out.join(STAGING_DIR, record["run_id"], RUN_RECORD), json.dumps(record).encode())
+    out.fs.makedirs(out.staging(record["run_id"]), exist_ok=True)
+    out.fs.pipe_file(out.run_record(record["run_id"]), json.dumps(record).encode())
 
 
 def _read_whole(out: Output, path: str) -> pa.Table | None:
@@ -181,22 +144,20 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
     only to drop rows a retried task wrote twice. De-duplication is exact:
     every URI committed so far, per dataset, is kept as a Python string.
     """
-    stage = out.join(STAGING_DIR, run_id)
-    record = json.loads(out.fs.cat_file(posixpath.join(stage, RUN_RECORD)))
+    record = json.loads(out.fs.cat_file(out.run_record(run_id)))
     counts = {name: DatasetCounts(**d) for name, d in record["datasets"].items()}
-    sources = sorted(p for p in out.fs.find(stage) if p.endswith(".parquet"))
+    sources = out.staged_files(run_id)
     seen: dict[str, set[str]] = {}
     files, moves, rewrites = [], [], []
     for src, keys in zip(sources, _in_threads(lambda p: _read_keys(out, p), sources)):
-        partition = posixpath.basename(posixpath.dirname(src))  # dataset=<NAME>
-        dataset = partition.partition("=")[2]
+        dataset = dataset_of(src)
         if keys is None or dataset not in counts:
             continue
         uris = keys.column("uri").to_pylist()
         done = seen.setdefault(dataset, set())
         fresh = [u not in done for u in uris]
         done.update(uris)
-        relative = f"{partition}/{run_id}_{posixpath.basename(src)}"
+        relative = committed_name(run_id, src)
         if all(fresh):
             moves.append((src, relative))
         else:  # a retried task wrote these rows twice: keep the first copy
@@ -225,7 +186,7 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
         versions=record["versions"], files=files, recovered=recovered,
     )
     _write_manifest(out, result)
-    out.fs.rm(stage, recursive=True)
+    out.fs.rm(out.staging(run_id), recursive=True)
     return result
 
 
@@ -240,11 +201,8 @@ def _count(c: DatasetCounts, table: pa.Table) -> None:
 
 def _write_manifest(out: Output, result: RunResult) -> None:
     """``_runs/<run_id>.json``, whole: written under a temporary name, then renamed."""
-    final = out.join(RUNS_DIR, f"{result.run_id}.json")
-    temp = out.join(RUNS_DIR, f".{result.run_id}.json.tmp")
     out.fs.makedirs(out.join(RUNS_DIR), exist_ok=True)
-    out.fs.pipe_file(temp, result.to_json().encode())
-    out.fs.mv(temp, final)
+    replace_bytes(out.fs, out.manifest(result.run_id), result.to_json().encode())
 
 
 def recover(out: Output, lease: Lease) -> list[RunResult]:
@@ -256,7 +214,7 @@ def recover(out: Output, lease: Lease) -> list[RunResult]:
     """
     lease.check()
     return [finish_run(out, run_id, recovered=True) for run_id in out.staged_runs()
-            if run_id != lease.run_id and out.fs.exists(out.join(STAGING_DIR, run_id, RUN_RECORD))]
+            if run_id != lease.run_id and out.fs.exists(out.run_record(run_id))]
 
 
 def done_uris(out: Output, model_sha256: str) -> dict[str, set[str]]:
@@ -264,7 +222,7 @@ def done_uris(out: Output, model_sha256: str) -> dict[str, set[str]]:
     run of the same model (``--resume`` skips them; error rows are retried).
     Reads only the ``uri`` and ``status`` columns, IO_THREADS files at a time."""
     runs = {run_id for run_id, m in out.manifests().items() if m["model"]["sha256"] == model_sha256}
-    paths = [p for p in out.data_files() if posixpath.basename(p).split("_", 1)[0] in runs]
+    paths = [p for p in out.data_files() if run_of(p) in runs]
 
     def ok_uris(path: str) -> pa.ChunkedArray:
         with out.fs.open(path, "rb") as f:
@@ -273,8 +231,7 @@ def done_uris(out: Output, model_sha256: str) -> dict[str, set[str]]:
 
     done: dict[str, set[str]] = {}
     for path, uris in zip(paths, _in_threads(ok_uris, paths)):
-        dataset = posixpath.basename(posixpath.dirname(path)).partition("=")[2]
-        done.setdefault(dataset, set()).update(uris.to_pylist())
+        done.setdefault(dataset_of(path), set()).update(uris.to_pylist())
     return done
 
 

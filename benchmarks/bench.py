@@ -36,7 +36,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -48,6 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
+from harness import machine_info
+
 HERE = Path(__file__).resolve().parent
 WIDTH, HEIGHT = 640, 480
 #: Targets of the performance issue (ratios measured within one run).
@@ -58,33 +59,6 @@ TARGETS = {
     "object_store_mb_per_image": ("<=", 4.5),
     "int8_speedup": (">=", 1.7),
 }
-
-
-# --- machine ------------------------------------------------------------------
-def machine_info() -> dict:
-    import onnxruntime
-    import ray
-
-    cpu_model = platform.processor() or platform.machine()
-    flags: list[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu_model in ("", platform.machine(), platform.processor()):
-                cpu_model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "fma", "amx")) or "vnni" in f]
-    except OSError:
-        pass
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "cpu_flags": flags,
-        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "ray": ray.__version__,
-        "platform": platform.platform(),
-    }
 
 
 # --- images ---------------------------------------------------------------------

@@ -46,7 +46,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import bench  # noqa: E402  (the shared harness: images, machine, /proc readers)
+import bench  # noqa: E402  (images, /proc readers)
+import harness  # noqa: E402  (machine, commit)
 
 #: Dataset sizes (small, large) per model: the large run long enough that
 #: start-up is a small share, the small one long enough to reach steady state.
@@ -381,7 +382,7 @@ def main(argv=None) -> dict | None:
     out = Path(args.out)
     workdir = Path(args.workdir) if args.workdir else out.parent / "overhead-work"
     workdir.mkdir(parents=True, exist_ok=True)
-    results = {"machine": bench.machine_info(), "commit": _commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    results = {"machine": harness.machine_info(), "commit": harness.commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                "command": " ".join(["benchmarks/overhead.py", *(sys.argv[1:] if argv is None else argv)]), "models": {}}
     m = results["machine"]
     print(f"machine: {m['nproc']} CPUs, {m['cpu_model']} ({' '.join(m['cpu_flags'])}), commit {results['commit']}")
@@ -395,14 +396,6 @@ def main(argv=None) -> dict | None:
     print(table(results))
     print(f"\nwritten: {out}  ({results['elapsed_s']:.0f} s)")
     return results
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

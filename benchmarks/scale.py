@@ -143,12 +143,14 @@ def _step_listing(out: Path) -> dict:
 
 def _step_resume(out: Path) -> dict:
     from batchdet.listing import list_images
+    from batchdet.options import DetectOptions
     from batchdet.plan import RunPlan
     from batchdet.spec import ModelInfo
     from batchdet.writing import Output, done_uris
 
-    listing = list_images(str(out / "manifest.txt"))
-    plan = RunPlan(run_id="next", listings={DATASET: listing}, output=str(out),
+    manifest = str(out / "manifest.txt")
+    listing = list_images(manifest)
+    plan = RunPlan(run_id="next", options=DetectOptions({DATASET: manifest}, str(out)), listings={DATASET: listing},
                    model=ModelInfo(path="bench.onnx", size=0, sha256=MODEL_SHA, parameters=0, opset=0, input_shape=()))
     t = time.perf_counter()
     done = done_uris(Output(str(out)), MODEL_SHA)

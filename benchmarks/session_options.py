@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (same folder: image synthesis, model resolution, machine info, Phase)
+import bench  # noqa: E402  (same folder: image synthesis, model resolution, Phase)
+import harness  # noqa: E402  (machine info)
 
 #: name → session_options() keyword arguments (threads given separately)
 VARIANTS = {
@@ -80,7 +81,7 @@ def main(argv=None) -> dict:
     chosen = args.variants.split(",") if args.variants else DEFAULT_SET
     if "default" not in chosen:
         chosen.insert(0, "default")
-    res: dict = {"machine": bench.machine_info(), "model": str(model), "threads": threads, "variants": {}}
+    res: dict = {"machine": harness.machine_info(), "model": str(model), "threads": threads, "variants": {}}
 
     sessions = {}
     for name in chosen:

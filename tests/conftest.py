@@ -138,6 +138,16 @@ def s3() -> S3Endpoint:
         mp.undo()
 
 
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> tuple[str, dict[str, str]]:
+    """(output URL, storage options): a local folder, or a prefix in a fresh bucket."""
+    if request.param == "local":
+        (tmp_path / "out").mkdir()
+        return str(tmp_path / "out"), {}
+    s3 = request.getfixturevalue("s3")
+    return f"s3://{s3.new_bucket()}/out", s3.storage_options
+
+
 @pytest.fixture(scope="session")
 def narrow_model(tmp_path_factory):
     """The narrow stand-in (same graph, channels / 8): fast enough for every test."""

@@ -165,18 +165,18 @@ def test_prefetch_cap_bounds_what_waits_in_the_object_store(tmp_path):
     """benchmarks/prefetch.py on a real local Ray, files of 2 MiB and a
     consumer taking 0.01 s a file: with the pipeline's cap, what waits never
     exceeds the cap plus a block from each read task running when it was
-    reached, at 400 files and at 1600; uncapped, it grows with the dataset
+    reached, at 200 files and at 800; uncapped, it grows with the dataset
     past what the cap allows."""
     out = tmp_path / "prefetch.json"
     proc = subprocess.run(
-        [sys.executable, str(BENCH.parent / "prefetch.py"), "--images", "400,1600", "--seconds", "0.01",
+        [sys.executable, str(BENCH.parent / "prefetch.py"), "--images", "200,800", "--seconds", "0.01",
          "--kb", "2048", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "max read ahead" in proc.stdout
     runs = json.loads(out.read_text())
-    assert [(r["capped"], r["images"]) for r in runs] == [(False, 400), (False, 1600), (True, 400), (True, 1600)]
+    assert [(r["capped"], r["images"]) for r in runs] == [(False, 200), (False, 800), (True, 200), (True, 800)]
     small, large = runs[:2]
     for r in runs[2:]:
         file_bytes = r["kb_per_image"] * 1024

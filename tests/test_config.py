@@ -1,19 +1,14 @@
-"""Job spec YAML (batchdet/config.py): loading, refusing bad files with one line
-naming the key, and `batchdet detect --config` where flags override the file."""
+"""Job spec YAML (batchdet/config.py): loading, and refusing bad files with one
+line naming the key. `--config` merged with flags: tests/test_options.py."""
 
 from __future__ import annotations
 
-import argparse
-import inspect
 from pathlib import Path
 
 import pytest
 
-from batchdet import api
-from batchdet.cli import build_parser, main
-from batchdet.config import (
-    DESTS, SCHEMA, ConfigError, apply_config, config_from_args, dump_config, load_config, parse_config, read_config,
-)
+from batchdet.config import ConfigError, load_config, parse_config, read_config
+from batchdet.options import DetectOptions
 
 REPO = Path(__file__).resolve().parents[1]
 SHA = "b417a8186967f1e78670b0075aa72a10e5c7d1a6d5c08af9d13dc97f3d29ef0d"
@@ -56,22 +51,13 @@ def test_full_spec_gives_detect_kwargs(tmp_path):
         "batch_size": 8, "max_pixels": 50_000_000, "rows_per_file": 128, "resume": True,
         "storage_options": {"endpoint_url": "http://127.0.0.1:9000", "anon": False, "max_concurrency": "4"},
     }
-    inspect.signature(api.detect).bind(**kwargs)  # exactly detect's keyword arguments
-
-
-def test_schema_matches_detect_and_its_flags():
-    params = set(inspect.signature(api.detect).parameters)
-    assert set(SCHEMA) - {"model_sha256"} <= params
-    detect_parser = build_parser()._subparsers._group_actions[0].choices["detect"]
-    dests = {a.dest for a in detect_parser._actions}
-    assert {DESTS.get(k, k) for k in SCHEMA if k != "model_sha256"} <= dests
+    assert DetectOptions(**kwargs).to_spec() == kwargs  # exactly detect's keyword arguments, already normalised
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "jobs" / "examples").glob("*.yaml")), ids=lambda p: p.name)
 def test_examples_are_valid(path):
-    kwargs = load_config(path)
-    assert kwargs["datasets"] and kwargs["output"]
-    inspect.signature(api.detect).bind(**kwargs)
+    options = DetectOptions(**load_config(path))
+    assert options.datasets and options.output
 
 
 @pytest.mark.parametrize(
@@ -101,6 +87,7 @@ def test_examples_are_valid(path):
         ("storage_options: anon\n", "'storage_options' must be a mapping of KEY: VALUE"),
         ("model_sha256: abc\nmodel: s3://b/m\n", "'model_sha256' must be 64 hexadecimal digits"),
         (f"model_sha256: {SHA}\n", "'model_sha256' needs 'model'"),
+        (f"model: s3://b/m#sha256={'0' * 64}\nmodel_sha256: {SHA}\n", "'model_sha256' {SHA} disagrees".format(SHA=SHA)),
         ("datasets: {a: s3://b/x}\ndatasets: {b: s3://b/y}\n", "duplicate key 'datasets' (line 2)"),
         ("datasets: {a: s3://x, a: s3://y}\n", "duplicate key 'a' (line 1)"),
         ("datasets: {a: [unclosed\n", "not valid YAML (line 2)"),
@@ -121,98 +108,3 @@ def test_missing_file(tmp_path):
 
 def test_null_values_count_as_absent():
     assert parse_config({"datasets": {"a": "s3://b/x"}, "model": None}) == {"datasets": {"a": "s3://b/x"}}
-
-
-# --- batchdet detect --config --------------------------------------------------------------
-@pytest.fixture
-def captured(monkeypatch):
-    """batchdet.api.detect replaced: the CLI's keyword arguments, no Ray."""
-    calls = []
-
-    class Result:
-        model = {"official": True}
-
-        def to_text(self):
-            return "ok"
-
-    def fake_detect(*args, **kwargs):
-        calls.append((args, kwargs))
-        return Result()
-
-    monkeypatch.setattr(api, "detect", fake_detect)
-    return calls
-
-
-def test_detect_config_flags_override_file(tmp_path, captured):
-    path = write(tmp_path, FULL)
-    assert main(["detect", "--config", str(path), "--batch-size", "2", "--actors", "3",
-                 "--storage-option", "anon=true", "--model", "/models/local.onnx"]) == 0
-    (args, kwargs), = captured
-    assert args == ({"coco-val2017": "s3://bucket/coco/val2017/", "shop": "/data/shop/*.jpg"}, "s3://bucket/out/")
-    assert kwargs["batch_size"] == 2 and kwargs["actors"] == (3, 3)  # the flags
-    assert kwargs["model"] == "/models/local.onnx"  # a flag's model drops the file's pin
-    assert kwargs["storage_options"] == {"endpoint_url": "http://127.0.0.1:9000", "anon": True, "max_concurrency": "4"}
-    assert kwargs["threads_per_actor"] == 4 and kwargs["gpus_per_actor"] == 0.5 and kwargs["resume"] is True
-    assert kwargs["score_threshold"] == 0.3 and kwargs["max_pixels"] == 50_000_000 and kwargs["rows_per_file"] == 128
-
-
-def test_detect_dataset_flag_replaces_the_files_datasets(tmp_path, captured):
-    path = write(tmp_path, FULL)
-    assert main(["detect", "--config", str(path), "--dataset", "other=s3://b/other", "--output", "s3://b/o2"]) == 0
-    (args, kwargs), = captured
-    assert args == ({"other": "s3://b/other"}, "s3://b/o2")
-    assert kwargs["model"].endswith(f"#sha256={SHA}")
-
-
-def test_detect_without_config_keeps_its_defaults(captured):
-    assert main(["detect", "--dataset", "a=s3://b/x", "--output", "s3://b/o"]) == 0
-    (args, kwargs), = captured
-    assert kwargs["batch_size"] is None and kwargs["score_threshold"] == 0.05 and kwargs["storage_options"] == {}
-    assert kwargs["resume"] is False and kwargs["actors"] is None and kwargs["model"] is None
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["detect"], "the following arguments are required: --dataset, --output (or in a --config file)"),
-        (["detect", "--dataset", "a=s3://b/x"], "required: --output (or in a --config file)"),
-        (["detect", "--config", "{spec}"], "required: --output or in {spec}"),
-        (["detect", "--config", "{dir}/missing.yaml"], "cannot read config"),
-        (["detect", "--config", "{bad}"], "'threads_per_actor' must be a whole number"),
-    ],
-)
-def test_detect_config_errors_are_one_line(tmp_path, capsys, captured, argv, message):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text("datasets: {a: s3://b/x}\n")
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("datasets: {a: s3://b/x}\noutput: s3://b/o\nthreads_per_actor: many\n")
-    fill = {"spec": spec, "dir": tmp_path, "bad": bad}
-    assert main([a.format(**fill) for a in argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("batchdet: error: ") and message.format(**fill) in err and "\n" not in err
-    assert not captured
-
-
-def test_config_round_trip(tmp_path):
-    """flags → spec → YAML → spec: what `batchdet submit` ships is what was asked."""
-    parser = build_parser()
-    args = apply_config(parser.parse_args(["detect", "--config", str(write(tmp_path, FULL)), "--batch-size", "2"]))
-    spec = config_from_args(args)
-    shipped = write(tmp_path, dump_config(spec))
-    again = read_config(shipped)
-    assert again == spec and again["batch_size"] == 2 and again["model"].endswith(f"#sha256={SHA}")
-    assert load_config(shipped)["storage_options"]["anon"] is False
-
-
-def test_apply_config_rejects_keys_this_detect_lacks(tmp_path):
-    ns = argparse.Namespace(dataset=["a=s3://b/x"], output="s3://b/o", config=str(write(tmp_path, "resume: true\n")))
-    with pytest.raises(ConfigError, match="'resume' is not supported by this version"):
-        apply_config(ns)
-
-
-def test_submit_without_the_separator_says_how(capsys):
-    """detect's flags given to submit without ``--`` before them: one line saying where they go."""
-    with pytest.raises(SystemExit) as e:
-        main(["submit", "--address", "http://127.0.0.1:1", "--dataset", "a=s3://b/x", "--output", "s3://b/o"])
-    assert e.value.code == 2
-    assert "batchdet submit takes detect's arguments after --" in capsys.readouterr().err

@@ -182,6 +182,7 @@ def test_resolve_model_pins_the_url_for_the_actors(s3, narrow_model, tmp_path, m
 
 def test_plan_and_actor_stage_use_the_url(s3, narrow_model, tmp_path, monkeypatch):
     """plan_run resolves the URL on the driver; InferenceStage fetches its own copy."""
+    from batchdet.options import DetectOptions
     from batchdet.plan import plan_run
     from batchdet.spec import sha256_file
     from batchdet.stages import InferenceStage
@@ -193,8 +194,8 @@ def test_plan_and_actor_stage_use_the_url(s3, narrow_model, tmp_path, monkeypatc
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.jpg").write_bytes(photo("rocket.jpg"))
     monkeypatch.setenv("BATCHDET_MODEL_CACHE", str(tmp_path / "driver"))
-    plan = plan_run({"a": str(tmp_path / "imgs")}, str(tmp_path / "out"), model=f"s3://{bucket}/m/narrow.onnx",
-                    storage_options=s3.storage_options)
+    plan = plan_run(DetectOptions({"a": str(tmp_path / "imgs")}, str(tmp_path / "out"),
+                                  model=f"s3://{bucket}/m/narrow.onnx", storage_options=s3.storage_options))
     sha = sha256_file(narrow_model)
     assert plan.model.path == f"s3://{bucket}/m/narrow.onnx#sha256={sha}" and plan.model.sha256 == sha
     monkeypatch.setenv("BATCHDET_MODEL_CACHE", str(tmp_path / "actor-node"))

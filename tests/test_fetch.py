@@ -204,7 +204,7 @@ def test_unsupported_scheme(tmp_path):
 
 
 def test_progress_reports_increasing_counts(server, tmp_path, monkeypatch):
-    monkeypatch.setattr(fetch, "_CHUNK", 64 * 1024)  # several chunks for a 300 KB payload
+    monkeypatch.setattr(fetch, "CHUNK", 64 * 1024)  # several chunks for a 300 KB payload
     calls: list[tuple[int, int | None]] = []
     _fetch(server.url("/model.onnx"), tmp_path / "m.onnx", progress=lambda n, total: calls.append((n, total)))
     counts = [n for n, _ in calls]

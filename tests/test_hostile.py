@@ -182,6 +182,9 @@ def test_no_secret_in_logs_rows_or_manifest(s3, narrow_model, tmp_path):
             haystacks[path] = fs.cat(path).decode("latin-1")
         logs = list(ray_tmp.rglob("*.log")) + list(ray_tmp.rglob("*.out")) + list(ray_tmp.rglob("*.err"))
         assert logs, "no Ray logs found to search"
+        # and the log file the CLI sends everything it does not show to
+        logs += [Path(line.split("Ray's log: ", 1)[1]) for line in proc.stdout.splitlines() if "Ray's log: " in line]
+        assert logs[-1].name.endswith(".log") and logs[-1].parent.name == "batchdet-logs", proc.stdout
         for log in logs:
             haystacks[str(log)] = log.read_text(errors="replace")
         for where, text in haystacks.items():

@@ -26,22 +26,11 @@ from batchdet.api import detect
 from batchdet.cli import main
 from batchdet.lease import Holder, LeaseLost, acquire
 from batchdet.writing import STAGING_DIR, Output, recover
-from conftest import N_IMAGES
 from photos import photo
 from test_resume import assert_exactly_once
 
 REFUSAL = (r"output {out} is being written by run {run} on host {host} \(pid {pid}\), "
            r"heartbeat \d+ s ago; wait for it or stop it")
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path) -> tuple[str, dict[str, str]]:
-    """(output URL, storage options): a local folder, or a prefix in a fresh bucket."""
-    if request.param == "local":
-        (tmp_path / "out").mkdir()
-        return str(tmp_path / "out"), {}
-    s3 = request.getfixturevalue("s3")
-    return f"s3://{s3.new_bucket()}/out", s3.storage_options
 
 
 @pytest.fixture
@@ -52,7 +41,7 @@ def quick_staleness(monkeypatch) -> float:
 
 
 def records(out: Output) -> dict[int, dict]:
-    return {g: json.loads(out.fs.cat_file(leasing._path(out, g))) for g in leasing._generations(out)}
+    return {g: json.loads(out.fs.cat_file(out.lease(g))) for g in leasing._generations(out)}
 
 
 # --- lease.py alone ----------------------------------------------------------------------------------
@@ -84,7 +73,7 @@ def _plant(out: Output, generation: int, **fields) -> None:
     """A lease record as another run would have left it."""
     record = {"run_id": "run-dead", "host": "elsewhere", "pid": 1, "machine": "elsewhere/boot/pid:[1]",
               "started": "2026-01-01T00:00:00+00:00", "heartbeat": "2026-01-01T00:00:00+00:00", **fields}
-    out.fs.pipe_file(leasing._path(out, generation), json.dumps(record).encode())
+    out.fs.pipe_file(out.lease(generation), json.dumps(record).encode())
 
 
 def test_stale_lease_is_taken_over(store):
@@ -111,7 +100,7 @@ def test_a_run_that_lost_its_lease_neither_recovers_nor_commits(store):
     out.fs.pipe_file(out.join(STAGING_DIR, "run-killed", "_run.json"), b"{}")
     frozen = acquire(out, "run-a")
     frozen._stop.set()  # as if the process froze: no more heartbeats
-    out.fs.rm_file(leasing._path(out, 0))
+    out.fs.rm_file(out.lease(0))
     _plant(out, 0, run_id="run-b", heartbeat=leasing._now().isoformat())  # a run took it meanwhile
     with pytest.raises(LeaseLost, match=r"run run-a lost its lease .* \(held now by run run-b on host elsewhere"):
         recover(out, frozen)
@@ -145,7 +134,7 @@ def test_racing_runs_take_one_lease(store):
 
 def test_unreadable_lease_is_not_taken_over(tmp_path):
     out = Output(str(tmp_path))
-    out.fs.pipe_file(leasing._path(out, 0), b"not json")
+    out.fs.pipe_file(out.lease(0), b"not json")
     with pytest.raises(ValueError, match="unreadable lease"):
         acquire(out, "run-b")
 
@@ -164,12 +153,13 @@ import json, sys
 import pyarrow as pa, pyarrow.parquet as pq
 from batchdet.api import _record
 from batchdet.lease import LeaseLost, acquire
+from batchdet.options import DetectOptions
 from batchdet.plan import plan_run
 from batchdet.schema import FILE_SCHEMA
 from batchdet.writing import STAGING_DIR, Output, begin_run
 
 output, options, folder, model = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
-plan = plan_run({"x": folder}, output, model=model, storage_options=options)
+plan = plan_run(DetectOptions({"x": folder}, output, model=model, storage_options=options))
 out = Output(output, plan.storage_options)
 with acquire(out, plan.run_id) as lease:
     begin_run(out, _record(plan, plan, {}))
@@ -235,9 +225,12 @@ def test_stalled_holder_refuses_then_is_taken_over(store, narrow_model, tmp_path
 def test_resume_is_refused_while_a_detect_runs_then_completes_it(narrow_model, many_images, tmp_path, ray_local,
                                                                   capsys):
     """The issue's case: run B with --resume while run A works no longer commits A's staging folder."""
-    out = tmp_path / "out"
+    out, images = tmp_path / "out", tmp_path / "images"  # 12 images: enough for A to outlive B's refusal
+    images.mkdir()
+    for f in sorted(many_images.iterdir())[:12]:
+        (images / f.name).write_bytes(f.read_bytes())
     first = subprocess.Popen(
-        [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"many={many_images}", "--output", str(out),
+        [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"many={images}", "--output", str(out),
          "--model", str(narrow_model), "--rows-per-file", "2", "--batch-size", "1", "--actors", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
@@ -248,7 +241,7 @@ def test_resume_is_refused_while_a_detect_runs_then_completes_it(narrow_model, m
             assert first.poll() is None, "the first run finished before a second could meet it"
             time.sleep(0.05)
         (staged,) = list(out.glob("_staging/*"))
-        argv = ["detect", "--dataset", f"many={many_images}", "--output", str(out), "--model", str(narrow_model)]
+        argv = ["detect", "--dataset", f"many={images}", "--output", str(out), "--model", str(narrow_model)]
         assert main([*argv, "--resume"]) == 2
         (line,) = _error_lines(capsys.readouterr().err)
         assert re.fullmatch("batchdet: error: " + REFUSAL.format(
@@ -260,7 +253,7 @@ def test_resume_is_refused_while_a_detect_runs_then_completes_it(narrow_model, m
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
-    again = detect({"many": str(many_images)}, str(out), model=narrow_model, resume=True)
-    assert again.datasets["many"].already_done == N_IMAGES and again.datasets["many"].images == 1
-    assert_exactly_once(out, many_images)
+    again = detect({"many": str(images)}, str(out), model=narrow_model, resume=True)
+    assert again.datasets["many"].already_done == 11 and again.datasets["many"].images == 1  # broken.jpg again
+    assert_exactly_once(out, images)
     assert not json.loads((out / "_runs" / f"{staged.name}.json").read_text()).get("recovered")

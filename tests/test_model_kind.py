@@ -88,8 +88,8 @@ def test_the_narrow_stand_in_is_a_stand_in(narrow_model, capsys):
 
 def _result(kind: str | None, official: bool = False) -> RunResult:
     model = {"path": "/models/m.onnx", "sha256": "0123456789abcdef" * 4, "official": official}
-    if kind is not None:
-        model["kind"] = kind
+    if kind is not None:  # as this version's manifest records it: the text and its id
+        model["kind"], model["kind_id"] = kind, kind_id_from_text(kind)
     return RunResult(run_id="r1", output="/out", started="s", finished="f", wall_s=2.0, images_per_s=0.5,
                      datasets={"a": DatasetCounts("/a", images=1, images_ok=1)}, model=model, arguments={},
                      versions={})

@@ -200,7 +200,7 @@ def test_pixel_space_boxes_and_label_map_through_pipeline(ray_local, tmp_path):
         (["--dataset", "x={images}", "--model", "/nope.onnx"], "model file not found"),
         (["--dataset", "x={images}", "--model", "{text}"], "not a valid ONNX file"),
         (["--dataset", "x={images}", "--output", "/proc/forbidden/out"], "cannot write to output"),
-        (["--dataset", "x={images}", "--actors", "3:1"], "bad --actors"),
+        (["--dataset", "x={images}", "--actors", "3:1"], "'actors' must be"),
         (["--dataset", "x={images}", "--dataset", "x={images}"], "given twice"),
     ],
     ids=["name", "missing", "empty", "no-model", "bad-model", "unwritable", "actors", "twice"],
@@ -241,25 +241,6 @@ def test_s3_unknown_bucket_and_missing_credentials(s3, narrow_model, tmp_path, c
     assert "credentials" in capsys.readouterr().err.lower()
 
 
-def test_cli_embedded_ray_subprocess(narrow_model, tmp_path):
-    """Without --address the CLI starts its own Ray, runs, prints the summary
-    and shuts Ray down (the process exits)."""
-    images = tmp_path / "images"
-    images.mkdir()
-    (images / "a.jpg").write_bytes(photo("rocket.jpg"))
-    (images / "b.jpg").write_bytes(b"garbage")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"one={images}",
-         "--output", str(tmp_path / "out"), "--model", str(narrow_model)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 images in" in proc.stdout
-    rows = read_output(str(tmp_path / "out"))
-    assert sorted(r["status"] for r in rows.values()) == ["error", "ok"]
-
-
 def test_actor_layout(ray_local, narrow_model, local_inputs, tmp_path):
     """A CPU actor defaults to one thread, one actor per CPU (a GPU actor to
     the node's CPUs, at most 4); on the embedded Ray the pool is full from the
@@ -267,17 +248,22 @@ def test_actor_layout(ray_local, narrow_model, local_inputs, tmp_path):
     from dataclasses import replace
 
     from batchdet.pipeline import actor_layout
+    from batchdet.options import DetectOptions
     from batchdet.plan import plan_run
 
     datasets, _ = local_inputs
-    plan = plan_run({"alpha": datasets["alpha"]}, str(tmp_path / "o"), model=narrow_model)
+    plan = plan_run(DetectOptions({"alpha": datasets["alpha"]}, str(tmp_path / "o"), model=narrow_model))
     assert actor_layout(plan, local=True) == (1, (2, 2))  # ray_local: one 2-CPU node
     assert actor_layout(plan, local=False) == (1, (1, 2))
-    two = replace(plan, threads_per_actor=2)
+
+    def setting(plan, **changes):
+        return replace(plan, options=replace(plan.options, **changes))
+
+    two = setting(plan, threads_per_actor=2)
     assert actor_layout(two, local=True) == (2, (1, 1))
-    assert actor_layout(replace(two, actors=(1, 3)), local=True) == (2, (1, 3))
+    assert actor_layout(setting(two, actors=(1, 3)), local=True) == (2, (1, 3))
     # on a cluster whose GPU nodes are still to come (a warning, not an error): threads = the node's CPUs
-    assert actor_layout(replace(plan, gpus_per_actor=1.0), local=False) == (2, (1, 1))
+    assert actor_layout(setting(plan, gpus_per_actor=1.0), local=False) == (2, (1, 1))
 
 
 def test_object_store_cap_is_the_jobs_own():
@@ -353,14 +339,13 @@ ray.shutdown()
 """
 
 
-@pytest.mark.parametrize("config", ["batchdet", "ray-default"])
-def test_embedded_ray_keeps_idle_workers_warm(config):
+def test_embedded_ray_keeps_idle_workers_warm():
     """Preprocessing workers survive the seconds between blocks on a node with
     more tasks in flight than CPUs. With Ray's default all but 2 (the CPUs)
-    are killed after 1 s idle, and each later block pays a new worker's start."""
-    proc = subprocess.run([sys.executable, "-c", WARM_WORKER_PROBE, config], capture_output=True, text=True,
+    are killed after 1 s idle, and each later block pays a new worker's start
+    (the probe's ``ray-default`` mode shows it; not run here, to keep CI short)."""
+    proc = subprocess.run([sys.executable, "-c", WARM_WORKER_PROBE, "batchdet"], capture_output=True, text=True,
                           timeout=120, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     started, alive = map(int, proc.stdout.split()[-2:])
-    assert started >= 4
-    assert alive == started if config == "batchdet" else alive <= 2
+    assert started >= 4 and alive == started

@@ -6,9 +6,11 @@ import io
 import os
 import subprocess
 import sys
+import threading
+import time
 
 from batchdet.console import quiet
-from batchdet.progress import Counter, Progress, ProgressLine, Watchdog
+from batchdet.progress import Counter, Progress, ProgressLine, Watchdog, _interrupt
 
 
 def test_progress_line_counts_rate_and_time_left():
@@ -35,11 +37,35 @@ def test_watchdog_names_the_stage_and_waits_longer_for_slow_blocks():
     w = Watchdog(timeout_s=60, started=1000.0)
     assert w.check(0, 10, None, 0, 1059) is None
     assert w.check(0, 10, None, 0, 1061).startswith("no image finished in 61 s (reading stalled: 0 of 10 files read)")
-    assert w.check(2, 10, 1100.0, 5, 1150) is None  # a block after 100 s: the longest gap so far
-    assert w.check(2, 10, 1100.0, 5, 1399) is None  # 4 x 100 s is the limit now, not 60 s
-    assert "inference stalled: 5 files read, 2 images done" in w.check(2, 10, 1100.0, 5, 1501)
+    assert w.check(1, 10, 1050.0, 3, 1100) is None  # the first block: start-up, not a gap between blocks
+    assert w.check(1, 10, 1050.0, 3, 1111) is not None  # so 60 s after it the run has stalled
+    w = Watchdog(timeout_s=60, started=1000.0)
+    w.check(1, 10, 1050.0, 3, 1100)
+    assert w.check(2, 10, 1150.0, 5, 1160) is None  # 100 s after the first: the longest gap so far
+    assert w.check(2, 10, 1150.0, 5, 1549) is None  # 4 x 100 s is the limit now, not 60 s
+    assert "inference stalled: 5 files read, 2 images done" in w.check(2, 10, 1150.0, 5, 1551)
     assert w.check(10, 10, 1100.0, 10, 9999) is None  # a finished run never stalls
     assert Watchdog(timeout_s=0, started=0).check(0, 10, None, 0, 1e9) is None  # 0: never
+
+
+def test_a_stall_stops_detect_called_from_another_thread():
+    """detect() run from a worker thread (a notebook, a service) must stop
+    there, not interrupt the main thread that never called it."""
+    caught = threading.Event()
+
+    def busy() -> None:  # stands in for Ray Data's driver loop
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+        except KeyboardInterrupt:
+            caught.set()
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    _interrupt(worker)
+    worker.join(10)
+    assert caught.is_set() and not worker.is_alive()
 
 
 class _Terminal(io.StringIO):
@@ -55,6 +81,18 @@ def test_progress_line_rewrites_one_line_on_a_terminal_and_logs_lines_elsewhere(
     text = tty.getvalue()
     assert text.count("\n") == 1 and text.endswith("10/10 images  2.00 images/s  0:00:00 left\n")
     assert text.count("\r") == 3
+
+    tty = _Terminal()
+    line = ProgressLine(tty)
+    line.listing("coco", 1000)
+    line.listing("coco", 250_000)
+    line(Progress(0, 0, 10, 1.0, None))  # the listing line is overwritten, padded to its width
+    assert tty.getvalue() == ("\r  listing coco: 1,000 files so far\r  listing coco: 250,000 files so far"
+                              "\r" + "  0/10 images  starting (0:00:01)".ljust(36))
+    line.close()  # the run failed: what follows starts on a line of its own
+    assert tty.getvalue().endswith("starting (0:00:01)   \n")
+    line.close()
+    assert tty.getvalue().count("\n") == 1
 
     log = io.StringIO()
     line = ProgressLine(log, every=3600)
@@ -77,15 +115,20 @@ def test_quiet_sends_everything_to_the_log_and_keeps_the_terminal(tmp_path, capf
 
 
 def test_detect_prints_progress_and_summary_and_keeps_ray_in_its_log(narrow_model, many_images, tmp_path):
-    """The CLI as a user runs it (a fresh process, its own Ray): the terminal
-    gets the progress and the summary; Ray's own lines, the C++ core's
-    included, land in the log file the summary names."""
+    """The CLI as a user runs it (a fresh process that starts, uses and stops
+    its own Ray): the terminal gets the progress and the summary; Ray's own
+    lines, the C++ core's included, land in the log file the summary names."""
+    import pyarrow.dataset as pads
+
     proc = subprocess.run(
         [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"many={many_images}",
          "--output", str(tmp_path / "out"), "--model", str(narrow_model)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = pads.dataset(tmp_path / "out", format="parquet", partitioning="hive").to_table(columns=["status"])
+    assert sorted(rows.column("status").to_pylist()) == ["error"] + ["ok"] * 30
     lines = (proc.stdout + proc.stderr).splitlines()
     assert len(lines) <= 12, lines
     assert not [x for x in lines if " INFO " in x or "core_worker" in x or "WARNING" in x], lines
@@ -97,7 +140,8 @@ def test_detect_prints_progress_and_summary_and_keeps_ray_in_its_log(narrow_mode
     assert "Started a local Ray instance" in text and "Starting execution of Dataset" in text
 
 
-def test_a_stuck_read_fails_the_run_naming_the_stage_and_resume_finishes_it(narrow_model, many_images, tmp_path):
+def test_a_stuck_read_fails_the_run_naming_the_stage_and_resume_finishes_it(narrow_model, many_images, tmp_path,
+                                                                             ray_local):
     """A FIFO with no writer blocks whoever opens it: a real stall in the read
     stage. The run fails with one line naming it; rows written before are
     kept, and once the file is gone ``--resume`` completes the run."""
@@ -108,14 +152,21 @@ def test_a_stuck_read_fails_the_run_naming_the_stage_and_resume_finishes_it(narr
     os.mkfifo(folder / "zz-stuck.jpg")
     base = [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"d={folder}", "--output",
             str(tmp_path / "out"), "--model", str(narrow_model), "--batch-size", "3", "--rows-per-file", "1"]
-    proc = subprocess.run([*base, "--stall-timeout", "20"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run([*base, "--stall-timeout", "10"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})  # its own Ray, not ray_local's
     assert proc.returncode == 2, proc.stdout + proc.stderr
     error = [x for x in proc.stderr.splitlines() if x.startswith("batchdet: error:")]
     assert len(error) == 1 and "reading stalled: 6 of 9 files read" in error[0] and "--resume" in error[0], proc.stderr
     (folder / "zz-stuck.jpg").unlink()
-    proc = subprocess.run([*base, "--resume"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from batchdet.api import detect  # the resume in this process: one Ray start fewer
+
+    again = detect({"d": str(folder)}, str(tmp_path / "out"), model=narrow_model, resume=True)
+    # the stalled run's two blocks were kept: 5 ok rows skipped, its error row (broken.jpg) retried with the rest
+    assert (again.datasets["d"].already_done, again.datasets["d"].images) == (5, 3)
     import pyarrow.parquet as pq
 
     rows = pq.read_table(tmp_path / "out" / "dataset=d").to_pylist()
-    assert sorted(r["uri"] for r in rows) == sorted(str(f) for f in folder.iterdir()) and len(rows) == 8
+    ok = sorted(r["uri"] for r in rows if r["status"] == "ok")
+    assert ok == sorted(str(f) for f in folder.glob("img*.jpg")) and len(ok) == 7  # each once, across both runs
+    broken = [r for r in rows if r["status"] == "error"]  # an error row from each run: resume retries errors
+    assert {r["uri"] for r in broken} == {str(folder / "broken.jpg")} and len({r["run_id"] for r in broken}) == 2

@@ -1,0 +1,102 @@
+"""A whole ``detect`` of N error rows: does the pipeline's rate hold as runs grow? (issue 16, item 3)
+
+Each run reads an N-line manifest of files that do not exist, so every image
+becomes an error row: what is measured is batchdet's own machinery (listing,
+blocks, read tasks, the actors' error path, staging, commit), not a model. The
+near-free model of benchmarks/overhead.py is loaded by the actors as usual.
+Each size runs in a fresh process with its own local Ray; it records
+
+- ``wall_s``: the whole ``detect`` call, Ray's start included;
+- ``rows_per_s``: the steady rate the progress line shows (first finished
+  block to the last: start-up left out), and ``whole_rows_per_s`` = N / wall;
+- ``driver_rss_mb``: the driver process's peak resident memory (VmHWM);
+- the committed counts, checked against N (every row an error, none lost).
+
+    python benchmarks/error_rows.py --sizes 10000,100000 --json error_rows.json
+
+Target: ``rows_per_s`` at the largest size >= 0.9 x at the smallest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from harness import header, parser, print_rows
+from overhead import near_free_model
+from scale import peak_rss_kb
+
+#: the rate at the largest size over that at the smallest, at least
+TARGET_RATE_RATIO = 0.9
+
+
+def child(model: str, manifest: str, output: str) -> None:
+    """In a fresh process: one ``detect``; its figures as JSON on the last line."""
+    from batchdet.api import detect
+
+    last = []
+    t = time.perf_counter()
+    result = detect({"missing": manifest}, output, model=model, on_progress=last.append, stall_timeout=0)
+    wall = time.perf_counter() - t
+    counts = result.datasets["missing"]
+    print(json.dumps({"wall_s": round(wall, 2), "rows_per_s": round(last[-1].rate or 0.0, 1),
+                      "driver_rss_mb": round(peak_rss_kb() / 1024), "images": counts.images,
+                      "images_error": counts.images_error, "files": len(result.files)}))
+
+
+def measure(n: int, model: Path, workdir: Path) -> dict:
+    manifest = workdir / f"missing-{n}.txt"
+    manifest.write_text("".join(f"/nonexistent/batchdet-bench/{i // 1000:04d}/img{i:07d}.jpg\n" for i in range(n)))
+    output = workdir / f"out-{n}"
+    shutil.rmtree(output, ignore_errors=True)
+    proc = subprocess.run([sys.executable, __file__, "--child", str(model), str(manifest), str(output)],
+                          capture_output=True, text=True, env=dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1"))
+    if proc.returncode:
+        raise SystemExit(f"detect over {n} missing files failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    if figures["images"] != n or figures["images_error"] != n:
+        raise SystemExit(f"{n} missing files gave {figures['images']} rows, {figures['images_error']} errors")
+    shutil.rmtree(output)
+    return {"n": n, **figures, "whole_rows_per_s": round(n / figures["wall_s"], 1)}
+
+
+def table(results: list[dict]) -> str:
+    lines = [f"{'rows':>8} | {'wall s':>7} {'rows/s whole':>12} {'rows/s steady':>13} | {'driver MB':>9} {'files':>6}"]
+    for r in results:
+        lines.append(f"{r['n']:>8} | {r['wall_s']:>7.1f} {r['whole_rows_per_s']:>12.0f} {r['rows_per_s']:>13.0f} | "
+                     f"{r['driver_rss_mb']:>9} {r['files']:>6}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__, "10000,100000", "error rows")
+    p.add_argument("--child", nargs=3, metavar=("MODEL", "MANIFEST", "OUTPUT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child(*args.child)
+        return 0
+    info = header()
+    workdir = Path(tempfile.mkdtemp(prefix="batchdet-error-rows-"))
+    try:
+        model = near_free_model(workdir / "nearfree.onnx")
+        results = print_rows(table, (measure(int(n), model, workdir) for n in args.sizes.split(",")))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    ratio = results[-1]["rows_per_s"] / results[0]["rows_per_s"] if results[0]["rows_per_s"] else None
+    report = {**info, "results": results, "rate_ratio_largest_to_smallest": ratio,
+              "target_rate_ratio": TARGET_RATE_RATIO, "meets_target": ratio is not None and ratio >= TARGET_RATE_RATIO}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2))
+    print(f"\nsteady rows/s, largest over smallest: {ratio:.2f} (target >= {TARGET_RATE_RATIO})" if ratio else "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
