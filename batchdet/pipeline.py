@@ -137,14 +137,14 @@ def run_pipeline(plan: RunPlan, local: bool = True, on_progress: Callable[[Progr
     ``plan.stall_timeout`` seconds (or 4× the longest gap between blocks)."""
     threads, (low, high) = actor_layout(plan, local)
     block = plan.batch_size or images_per_block(plan.num_images, high, plan.gpus_per_actor)
-    with object_store_capped(object_store_cap(high, block)), \
-            Reporter(plan.num_images, on_progress, plan.stall_timeout) as reporter:
-        try:
+    reporter = Reporter(plan.num_images, on_progress, plan.stall_timeout)
+    try:  # around the clean-up too: a stalled run may be interrupted again while it unwinds
+        with object_store_capped(object_store_cap(high, block)), reporter:
             _stream(plan, threads, low, high, block, reporter.counter)
-        except KeyboardInterrupt:
-            if reporter.stalled:
-                raise Stalled(reporter.stalled) from None
-            raise
+    except KeyboardInterrupt:
+        if reporter.stalled:
+            raise Stalled(reporter.stalled) from None
+        raise
 
 
 def read_compute(actors: int):

@@ -76,6 +76,8 @@ class Counter:
 #: (``--stall-timeout``): the embedded Ray's start, the actors' model load and
 #: a first block of 64 full-model images on one slow core fit in it.
 DEFAULT_STALL_S = 900.0
+#: Seconds between interrupts of a stalled run that has not unwound yet.
+REPEAT_INTERRUPT_S = 5.0
 #: Once blocks finish, a run is stalled only after this many times the
 #: longest gap seen between two of them, if that is longer than the timeout
 #: (the wait for the first block is start-up, not a block's pace).
@@ -137,6 +139,7 @@ class Reporter:
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._caller = threading.current_thread()  # the thread to stop when the run stalls
+        self._interrupted = 0.0  # when it was last interrupted (time.monotonic())
 
     def __enter__(self) -> "Reporter":
         if self.counter is not None:
@@ -160,6 +163,12 @@ class Reporter:
     def _poll(self, watch: bool = True) -> None:
         import ray
 
+        if self.stalled:
+            # Ray Data may catch the interrupt in its clean-up, or block there
+            # on the stalled task: interrupt again until the run unwinds
+            if watch and not self._halt.is_set() and time.monotonic() - self._interrupted >= REPEAT_INTERRUPT_S:
+                self._interrupt()
+            return
         try:
             done, errors, first, first_done, last, now, files_read = ray.get(self.counter.read.remote(), timeout=10)
         except Exception:  # a slow or lost counter costs the display, never the run
@@ -169,9 +178,13 @@ class Reporter:
             self.callback(Progress(done, errors, self.total, time.time() - self._started, rate,
                                    now - last if last is not None else 0.0))
         reason = self.watchdog.check(done, self.total, last, files_read, now) if watch else None
-        if reason and not self.stalled:
+        if reason:
             self.stalled = reason
-            _interrupt(self._caller)  # the caller waits inside Ray Data: stop it there
+            self._interrupt()
+
+    def _interrupt(self) -> None:
+        self._interrupted = time.monotonic()
+        _interrupt(self._caller)  # the caller waits inside Ray Data: stop it there
 
 
 def _interrupt(thread: threading.Thread) -> None:

@@ -152,7 +152,8 @@ def test_a_stuck_read_fails_the_run_naming_the_stage_and_resume_finishes_it(narr
     os.mkfifo(folder / "zz-stuck.jpg")
     base = [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"d={folder}", "--output",
             str(tmp_path / "out"), "--model", str(narrow_model), "--batch-size", "3", "--rows-per-file", "1"]
-    proc = subprocess.run([*base, "--stall-timeout", "10"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    # 30 s: the first two blocks must finish before it fires, on a loaded CI machine too
+    proc = subprocess.run([*base, "--stall-timeout", "30"], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})  # its own Ray, not ray_local's
     assert proc.returncode == 2, proc.stdout + proc.stderr
     error = [x for x in proc.stderr.splitlines() if x.startswith("batchdet: error:")]
