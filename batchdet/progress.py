@@ -9,8 +9,8 @@ moved for too long, saying which stage stalled (:class:`Watchdog`).
 
 from __future__ import annotations
 
-import _thread
 import ctypes
+import signal
 import sys
 import threading
 import time
@@ -188,11 +188,12 @@ class Reporter:
 
 
 def _interrupt(thread: threading.Thread) -> None:
-    """Raise KeyboardInterrupt in ``thread``: by signal in the main thread
-    (which also wakes a blocking call), else asynchronously at its next
-    Python instruction (Ray Data's driver loop runs Python every few ms)."""
+    """Raise KeyboardInterrupt in ``thread``: in the main thread by a real
+    SIGINT, which also wakes a blocking wait (``_thread.interrupt_main`` only
+    sets a flag that a thread blocked in a lock never reads), else
+    asynchronously at its next Python instruction."""
     if thread is threading.main_thread():
-        _thread.interrupt_main()
+        signal.pthread_kill(thread.ident, signal.SIGINT)
     else:
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt))
 
