@@ -67,7 +67,7 @@ def list_images(url: str, storage_options: dict[str, Any] | None = None,
         raise
     except Exception as e:  # s3fs/botocore raise many types; the message is what matters
         raise ValueError(f"cannot list {url}: {one_line(e)}") from None
-    images = sorted(full_uri(fs, p) for p in files if is_image_name(p))
+    images = sorted({full_uri(fs, p) for p in files if is_image_name(p)})
     if not images:
         raise ValueError(f"no images under {url} ({len(files)} other file(s) skipped)")
     return Listing(url, images, len(files) - len(images), time.perf_counter() - start)
@@ -93,6 +93,8 @@ def find_files(fs, path: str, workers: int = LIST_WORKERS, depth: int = LIST_DEP
             below: list[str] = []
             for future in as_completed([pool.submit(fs.ls, folder, detail=True) for folder in folders]):
                 for entry in future.result():
+                    if entry["name"].rstrip("/") in folders:  # a store's marker of the folder itself
+                        continue
                     (below if entry["type"] == "directory" else files).append(entry["name"])
                 report()
             folders = below
