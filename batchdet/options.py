@@ -221,7 +221,8 @@ class DetectOptions:
         _POSITIVE, "refuse images declaring more pixels than this (decompression bombs)", "N"))
     stall_timeout: float = field(default=DEFAULT_STALL_S, metadata=_option(
         _NON_NEGATIVE, "fail the run, naming the stage, when no image finishes for this long "
-                      "(or 4x the longest gap between blocks, if longer); 0: never", "SECONDS"))
+                      "(or 4x the longest gap between blocks, if longer; the first block may take "
+                      "15 minutes at least: start-up); 0: never", "SECONDS"))
     resume: bool = field(default=False, metadata=_option(
         _SWITCH, "continue an output: commit what killed runs left, skip images already ok with this model"))
     overwrite: bool = field(default=False, metadata=_option(_SWITCH, "delete the output's earlier results first"))

@@ -73,9 +73,12 @@ class Counter:
 
 
 #: Seconds with no image finished before a run counts as stalled, at the least
-#: (``--stall-timeout``): the embedded Ray's start, the actors' model load and
-#: a first block of 64 full-model images on one slow core fit in it.
+#: (``--stall-timeout``): a block of 64 full-model images on one slow core fits in it.
 DEFAULT_STALL_S = 900.0
+#: Seconds the first block may take, at the least, whatever ``--stall-timeout``
+#: says: start-up (Ray, nodes an autoscaler adds, the model's download and
+#: load) is no block's pace, and a short timeout must not cut it.
+STARTUP_S = 900.0
 #: Seconds between interrupts of a stalled run that has not unwound yet.
 REPEAT_INTERRUPT_S = 5.0
 #: Once blocks finish, a run is stalled only after this many times the
@@ -92,8 +95,8 @@ class Stalled(TimeoutError):
 class Watchdog:
     """Decides, from what the counter says, whether a run has stalled."""
 
-    def __init__(self, timeout_s: float, started: float):
-        self.timeout_s, self.started = timeout_s, started
+    def __init__(self, timeout_s: float, started: float, startup_s: float = STARTUP_S):
+        self.timeout_s, self.started, self.startup_s = timeout_s, started, startup_s
         self.longest_gap = 0.0
         self._last_done: float | None = None
 
@@ -106,7 +109,10 @@ class Watchdog:
             if self._last_done is not None:
                 self.longest_gap = max(self.longest_gap, last - self._last_done)
             self._last_done = last
-        limit = max(self.timeout_s, STALL_GAPS * self.longest_gap)
+        if last is None:
+            limit = max(self.timeout_s, self.startup_s)
+        else:
+            limit = max(self.timeout_s, STALL_GAPS * self.longest_gap)
         idle = now - since
         if idle < limit:
             return None
@@ -125,7 +131,7 @@ class Reporter:
     run stalled (:attr:`stalled` then holds the reason)."""
 
     def __init__(self, total: int, callback: Callable[[Progress], None] | None = None,
-                 stall_timeout_s: float = DEFAULT_STALL_S, interval: float = 1.0):
+                 stall_timeout_s: float = DEFAULT_STALL_S, interval: float = 1.0, startup_s: float = STARTUP_S):
         import ray
 
         self.total, self.callback, self.interval = total, callback, interval
@@ -134,7 +140,7 @@ class Reporter:
         watched = callback is not None or stall_timeout_s > 0
         self.counter = ray.remote(num_cpus=0)(Counter).remote() if watched else None
         self._started = time.time()
-        self.watchdog = Watchdog(stall_timeout_s, self._started)
+        self.watchdog = Watchdog(stall_timeout_s, self._started, startup_s)
         self.stalled: str | None = None
         self._halt = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
