@@ -7,13 +7,13 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from batchdet.lease import Lease, acquire
 from batchdet.options import DetectOptions
-from batchdet.output import Output
-from batchdet.pipeline import ray_session, run_pipeline
-from batchdet.plan import RunPlan, plan_run
+from batchdet.output.layout import Output
+from batchdet.output.lease import Lease, acquire
+from batchdet.pipeline.plan import RunPlan, plan_run
+from batchdet.pipeline.run import ray_session, run_pipeline
+from batchdet.pipeline.writing import RunResult, begin_run, done_uris, finish_run, recover, versions
 from batchdet.progress import Progress
-from batchdet.writing import RunResult, begin_run, done_uris, finish_run, recover, versions
 
 log = logging.getLogger("batchdet")
 

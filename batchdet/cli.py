@@ -34,7 +34,7 @@ STANDIN_WARNING = (
 
 # --- detect / demo ------------------------------------------------------------
 def _print_result(result) -> None:
-    from batchdet.spec import STANDIN
+    from batchdet.model.spec import STANDIN
 
     print(result.to_text())  # its "model:" line says what the model is, in one line
     if result.model.get("kind_id") == STANDIN:
@@ -70,7 +70,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from batchdet.demo import demo_model, prepare_demo
     from batchdet.options import DetectOptions
-    from batchdet.query import EXAMPLES, query, write_result
+    from batchdet.output.query import EXAMPLES, query, write_result
 
     root = Path(args.output).resolve()
     model, official = demo_model()
@@ -87,31 +87,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verbose_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbose", action="store_true",
-                        help="show Ray's own log lines on the terminal instead of a log file")
-
-
 def _add_run_commands(sub: argparse._SubParsersAction) -> None:
-    from batchdet.options import add_flags
+    from batchdet.config import add_detect_arguments
+    from batchdet.console import add_verbose_flag
 
     p = sub.add_parser("detect", help="run the detector over datasets into partitioned Parquet")
-    add_flags(p)  # one per option of batchdet.options.DetectOptions; --dataset/--output here or in --config
-    _verbose_flag(p)
-    p.add_argument("--config", metavar="FILE",
-                   help="job spec YAML (datasets, output, model, actors, …; see docs/cli.md, 'Job specs'); "
-                        "flags override it")
+    add_detect_arguments(p)
     p.set_defaults(func=_cmd_detect)
 
     p = sub.add_parser("demo", help="synthesize two small datasets and run detect on them, offline")
     p.add_argument("--output", default="batchdet-demo-output", metavar="DIR")
-    _verbose_flag(p)
+    add_verbose_flag(p)
     p.set_defaults(func=_cmd_demo)
 
 
 # --- model ------------------------------------------------------------------
 def _cmd_model_fetch(args: argparse.Namespace) -> int:
-    from batchdet.fetch import fetch_model
+    from batchdet.model.fetch import fetch_model
 
     def progress(done: int, total: int | None) -> None:
         of = f" of {total / 1e6:.1f}" if total else ""
@@ -124,8 +116,8 @@ def _cmd_model_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_standin(args: argparse.Namespace) -> int:
-    from batchdet.fetch import resolve_model_path
-    from batchdet.standin import write_standin
+    from batchdet.model.fetch import resolve_model_path
+    from batchdet.model.standin import write_standin
 
     to = args.to or resolve_model_path(None).with_name("standin-ssd1200.onnx")
     path = write_standin(to, seed=args.seed, channels_divisor=args.channels_divisor)
@@ -135,7 +127,7 @@ def _cmd_model_standin(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
-    from batchdet.spec import OFFICIAL_SHA256, STANDIN, check_model
+    from batchdet.model.spec import OFFICIAL_SHA256, STANDIN, check_model
 
     info = check_model(args.path)
     print(f"path:        {info.path}")
@@ -159,9 +151,9 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_quantize(args: argparse.Namespace) -> int:
-    from batchdet.fetch import resolve_model_path
-    from batchdet.quantize import calibration_samples, compare_speed, int8_cpu_flags, int8_cpu_hint, quantize_model
-    from batchdet.spec import STANDIN, check_model
+    from batchdet.model.fetch import resolve_model_path
+    from batchdet.model.quantize import calibration_samples, compare_speed, int8_cpu_flags, int8_cpu_hint, quantize_model
+    from batchdet.model.spec import STANDIN, check_model
     from batchdet.storage import parse_storage_options
 
     def progress(done: int, total: int) -> None:
@@ -210,7 +202,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path")
     p.set_defaults(func=_cmd_model_info)
 
-    from batchdet.quantize import DEFAULT_IMAGES
+    from batchdet.model.quantize import DEFAULT_IMAGES
 
     p = msub.add_parser("quantize", help="static INT8 copy (QDQ, per-channel) calibrated on a dataset's images",
                         description="Write <name>.int8.onnx beside MODEL: static INT8 quantization of the "
@@ -231,7 +223,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
 
 # --- output commands (query, summary, eval, draw) ----------------------------
 def _cmd_query(args: argparse.Namespace) -> int:
-    from batchdet.query import connect, render_overview, run_sql, view_columns, write_result
+    from batchdet.output.query import connect, render_overview, run_sql, view_columns, write_result
     from batchdet.storage import parse_storage_options
 
     con = connect(args.output, parse_storage_options(args.storage_option))
@@ -244,8 +236,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
+    from batchdet.output.summary import render_summary, summarize
     from batchdet.storage import parse_storage_options
-    from batchdet.summary import render_summary, summarize
 
     summary = summarize(args.output, parse_storage_options(args.storage_option),
                         min_score=args.min_score, top=args.top)
@@ -257,7 +249,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from batchdet.evaluate import evaluate, render_eval
+    from batchdet.output.evaluate import evaluate, render_eval
     from batchdet.storage import parse_storage_options
 
     result = evaluate(args.output, args.annotations, args.dataset, parse_storage_options(args.storage_option))
@@ -269,7 +261,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_draw(args: argparse.Namespace) -> int:
-    from batchdet.draw import draw
+    from batchdet.output.draw import draw
     from batchdet.storage import parse_storage_options
 
     report = draw(args.output, args.dataset, args.to, limit=args.limit, min_score=args.min_score,
@@ -323,7 +315,7 @@ def _add_output_commands(sub: argparse._SubParsersAction) -> None:
 
 # --- cluster commands (submit) ------------------------------------------------
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from batchdet.submit import submit
+    from batchdet.cluster.submit import submit
 
     return submit(args.address, args.detect_args, config=args.config, wait=not args.no_wait,
                   pip_deps=args.pip_deps, runtime_env_file=args.runtime_env, insecure=args.insecure)

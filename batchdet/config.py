@@ -17,7 +17,7 @@
 Every key is optional except ``datasets`` and ``output``, which may instead
 come from the command line. The keys are :func:`batchdet.api.detect`'s
 keyword arguments (plus ``model_sha256``, which pins a remote model; see
-:mod:`batchdet.distribution`). Unknown keys, wrong types and duplicate keys
+:mod:`batchdet.model.distribution`). Unknown keys, wrong types and duplicate keys
 are refused with one line naming the key, before any work starts.
 
 :func:`load_config` gives the keyword arguments of ``batchdet.api.detect``;
@@ -37,7 +37,9 @@ from typing import Any
 
 import yaml
 
-from batchdet.options import DetectOptions, check_option, describe, flag_name, flag_values, option_names
+from batchdet.console import add_verbose_flag
+from batchdet.options import (DetectOptions, add_flags, check_option, describe, flag_name, flag_values,
+                              option_names)
 
 #: Every key a job spec may hold: the options, and the pin of a remote model.
 KEYS = (*option_names(), "model_sha256")
@@ -126,7 +128,7 @@ def spec_values(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sha256(value: Any) -> str:
-    from batchdet.distribution import DistributionError, check_sha256
+    from batchdet.model.distribution import DistributionError, check_sha256
 
     if isinstance(value, str):
         try:
@@ -137,7 +139,7 @@ def _sha256(value: Any) -> str:
 
 
 def _pin(model: str, sha256: str, source: str) -> str:
-    from batchdet.distribution import model_ref, split_ref
+    from batchdet.model.distribution import model_ref, split_ref
 
     location, pinned = split_ref(model)
     if pinned and pinned != sha256:
@@ -146,6 +148,16 @@ def _pin(model: str, sha256: str, source: str) -> str:
 
 
 # --- the command line: `batchdet detect --config FILE` ------------------------------
+def add_detect_arguments(parser: argparse.ArgumentParser) -> None:
+    """``batchdet detect``'s arguments; ``submit`` parses its detect arguments
+    with them too, to refuse a typo on this machine before anything is sent."""
+    add_flags(parser)  # one per option of batchdet.options.DetectOptions; --dataset/--output here or in --config
+    add_verbose_flag(parser)
+    parser.add_argument("--config", metavar="FILE",
+                        help="job spec YAML (datasets, output, model, actors, …; see docs/cli.md, 'Job specs'); "
+                             "flags override it")
+
+
 def options_from_args(args: argparse.Namespace) -> DetectOptions:
     """``batchdet detect``'s options: defaults, then ``args.config``'s file,
     then the flags given; raise ValueError (one line) on a bad value or file,

@@ -9,6 +9,7 @@ so output from C++ and from child processes is caught too, not only Python's
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -18,6 +19,12 @@ from pathlib import Path
 from typing import Iterator, TextIO
 
 from batchdet.progress import ProgressLine
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """``--verbose``, for the commands that run detect on this terminal."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own log lines on the terminal instead of a log file")
 
 
 def log_path() -> Path:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from batchdet.fetch import resolve_model_path
-from batchdet.spec import STANDIN, ModelError, check_model
+from batchdet.model.fetch import resolve_model_path
+from batchdet.model.spec import STANDIN, ModelError, check_model
 
 MARKER = ".batchdet-demo"
 DATASETS = {"street": 5, "indoor": 4}
@@ -53,7 +53,7 @@ def demo_model() -> tuple[Path, bool]:
         pass
     standin = official.with_name("standin-ssd1200.onnx")
     if not _is_standin(standin):
-        from batchdet.standin import write_standin
+        from batchdet.model.standin import write_standin
 
         print(f"building the stand-in model (random weights) at {standin} ...")
         write_standin(standin)

@@ -15,10 +15,9 @@ import os
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, Callable, Mapping
 
-from batchdet.preprocess import DEFAULT_MAX_PIXELS
+from batchdet.model.spec import NMS_SCORE_THRESHOLD
+from batchdet.output.schema import check_dataset_name
 from batchdet.progress import DEFAULT_STALL_S
-from batchdet.schema import check_dataset_name
-from batchdet.spec import NMS_SCORE_THRESHOLD
 from batchdet.storage import parse_storage_options
 
 #: Rows Ray collects before writing a Parquet file. Fewer, larger files query
@@ -26,6 +25,10 @@ from batchdet.storage import parse_storage_options
 #: in a file is redone by --resume). 64 images is ~3 minutes of one 2-core
 #: node's work with the full model.
 DEFAULT_ROWS_PER_FILE = 64
+#: Pixels an image may declare before it is refused unread (width × height).
+#: 100 MP is 300 MB once decoded; it bounds memory per image whatever the
+#: header claims (the pipeline's decoder reads its default from here).
+DEFAULT_MAX_PIXELS = 100_000_000
 #: Help of every command's ``--storage-option``.
 STORAGE_OPTION_HELP = "fsspec/s3fs option, e.g. endpoint_url=http://127.0.0.1:9000 or anon=true (repeatable)"
 

@@ -136,8 +136,8 @@ def resolve_model(args: argparse.Namespace, workdir: Path) -> Path:
     """``--model``, else the stand-in at ``--channels-divisor`` (built once, cached)."""
     if args.model:
         return Path(args.model).resolve()
-    from batchdet.fetch import resolve_model_path
-    from batchdet.standin import write_standin
+    from batchdet.model.fetch import resolve_model_path
+    from batchdet.model.standin import write_standin
 
     name = "standin-ssd1200.onnx" if args.channels_divisor == 1 else f"standin-ssd1200-div{args.channels_divisor}.onnx"
     path = resolve_model_path(None).with_name(name)
@@ -323,8 +323,8 @@ def front_end_session(threads: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from batchdet.inference import add_uint8_input, session_options
-    from batchdet.spec import INPUT_NAME
+    from batchdet.model.spec import INPUT_NAME
+    from batchdet.pipeline.inference import add_uint8_input, session_options
 
     shape = [1, 3, 1200, 1200]
     graph = helper.make_graph(
@@ -338,7 +338,7 @@ def front_end_session(threads: int):
 
 def mlperf_numpy_normalise(planes: np.ndarray) -> np.ndarray:
     """MLPerf's own numpy maths, as a yardstick: float image, - mean, / std, CHW."""
-    from batchdet.spec import MEAN, STD
+    from batchdet.model.spec import MEAN, STD
 
     x = (planes.transpose(1, 2, 0).astype(np.float32) - MEAN) / STD
     return np.ascontiguousarray(x.transpose(2, 0, 1))[None]
@@ -348,8 +348,8 @@ def measure_preprocessing(files: list[Path], threads: int, reps: int) -> dict:
     """decode → model input per image, against a bare Pillow decode of the same bytes."""
     from PIL import Image
 
-    from batchdet.inference import UINT8_INPUT
-    from batchdet.preprocess import normalize, prepare
+    from batchdet.pipeline.inference import UINT8_INPUT
+    from batchdet.pipeline.preprocess import normalize, prepare
 
     datas = [f.read_bytes() for f in files]
     in_graph = front_end_session(threads)
@@ -389,19 +389,19 @@ def float_session(model: Path, threads: int):
     """The model as given (float input ``image``) with batchdet's session options."""
     import onnxruntime as ort
 
-    from batchdet.inference import session_options
+    from batchdet.pipeline.inference import session_options
 
     return ort.InferenceSession(str(model), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def ready_inputs(files: list[Path]) -> list[np.ndarray]:
-    from batchdet.preprocess import preprocess
+    from batchdet.pipeline.preprocess import preprocess
 
     return [preprocess(f.read_bytes())[0] for f in files]
 
 
 def timed_runs(session, inputs: list[np.ndarray]) -> list[float]:
-    from batchdet.spec import INPUT_NAME
+    from batchdet.model.spec import INPUT_NAME
 
     times = []
     for x in inputs:
@@ -479,7 +479,7 @@ def _timer_hook(log_dir: str):
         import os
         import time as _time
 
-        from batchdet import inference
+        from batchdet.pipeline import inference
 
         path = os.path.join(log_dir, f"calls-{os.getpid()}.txt")
 
@@ -512,9 +512,9 @@ def _read_calls(log_dir: Path) -> dict[str, list[tuple[float, float]]]:
 
 #: --experiment KEY=VALUE: proposed pipeline changes, applied inside the
 #: pipeline's driver process, so their effect can be measured before anyone
-#: edits batchdet/pipeline.py. Not used by default.
+#: edits batchdet/pipeline/run.py. Not used by default.
 EXPERIMENTS = {
-    "max_block": "batchdet.pipeline.MAX_BLOCK = int(VALUE): most images in a block",
+    "max_block": "batchdet.pipeline.run.MAX_BLOCK = int(VALUE): most images in a block",
     "object_store_limit": "DataContext.execution_options.resource_limits.object_store_memory = VALUE bytes",
     "downstream_ratio": "DataContext.downstream_capacity_backpressure_ratio = VALUE",
     "downstream_threshold": "RAY_DATA_DOWNSTREAM_CAPACITY_OBJECT_STORE_BUDGET_UTIL_THRESHOLD = VALUE "
@@ -534,9 +534,9 @@ def apply_experiments(experiments: list[str]) -> None:
 
         ctx = ray.data.DataContext.get_current()
         if key == "max_block":
-            import batchdet.pipeline
+            import batchdet.pipeline.run
 
-            batchdet.pipeline.MAX_BLOCK = int(value)
+            batchdet.pipeline.run.MAX_BLOCK = int(value)
         elif key == "object_store_limit":
             ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
                 object_store_memory=float(value))
@@ -561,7 +561,7 @@ def pipeline_child(args: argparse.Namespace) -> None:
 
     ray.data.Dataset.write_datasink = write_datasink
     from batchdet.api import detect
-    from batchdet.pipeline import local_ray_options
+    from batchdet.pipeline.run import local_ray_options
 
     t = time.perf_counter()
     # What pipeline.ray_session does (an embedded Ray of its own), started
@@ -703,8 +703,8 @@ def int8_kernel_ceiling(threads: int, reps: int = 5, channels: int = 256, size: 
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    from batchdet.inference import session_options
-    from batchdet.quantize import _has_vnni
+    from batchdet.model.quantize import _has_vnni
+    from batchdet.pipeline.inference import session_options
 
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((channels, channels, 3, 3)) * 0.05).astype(np.float32)
@@ -744,8 +744,8 @@ def int8_kernel_ceiling(threads: int, reps: int = 5, channels: int = 256, size: 
 
 def measure_int8(model: Path, fp32, images_folder: Path, inputs: list[np.ndarray], threads: int,
                  calibration: int, workdir: Path, given: str | None) -> dict:
-    from batchdet.quantize import quantize_model
-    from batchdet.spec import check_model
+    from batchdet.model.quantize import quantize_model
+    from batchdet.model.spec import check_model
 
     t = time.perf_counter()
     if given:
@@ -922,7 +922,7 @@ def main(argv=None) -> dict | None:
     print(f"machine: {res['machine']['nproc']} CPUs, {res['machine']['cpu_model']}, "
           f"onnxruntime {res['machine']['onnxruntime']}, ray {res['machine']['ray']}", flush=True)
     model = resolve_model(args, workdir)
-    from batchdet.spec import check_model
+    from batchdet.model.spec import check_model
 
     info = check_model(model)
     files = synthesize(workdir / "images", sizes[-1])
@@ -978,7 +978,7 @@ def main(argv=None) -> dict | None:
                if segments[0][k]}
     res["bare"] = {"images_per_s": ceiling, "s_per_image": 1 / ceiling, "cpu_s_per_image": bare_cpu,
                    "warmup_s": warm, "segments": segments, "layouts_images_per_s": layouts,
-                   "settings": f"batchdet.inference.session_options on the float model, ready float32 inputs; "
+                   "settings": f"batchdet.pipeline.inference.session_options on the float model, ready float32 inputs; "
                                f"per segment the better of one session x {threads} threads and "
                                f"{cpus} sessions x 1 thread",
                    "nice": args.bare_nice,

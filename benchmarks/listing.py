@@ -64,7 +64,7 @@ def serve(n: int, latency_ms: float) -> None:
 def measure(n: int, latency_ms: float) -> dict:
     import s3fs
 
-    from batchdet.listing import LIST_WORKERS, find_files
+    from batchdet.pipeline.listing import LIST_WORKERS, find_files
 
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}

@@ -71,7 +71,7 @@ def near_free_model(path: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from batchdet.spec import INPUT_NAME, INPUT_SIZE
+    from batchdet.model.spec import INPUT_NAME, INPUT_SIZE
 
     const = lambda name, v, dt=np.float32: numpy_helper.from_array(np.asarray(v, dt), name)  # noqa: E731
     nodes = [
@@ -99,7 +99,7 @@ def near_free_model(path: Path) -> Path:
 
 def model_path(name: str, workdir: Path) -> Path:
     """The benchmark's model ``name``, built once into ``workdir``."""
-    from batchdet.standin import write_standin
+    from batchdet.model.standin import write_standin
 
     path = workdir / "models" / f"{name}.onnx"
     if not path.exists():
@@ -130,8 +130,8 @@ def dataset(workdir: Path, count: int) -> Path:
 def _bare_worker(model: str, files: list[str], barrier, out) -> None:
     """One process: a 1-thread session, one warm-up image, then the timed loop."""
     os.nice(bench.RAY_WORKER_NICENESS)  # as Ray's workers run
-    from batchdet.inference import OnnxBackend
-    from batchdet.preprocess import prepare
+    from batchdet.pipeline.inference import OnnxBackend
+    from batchdet.pipeline.preprocess import prepare
 
     backend = OnnxBackend(model, threads=1).load()
     planes = np.empty((3, 1200, 1200), np.uint8)
@@ -230,7 +230,7 @@ def pipeline_child(model: str, folder: str, output: str, result: str) -> None:
     import ray
 
     from batchdet.api import detect
-    from batchdet.pipeline import local_ray_options
+    from batchdet.pipeline.run import local_ray_options
 
     sampler = CpuSampler(os.getpid())
     t = time.perf_counter()

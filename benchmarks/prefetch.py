@@ -1,5 +1,5 @@
 """How far Ray Data reads ahead of inference, with and without batchdet's
-object-store cap (``batchdet.pipeline.object_store_capped``), at growing dataset sizes.
+object-store cap (``batchdet.pipeline.run.object_store_capped``), at growing dataset sizes.
 
 Reading a file takes milliseconds, inference up to seconds, so an uncapped job
 reads files far faster than the actors take them and holds the difference
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from batchdet.pipeline import IO_CPUS, images_per_block, object_store_cap, object_store_capped, read_compute
+from batchdet.pipeline.run import IO_CPUS, images_per_block, object_store_cap, object_store_capped, read_compute
 
 
 def produce(batch: pa.Table, kb: int) -> pa.Table:

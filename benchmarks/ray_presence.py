@@ -26,7 +26,7 @@ from pathlib import Path
 import ray
 
 import bench
-from batchdet.pipeline import local_ray_options
+from batchdet.pipeline.run import local_ray_options
 
 #: Ray Data's three helper actors (_StatsActor, _AutoscalingCoordinatorActor,
 #: ActorLocationTracker) and the ~3 workers kept warm between blocks, as

@@ -50,7 +50,7 @@ def _uris(n: int) -> list[str]:
 
 def _table(uris: list[str], rng: np.random.Generator, error_rate: float) -> pa.Table:
     """Rows like the pipeline's: ok rows with 5-20 detections, error rows with null detections."""
-    from batchdet.schema import DETECTION_TYPE, FILE_SCHEMA
+    from batchdet.output.schema import DETECTION_TYPE, FILE_SCHEMA
 
     n = len(uris)
     error = rng.random(n) < error_rate
@@ -82,7 +82,7 @@ def stage(out: Path, n: int, rows_per_file: int, seed: int = 0, error_rate: floa
     """Stage ``n`` rows in ``out`` as a run would; return what a correct commit must count."""
     import pyarrow.parquet as pq
 
-    from batchdet.writing import RUN_RECORD, STAGING_DIR
+    from batchdet.pipeline.writing import RUN_RECORD, STAGING_DIR
 
     rng = np.random.default_rng(seed)
     stage_dir = out / STAGING_DIR / RUN_ID
@@ -120,13 +120,13 @@ def stage(out: Path, n: int, rows_per_file: int, seed: int = 0, error_rate: floa
 
 # --- the steps, each run in a fresh process -------------------------------------------------------------
 def _step_baseline(out: Path) -> dict:
-    from batchdet import listing, plan, writing  # noqa: F401  the imports every step pays
+    from batchdet.pipeline import listing, plan, writing  # noqa: F401  the imports every step pays
 
     return {}
 
 
 def _step_commit(out: Path) -> dict:
-    from batchdet.writing import Output, finish_run
+    from batchdet.pipeline.writing import Output, finish_run
 
     result = finish_run(Output(str(out)), RUN_ID)
     c = result.datasets[DATASET]
@@ -135,18 +135,18 @@ def _step_commit(out: Path) -> dict:
 
 
 def _step_listing(out: Path) -> dict:
-    from batchdet.listing import list_images
+    from batchdet.pipeline.listing import list_images
 
     listing = list_images(str(out / "manifest.txt"))
     return {"uris": len(listing.uris)}
 
 
 def _step_resume(out: Path) -> dict:
-    from batchdet.listing import list_images
+    from batchdet.model.spec import ModelInfo
     from batchdet.options import DetectOptions
-    from batchdet.plan import RunPlan
-    from batchdet.spec import ModelInfo
-    from batchdet.writing import Output, done_uris
+    from batchdet.pipeline.listing import list_images
+    from batchdet.pipeline.plan import RunPlan
+    from batchdet.pipeline.writing import Output, done_uris
 
     manifest = str(out / "manifest.txt")
     listing = list_images(manifest)

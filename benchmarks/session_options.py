@@ -5,7 +5,7 @@ Every variant is a session over the same model as given, fed the normalised
 float32 input (what the CPU actors run), created up front; then rounds run one image
 through each variant in turn, so that background load hits all of them
 alike. Reported per variant: time per image relative to the default
-settings (``batchdet.inference.session_options``), and the resident memory
+settings (``batchdet.pipeline.inference.session_options``), and the resident memory
 its creation and first run added. Then session creation: uncached (what
 OnnxBackend did before the cache), a cache miss (optimise and store) and a
 cache hit (load the stored optimized graph), interleaved as well.
@@ -67,9 +67,9 @@ def main(argv=None) -> dict:
 
     import onnxruntime as ort
 
-    from batchdet.inference import OnnxBackend, session_options
-    from batchdet.preprocess import preprocess
-    from batchdet.spec import INPUT_NAME
+    from batchdet.model.spec import INPUT_NAME
+    from batchdet.pipeline.inference import OnnxBackend, session_options
+    from batchdet.pipeline.preprocess import preprocess
 
     threads = args.threads or min(os.cpu_count() or 1, 4)
     out = Path(args.out)

@@ -21,7 +21,7 @@ try:
 except ImportError:  # run from a clone without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from batchdet.job import main
+from batchdet.cluster.job import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -56,7 +56,7 @@ def _deprecations_are_errors_in_children() -> str:
     in-process equivalent is filterwarnings in pyproject.toml)."""
     import batchdet
 
-    modules = ["batchdet"] + [f"batchdet.{m.name}" for m in pkgutil.iter_modules(batchdet.__path__)]
+    modules = ["batchdet"] + [m.name for m in pkgutil.walk_packages(batchdet.__path__, "batchdet.")]
     own = [f"error::{category}:{module}" for category in ("DeprecationWarning", "FutureWarning") for module in modules]
     return ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *own]))
 
@@ -151,7 +151,7 @@ def store(request, tmp_path) -> tuple[str, dict[str, str]]:
 @pytest.fixture(scope="session")
 def narrow_model(tmp_path_factory):
     """The narrow stand-in (same graph, channels / 8): fast enough for every test."""
-    from batchdet.standin import write_standin
+    from batchdet.model.standin import write_standin
 
     return write_standin(tmp_path_factory.mktemp("models") / "narrow.onnx", seed=0, channels_divisor=8)
 
@@ -176,7 +176,7 @@ def many_images(tmp_path_factory):
     import numpy as np
     from PIL import Image
 
-    from photos import photo_path
+    from helpers.photos import photo_path
 
     folder = tmp_path_factory.mktemp("many")
     rgb = np.asarray(Image.open(photo_path("astronaut.png")).convert("RGB"))

@@ -22,11 +22,10 @@ from PIL import Image
 
 from batchdet.api import detect
 from batchdet.cli import main
-from batchdet.listing import list_images
-from batchdet.reading import read_many
-from batchdet.schema import check_dataset_name
-from photos import photo
-from test_preprocess import _png_declaring
+from batchdet.output.schema import check_dataset_name
+from batchdet.pipeline.listing import list_images
+from batchdet.pipeline.reading import read_many
+from helpers.photos import photo, png_declaring
 
 
 def _enc(im: Image.Image, fmt: str, **kw) -> bytes:
@@ -62,7 +61,7 @@ def catalogue() -> dict[str, tuple[bytes, tuple[int, int] | str]]:
         "one.png": (_enc(Image.new("RGB", (1, 1), "white"), "PNG"), (1, 1)),
         "strip.png": (_enc(Image.new("L", (20000, 10), 128), "PNG"), (20000, 10)),
         "rotated.jpg": (_enc(rocket, "JPEG", exif=exif), (427, 640)),
-        "bomb.png": (_png_declaring(100_000, 100_000), "ImageTooLarge"),
+        "bomb.png": (png_declaring(100_000, 100_000), "ImageTooLarge"),
         "with space ünïcødé [1].jpg": (photo("rocket.jpg"), (640, 427)),
     }
 

@@ -14,11 +14,11 @@ import yaml
 
 from batchdet import api
 from batchdet.cli import build_parser, main
+from batchdet.cluster.submit import job_config
 from batchdet.config import ConfigError, dump_config, load_config, options_from_args, read_config
+from batchdet.model.spec import ModelInfo
 from batchdet.options import DetectOptions, option_names
-from batchdet.plan import RunPlan
-from batchdet.spec import ModelInfo
-from batchdet.submit import job_config
+from batchdet.pipeline.plan import RunPlan
 
 SHA = "b417a8186967f1e78670b0075aa72a10e5c7d1a6d5c08af9d13dc97f3d29ef0d"
 

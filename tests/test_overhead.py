@@ -34,12 +34,12 @@ def run(tmp_path_factory):
 
 
 def test_near_free_model_meets_the_interface(run):
-    from batchdet.detector import Detector
-    from batchdet.spec import check_model
+    from batchdet.model.spec import check_model
+    from batchdet.pipeline.detector import Detector
 
     model = Path(run[0]["models"]["nearfree"]["model"])
     assert check_model(model).kind_id == "other"
-    from batchdet.labels import INDEX_TO_NAME
+    from batchdet.model.labels import INDEX_TO_NAME
 
     dets = Detector(model, threads=1).detect_prepared(np.zeros((3, 1200, 1200), np.uint8), 640, 480).detections
     assert [d["label"] for d in dets] == [INDEX_TO_NAME[i] for i in (1, 3, 18)]  # by score: 0.9, 0.6, 0.3

@@ -10,27 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
-
-import pyarrow.dataset as pads
 
 from batchdet.api import detect
 from batchdet.cli import main
 from conftest import N_IMAGES
-from photos import photo
-
-def rows(out: Path) -> list[dict]:
-    return pads.dataset(str(out), format="parquet", partitioning="hive").to_table(
-        columns=["uri", "status", "run_id", "dataset"]).to_pylist()
-
-
-def assert_exactly_once(out: Path, folder: Path) -> None:
-    """One ok row per good image, nothing duplicated, the broken file an error."""
-    got = rows(out)
-    ok = [r["uri"] for r in got if r["status"] == "ok"]
-    good = sorted(str(p) for p in folder.glob("img*.jpg"))
-    assert sorted(ok) == good, "lost or duplicated ok rows"
-    assert str(folder / "broken.jpg") in {r["uri"] for r in got if r["status"] == "error"}
+from helpers.outputs import assert_exactly_once, written_rows
+from helpers.photos import photo
 
 
 def test_driver_killed_then_resumed(narrow_model, many_images, tmp_path, ray_local):
@@ -106,6 +91,6 @@ def test_refuse_then_overwrite(narrow_model, tmp_path, ray_local, capsys):
     assert "already holds batchdet results" in capsys.readouterr().err
     assert main([*argv, "--resume", "--overwrite"]) == 2
     assert main([*argv, "--overwrite"]) == 0
-    got = rows(out)
+    got = written_rows(out)
     assert len(got) == 1 and got[0]["run_id"] != first.run_id
     assert not (out / "_runs" / f"{first.run_id}.json").exists()

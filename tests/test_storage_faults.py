@@ -10,8 +10,8 @@ import pytest
 from batchdet.api import detect
 from batchdet.cli import main
 from batchdet.storage import filesystem
-from faulty_proxy import FAULTS, FaultyProxy
-from photos import photo
+from helpers.faulty_proxy import FAULTS, FaultyProxy
+from helpers.photos import photo
 
 GOOD = ["rocket.jpg", "chelsea.png", "astronaut.png", "coffee.png", "camera.png", "motorcycle_left.png"]
 

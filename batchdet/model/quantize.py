@@ -1,0 +1,293 @@
+"""``batchdet model quantize``: a static INT8 copy of a conforming model.
+
+onnxruntime's static quantization in QDQ format, per-channel weights,
+calibrated on real images of a dataset (read and preprocessed exactly as the
+pipeline does). Only the backbone, extra blocks and heads are quantized (the
+convolutions, and the activations between them); decode, softmax,
+NonMaxSuppression and TopK stay float32, so the post-processing is the
+official one bit for bit. The result keeps the model contract (float32 input
+``image``, the three outputs), so ``batchdet.model.spec.check_model`` accepts it and
+``--model`` runs it; a quantized stand-in keeps the stand-in flag.
+
+Accuracy is *not* guaranteed by construction: check it with ``batchdet eval``
+on COCO val2017 with the official weights (docs/model.md, "INT8").
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from batchdet.files import AtomicFile
+from batchdet.model.spec import INPUT_NAME, QUANTIZED_KEY, SOURCE_SHA_KEY, check_model
+
+#: metadata keys written on the quantized model, besides the source's own:
+#: QUANTIZED_KEY (what was quantized, how), SOURCE_SHA_KEY (the source file's
+#: sha256: an INT8 copy of the official file is told by it, see
+#: ``spec.ModelInfo.kind_id``), the source's kind and the calibration used.
+SOURCE_KIND_KEY = "batchdet.quantized.source_kind"
+CALIBRATION_KEY = "batchdet.quantized.calibration"
+
+#: Operators quantized. Conv carries ~all the FLOPs; Relu is then absorbed
+#: into the convolution's output quantization (no float pass between two
+#: convolutions) and MaxPool runs on uint8. See docs/model.md, "INT8",
+#: for the measured effect of each. Nothing after the heads is in the list:
+#: Reshape, Concat, Softmax, the decode arithmetic, NonMaxSuppression and
+#: TopK stay float32.
+DEFAULT_OP_TYPES = ("Conv", "Relu", "MaxPool")
+DEFAULT_IMAGES = 32
+
+
+def default_output(model: str | os.PathLike) -> Path:
+    """``<dir>/<name>.int8.onnx`` beside the model."""
+    p = Path(model)
+    return p.with_name(p.stem + ".int8.onnx")
+
+
+def _pick(uris: list[str], n: int) -> list[str]:
+    """``n`` URIs spread evenly over the sorted listing (not just its first folder)."""
+    if n >= len(uris):
+        return list(uris)
+    idx = np.linspace(0, len(uris) - 1, n).round().astype(int)
+    return [uris[i] for i in idx]
+
+
+class ImageCalibrationReader:
+    """onnxruntime ``CalibrationDataReader`` over dataset images: reads them a
+    batch at a time (``batchdet.pipeline.reading.read_many``), preprocesses each with
+    ``batchdet.pipeline.preprocess.preprocess`` (MLPerf's float input) and yields
+    ``{"image": x}``. Unreadable or undecodable images are skipped and counted."""
+
+    def __init__(self, uris: list[str], storage_options: dict[str, Any] | None = None, batch: int = 8,
+                 progress: Callable[[int, int], None] | None = None):
+        self.uris = uris
+        self.storage_options = storage_options
+        self.batch = batch
+        self.progress = progress
+        self.used = 0
+        self.skipped: list[str] = []
+        self._iter: Iterator[dict[str, np.ndarray]] | None = None
+
+    def _generate(self) -> Iterator[dict[str, np.ndarray]]:
+        from batchdet.pipeline.preprocess import ImageError, preprocess
+        from batchdet.pipeline.reading import read_many
+
+        for start in range(0, len(self.uris), self.batch):
+            chunk = self.uris[start:start + self.batch]
+            for uri, data in zip(chunk, read_many(chunk, self.storage_options)):
+                if isinstance(data, ImageError):
+                    self.skipped.append(f"{uri}: {data}")
+                    continue
+                try:
+                    x, _, _ = preprocess(data)
+                except ImageError as e:
+                    self.skipped.append(f"{uri}: {e}")
+                    continue
+                self.used += 1
+                if self.progress:
+                    self.progress(self.used, len(self.uris))
+                yield {INPUT_NAME: x}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._iter is None:
+            self._iter = self._generate()
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = None
+        self.used = 0
+        self.skipped = []
+
+
+def quantize_model(
+    model: str | os.PathLike,
+    calibrate: str | os.PathLike,
+    images: int = DEFAULT_IMAGES,
+    to: str | os.PathLike | None = None,
+    storage_options: dict[str, Any] | None = None,
+    op_types: tuple[str, ...] = DEFAULT_OP_TYPES,
+    reduce_range: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write a static INT8 (QDQ, per-channel) copy of ``model`` calibrated on
+    up to ``images`` images of the dataset URL ``calibrate``; return its path.
+
+    ``reduce_range`` (7-bit weights) defaults to on for CPUs without VNNI,
+    where onnxruntime's u8×s8 kernels can saturate 16-bit intermediate sums.
+    Raises ValueError (via the listing or the model check) on bad arguments.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from batchdet.pipeline.listing import list_images
+
+    if images < 1:
+        raise ValueError(f"--images must be at least 1, got {images}")
+    info = check_model(model)
+    out = Path(to) if to else default_output(model)
+    if out.resolve() == Path(info.path):
+        raise ValueError(f"refusing to overwrite the source model {out}")
+    calibrate = str(calibrate)
+    listing = list_images(calibrate, storage_options)
+    uris = _pick(listing.uris, images)
+    if reduce_range is None:
+        reduce_range = not _has_vnni()
+    reader = ImageCalibrationReader(uris, storage_options, progress=progress)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="batchdet-quantize-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        # folds BatchNormalization into the convolutions and infers shapes, so
+        # that every Conv quantizes with its BN scale in its weights
+        quant_pre_process(str(info.path), str(pre), skip_symbolic_shape=True)
+        quantized = Path(tmp) / "int8.onnx"
+        quantize_static(
+            str(pre), str(quantized), reader,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(op_types),
+            per_channel=True,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            # MinMax keeps only each tensor's min and max per image (the calibrator
+            # adds ReduceMin/ReduceMax outputs), so memory does not grow with images
+            calibrate_method=CalibrationMethod.MinMax,
+        )
+        if reader.used == 0:
+            raise ValueError(f"no usable calibration image under {calibrate}: {reader.skipped[:3]}")
+        result = onnx.load(str(quantized))
+    metadata = dict(info.metadata)
+    metadata.update({
+        QUANTIZED_KEY: f"int8 static QDQ per-channel ({'+'.join(op_types)}), activations uint8, weights int8"
+                       + (" 7-bit" if reduce_range else ""),
+        SOURCE_SHA_KEY: info.sha256,
+        SOURCE_KIND_KEY: info.kind_id,
+        CALIBRATION_KEY: f"{reader.used} images from {calibrate} (MinMax); "
+                         f"{len(reader.skipped)} skipped; {time.perf_counter() - started:.0f} s",
+    })
+    del result.metadata_props[:]
+    for key, value in sorted(metadata.items()):
+        result.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    if not result.producer_name:
+        result.producer_name = "batchdet.quantize"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with AtomicFile(out) as file:
+        onnx.save(result, str(file.temp))
+        file.commit()
+    check_model(out)  # the contract still holds
+    return out
+
+
+#: x86 extensions with an 8-bit dot product (``/proc/cpuinfo`` flag names):
+#: AVX512-VNNI (Intel Cascade Lake / Ice Lake and later, AMD Zen 4 and later),
+#: AVX-VNNI (Intel Alder Lake and later), AMX (Intel Sapphire Rapids and later).
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def int8_cpu_flags(cpuinfo: str | None = None) -> list[str] | None:
+    """The :data:`INT8_DOT_FLAGS` this CPU has, from ``cpuinfo`` (the text of
+    ``/proc/cpuinfo``, read when None): ``[]`` for an x86 CPU without any, so
+    INT8 convolutions run at about FP32's speed; None when it cannot tell (no
+    x86 ``flags`` line: another architecture, or no ``/proc/cpuinfo``)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":  # the first processor speaks for all
+            flags = set(value.split())
+            return [f for f in INT8_DOT_FLAGS if f in flags]
+    return None
+
+
+def int8_cpu_hint(flags: list[str] | None) -> str | None:
+    """One line for a CPU without an 8-bit dot product (``flags == []``); None otherwise."""
+    if flags != []:
+        return None
+    return ("hint: this CPU has no AVX512_VNNI, AVX_VNNI or AMX: its INT8 convolutions are about as fast as FP32's, "
+            "so expect little speed-up here; INT8 pays on CPUs with them (Intel Ice Lake+, AMD Zen 4+) and on GPUs")
+
+
+def _has_vnni() -> bool:
+    """False only for an x86 CPU known to lack VNNI/AMX (unknown: keep the full 8-bit range)."""
+    return int8_cpu_flags() != []
+
+
+# --- FP32 against INT8 on this machine ----------------------------------------------
+MEASURE_IMAGES = 3
+MEASURE_ROUNDS = 2
+
+
+@dataclass(frozen=True)
+class SpeedComparison:
+    """Seconds per image, median over images × rounds, after one untimed run each."""
+
+    fp32_s: float
+    int8_s: float
+    images: int
+    rounds: int
+    threads: int
+
+    @property
+    def speedup(self) -> float:
+        """How many times faster INT8 is (below 1: slower)."""
+        return self.fp32_s / self.int8_s
+
+    def to_text(self) -> str:
+        return (f"speed on this CPU ({self.threads} threads, median of {self.images} images x {self.rounds} rounds, "
+                f"interleaved): FP32 {self.fp32_s:.3f} s, INT8 {self.int8_s:.3f} s per image: "
+                f"INT8 speed-up x{self.speedup:.2f}")
+
+
+def calibration_samples(calibrate: str | os.PathLike, images: int = DEFAULT_IMAGES, n: int = MEASURE_IMAGES,
+                        storage_options: dict[str, Any] | None = None) -> list[np.ndarray]:
+    """Up to ``n`` of the images :func:`quantize_model` calibrates on with
+    ``images``, spread over them, as the uint8 planes the pipeline feeds the
+    model ([3, 1200, 1200]); unreadable ones are left out."""
+    from batchdet.pipeline.listing import list_images
+    from batchdet.pipeline.preprocess import ImageError, prepare
+    from batchdet.pipeline.reading import read_many
+
+    uris = _pick(_pick(list_images(str(calibrate), storage_options).uris, images), n)
+    samples = []
+    for data in read_many(uris, storage_options):
+        if isinstance(data, ImageError):
+            continue
+        try:
+            samples.append(prepare(data).image)
+        except ImageError:
+            continue
+    return samples
+
+
+def compare_speed(fp32: str | os.PathLike, int8: str | os.PathLike, images: list[np.ndarray],
+                  rounds: int = MEASURE_ROUNDS, threads: int | None = None) -> SpeedComparison:
+    """Time ``fp32`` and ``int8`` on ``images`` (uint8 planes, see
+    :func:`calibration_samples`) the way the pipeline runs them
+    (``batchdet.pipeline.inference.OnnxBackend``, its session options, ``threads``
+    defaulting to every CPU): one untimed run each, then image by image,
+    FP32 and INT8 alternately, ``rounds`` times; medians."""
+    from batchdet.pipeline.inference import OnnxBackend
+
+    if not images:
+        raise ValueError("no image to time the models on")
+    backends = [OnnxBackend(fp32, threads).load(), OnnxBackend(int8, threads).load()]
+    for backend in backends:
+        backend.predict(images[0])
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for image in images:
+            for backend, spent in zip(backends, times):
+                t = time.perf_counter()
+                backend.predict(image)
+                spent.append(time.perf_counter() - t)
+    return SpeedComparison(float(np.median(times[0])), float(np.median(times[1])), len(images), rounds,
+                           backends[0].threads)

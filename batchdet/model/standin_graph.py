@@ -1,0 +1,193 @@
+"""The ONNX plumbing of the stand-in: a graph builder, the SSD default boxes and the in-graph post-processing.
+
+These are the parts of the stand-in (batchdet/model/standin.py) that are the
+official model's interface rather than its weights: the 15,130 default boxes
+(docs/model.md) and the post-processing after the heads (decode, softmax,
+NonMaxSuppression, top 200). :func:`build_postprocess` appends it to the full
+model's graph; :func:`build_postprocess_model` wraps it into a tiny model
+whose inputs are the raw head outputs, so decode and NMS can be tested
+against a plain numpy reference without running a backbone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from batchdet.model.labels import NUM_CLASSES
+from batchdet.model.spec import (
+    BBOXES,
+    INPUT_SIZE,
+    KIND_KEY,
+    LABELS,
+    MAX_DETECTIONS,
+    NMS_SCORE_THRESHOLD,
+    SCORES,
+    STANDIN,
+    STANDIN_KEY,
+)
+
+OPSET = 17
+
+# --- default boxes and heads (docs/model.md) ---------------------
+FEAT_SIZES = (50, 25, 13, 7, 3, 3)
+STEPS = (24, 48, 92, 171, 400, 400)
+BOX_SCALES = (84, 180, 396, 612, 828, 1044, 1260)  # pixels of the 1200 input
+ASPECT_RATIOS = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
+#: default boxes per cell: (s, s), (s', s') and two per aspect ratio -> 4, 6, 6, 6, 4, 4.
+BOXES_PER_CELL = tuple(2 + 2 * len(r) for r in ASPECT_RATIOS)
+NUM_BOXES = sum(f * f * nd for f, nd in zip(FEAT_SIZES, BOXES_PER_CELL))  # 15,130
+SCALE_XY, SCALE_WH = 0.1, 0.2
+IOU_THRESHOLD = 0.5
+
+
+def default_boxes() -> np.ndarray:
+    """The 15,130 default boxes as float32 (cx, cy, w, h), normalised, clamped to [0, 1].
+
+    Ordered like the heads' flattened output (box index = d·H·W + y·W + x,
+    map by map): for each map, for each box size d, rows i, then columns j.
+    Computed in float64 and cast once, as the reference computes them in
+    Python floats.
+    """
+    rows = []
+    for k, (feat, step, ratios) in enumerate(zip(FEAT_SIZES, STEPS, ASPECT_RATIOS)):
+        fk = INPUT_SIZE // step
+        s = BOX_SCALES[k] / INPUT_SIZE
+        s_prime = math.sqrt(s * BOX_SCALES[k + 1] / INPUT_SIZE)
+        sizes = [(s, s), (s_prime, s_prime)]
+        for a in ratios:
+            sizes += [(s * math.sqrt(a), s / math.sqrt(a)), (s / math.sqrt(a), s * math.sqrt(a))]
+        centres = (np.arange(feat) + 0.5) / fk
+        cy, cx = np.meshgrid(centres, centres, indexing="ij")  # rows i, then columns j
+        for w, h in sizes:
+            rows.append(np.stack([cx.ravel(), cy.ravel(), np.full(cx.size, w), np.full(cx.size, h)], axis=1))
+    return np.clip(np.concatenate(rows), 0.0, 1.0).astype(np.float32)
+
+
+class Graph:
+    """Appends named nodes and initializers to a GraphProto.
+
+    Each node's output is named after the node, which keeps the graph
+    readable in Netron and makes intermediate tensors easy to expose.
+    """
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.graph = graph
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, outputs: list[str] | None = None, **attrs) -> str:
+        """Add one node; returns its (first) output name."""
+        outputs = outputs or [name]
+        self.graph.node.append(helper.make_node(op_type, inputs, outputs, name=name, **attrs))
+        return outputs[0]
+
+
+def build_postprocess(graph: onnx.GraphProto, loc: str, conf: str) -> None:
+    """Append the official post-processing to ``graph`` and declare its three outputs.
+
+    ``loc`` names a float32 [1, 4, 15130] tensor (raw offsets t_x, t_y, t_w,
+    t_h), ``conf`` a float32 [1, 81, 15130] tensor (raw class logits, class 0
+    = background); both in :func:`default_boxes` order. Appends: decode
+    (xy = 0.1·t_xy·wh_d + xy_d, wh = exp(0.2·t_wh)·wh_d, to x_min, y_min,
+    x_max, y_max) → softmax over classes → drop background →
+    NonMaxSuppression per class (IoU 0.5, score > 0.05, ≤ 200 per class) →
+    TopK with k = min(200, selected) → ``bboxes`` [1, N, 4], ``labels``
+    [1, N] int64 (class index 1..80), ``scores`` [1, N], best first. N = 0
+    is a valid outcome.
+    """
+    g = Graph(graph)
+    p = "postprocess."
+    boxes_cwh = default_boxes().T[None]  # [1, 4, NUM_BOXES]
+    xy_d = g.const(p + "default_boxes_xy", boxes_cwh[:, :2])
+    wh_d = g.const(p + "default_boxes_wh", boxes_cwh[:, 2:])
+    i64 = lambda name, values: g.const(p + name, np.array(values, dtype=np.int64))  # noqa: E731
+    f32 = lambda name, value: g.const(p + name, np.array(value, dtype=np.float32))  # noqa: E731
+    axis1 = i64("axis1", [1])
+
+    # decode, in the [1, 4, boxes] layout the heads produce
+    t_xy = g.op("Slice", [loc, i64("start0", [0]), i64("end2", [2]), axis1], p + "t_xy")
+    t_wh = g.op("Slice", [loc, i64("start2", [2]), i64("end4", [4]), axis1], p + "t_wh")
+    xy = g.op("Mul", [t_xy, f32("scale_xy", SCALE_XY)], p + "xy_scaled")
+    xy = g.op("Mul", [xy, wh_d], p + "xy_offset")
+    xy = g.op("Add", [xy, xy_d], p + "xy")
+    wh = g.op("Mul", [t_wh, f32("scale_wh", SCALE_WH)], p + "wh_scaled")
+    wh = g.op("Exp", [wh], p + "wh_exp")
+    wh = g.op("Mul", [wh, wh_d], p + "wh")
+    half = g.op("Mul", [wh, f32("half", 0.5)], p + "half_wh")
+    lt = g.op("Sub", [xy, half], p + "lt")
+    rb = g.op("Add", [xy, half], p + "rb")
+    ltrb = g.op("Concat", [lt, rb], p + "ltrb", axis=1)
+    boxes = g.op("Transpose", [ltrb], p + "boxes", perm=[0, 2, 1])  # [1, boxes, 4] as NMS wants
+
+    # scores per foreground class: [1, 80, boxes], NMS's layout
+    probs = g.op("Softmax", [conf], p + "softmax", axis=1)
+    fg = g.op("Slice", [probs, i64("start1", [1]), i64("end_classes", [NUM_CLASSES]), axis1], p + "foreground")
+
+    # boxes and foreground are [x_min, y_min, x_max, y_max]; NMS with
+    # center_point_box=0 only needs a diagonal corner pair, in either order.
+    selected = g.op(
+        "NonMaxSuppression",
+        [
+            boxes,
+            fg,
+            i64("max_per_class", [MAX_DETECTIONS]),
+            f32("iou_threshold", [IOU_THRESHOLD]),
+            f32("score_threshold", [NMS_SCORE_THRESHOLD]),
+        ],
+        p + "nms",
+        center_point_box=0,
+    )  # [selected, 3] = (batch, class, box)
+    sel_scores = g.op("GatherND", [fg, selected], p + "selected_scores")
+    k = g.op("Shape", [sel_scores], p + "num_selected")
+    k = g.op("Min", [k, i64("max_detections", [MAX_DETECTIONS])], p + "k")
+    top_scores, top = p + "top_scores", p + "top_index"
+    g.op("TopK", [sel_scores, k], p + "topk", outputs=[top_scores, top], axis=0, largest=1, sorted=1)
+    top_sel = g.op("Gather", [selected, top], p + "top_selected", axis=0)  # [k, 3]
+    batch_box = g.op("Gather", [top_sel, i64("batch_box_columns", [0, 2])], p + "batch_box", axis=1)
+    top_boxes = g.op("GatherND", [boxes, batch_box], p + "top_boxes")  # [k, 4]
+    cls = g.op("Gather", [top_sel, i64("class_column", 1)], p + "class", axis=1)  # [k]
+    label = g.op("Add", [cls, i64("one", 1)], p + "label")
+    axis0 = i64("axis0", [0])
+    g.op("Unsqueeze", [top_boxes, axis0], BBOXES)
+    g.op("Unsqueeze", [label, axis0], LABELS)
+    g.op("Unsqueeze", [top_scores, axis0], SCORES)
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info(BBOXES, TensorProto.FLOAT, [1, "N", 4]),
+            helper.make_tensor_value_info(LABELS, TensorProto.INT64, [1, "N"]),
+            helper.make_tensor_value_info(SCORES, TensorProto.FLOAT, [1, "N"]),
+        ]
+    )
+
+
+def finish_model(graph: onnx.GraphProto, metadata: dict[str, str]) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="batchdet.model.standin")
+    model.ir_version = 8  # opset 17's IR; keeps the file loadable by older onnxruntime
+    helper.set_model_props(model, metadata)
+    onnx.checker.check_model(model)
+    return model
+
+
+def build_postprocess_model() -> onnx.ModelProto:
+    """A model with only the post-processing: inputs ``loc`` [1, 4, 15130] and ``conf`` [1, 81, 15130].
+
+    Outputs are the contract's ``bboxes``/``labels``/``scores``; it exists so
+    tests can check decode and NMS against numpy with hand-made head outputs.
+    """
+    graph = helper.make_graph(
+        [],
+        "batchdet_postprocess",
+        [
+            helper.make_tensor_value_info("loc", TensorProto.FLOAT, [1, 4, NUM_BOXES]),
+            helper.make_tensor_value_info("conf", TensorProto.FLOAT, [1, NUM_CLASSES, NUM_BOXES]),
+        ],
+        [],
+    )
+    build_postprocess(graph, "loc", "conf")
+    return finish_model(graph, {KIND_KEY: STANDIN, STANDIN_KEY: "true"})

@@ -1,0 +1,57 @@
+"""Single-process detection: the API the Ray actors reuse, and the reference
+the pipeline's output is tested against."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from batchdet.model.fetch import resolve_model_path
+from batchdet.model.spec import NMS_SCORE_THRESHOLD
+from batchdet.options import DEFAULT_MAX_PIXELS
+from batchdet.pipeline.inference import OnnxBackend
+from batchdet.pipeline.postprocess import to_detections
+from batchdet.pipeline.preprocess import prepare
+
+
+@dataclass(frozen=True)
+class ImageDetections:
+    """Detections of one image, in pixels of the oriented original."""
+
+    width: int
+    height: int
+    detections: list[dict] = field(default_factory=list)
+
+
+class Detector:
+    """Load a conforming model once, then detect image after image.
+
+    >>> det = Detector("resnet34-ssd1200.onnx")            # doctest: +SKIP
+    >>> det.detect(open("cat.jpg", "rb").read()).detections[0]["label"]  # doctest: +SKIP
+    'cat'
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike | None = None,
+        threads: int | None = None,
+        gpus: float = 0.0,
+        score_threshold: float = NMS_SCORE_THRESHOLD,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ):
+        self.backend = OnnxBackend(resolve_model_path(model_path), threads, gpus).load()
+        self.score_threshold = score_threshold
+        self.max_pixels = max_pixels
+
+    def detect(self, data: bytes) -> ImageDetections:
+        """Encoded image bytes → detections; raises ``ImageError`` for a bad image."""
+        p = prepare(data, self.max_pixels)
+        return self.detect_prepared(p.image, p.width, p.height)
+
+    def detect_prepared(self, image: np.ndarray, width: int, height: int) -> ImageDetections:
+        """Resized uint8 RGB planes [3, 1200, 1200] and the original size → detections."""
+        raw = self.backend.predict(image)
+        dets = to_detections(raw.bboxes, raw.labels, raw.scores, width, height, self.score_threshold)
+        return ImageDetections(width, height, dets)

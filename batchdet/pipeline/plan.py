@@ -1,0 +1,108 @@
+"""Everything about a run that can be checked before Ray starts.
+
+Bad arguments must fail fast with one line, not minutes into a cluster job.
+The options checked themselves when built (:mod:`batchdet.options`); here:
+the model file, every input URL (listed here, so "no images" and "unknown
+bucket" surface now) and whether the output can be written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.machinery
+import os
+import secrets
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from batchdet.errors import one_line
+from batchdet.model.distribution import resolve_model
+from batchdet.model.spec import ModelInfo
+from batchdet.options import DetectOptions, option_names
+from batchdet.output.layout import RUNS_DIR, Output
+from batchdet.pipeline.listing import Listing, list_images
+from batchdet.storage import redact
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A validated run: its options, what they list, and the model they resolve to.
+
+    The options read through (``plan.batch_size``), except ``plan.model``: the
+    resolved :class:`ModelInfo`, where ``plan.options.model`` is what was asked for.
+    """
+
+    run_id: str
+    options: DetectOptions
+    listings: dict[str, Listing]
+    model: ModelInfo
+
+    def __getattr__(self, name: str) -> Any:
+        """``plan.batch_size`` is ``plan.options.batch_size``: the pipeline reads options without a copy of each."""
+        if name not in option_names():  # also keeps unpickling (no ``options`` yet) from recursing
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.options, name)
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(listing.uris) for listing in self.listings.values())
+
+    def without(self, done: dict[str, set[str]]) -> "RunPlan":
+        """The same run minus images already done (``--resume``)."""
+        listings = {
+            name: dataclasses.replace(l, uris=[u for u in l.uris if u not in done.get(name, ())])
+            for name, l in self.listings.items()
+        }
+        return dataclasses.replace(self, listings=listings)
+
+    def arguments(self) -> dict[str, Any]:
+        """The run's arguments as a user would re-type them, secrets removed."""
+        return {**self.options.to_spec(defaults=True), "model": self.model.path,
+                "storage_options": redact(self.options.storage_options)}
+
+
+def new_run_id() -> str:
+    """Sortable by time, unique across concurrent drivers."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def check_writable(output: str, storage_options: dict[str, Any]) -> None:
+    """Create the output's ``_runs/`` and write + delete a probe file there."""
+    out = Output(output, storage_options)
+    probe = out.join(RUNS_DIR, f".probe-{uuid.uuid4().hex}")  # hidden: no reader counts it as a manifest
+    try:
+        out.fs.makedirs(out.join(RUNS_DIR), exist_ok=True)
+        out.fs.pipe_file(probe, b"")
+        out.fs.rm_file(probe)
+    except Exception as e:
+        raise ValueError(f"cannot write to output {output}: {one_line(e)}") from None
+
+
+def check_working_directory() -> None:
+    """Refuse to run where a folder named ``batchdet`` would shadow the
+    package on Ray's workers: Ray puts the driver's working directory on
+    their path, and with an editable install that folder wins the import."""
+    spec = importlib.machinery.PathFinder.find_spec("batchdet", [os.getcwd(), *sys.path])
+    if spec is not None and spec.origin is None:  # a namespace portion: no regular package found before it
+        raise ValueError(f"the folder {os.path.join(os.getcwd(), 'batchdet')} would hide the batchdet package "
+                         "from Ray's workers (Ray puts the working directory on their path): run from another folder")
+
+
+def plan_run(options: DetectOptions, on_listing: Callable[[str, int], None] | None = None) -> RunPlan:
+    """Check the model, list every input and probe the output (the options
+    themselves were checked when built); raise ValueError on the first problem.
+    ``on_listing(dataset, files found so far)`` follows a long listing."""
+    check_working_directory()
+    # A URL model is fetched into this node's cache and checked here; info.path keeps URL#sha256=<hex>.
+    info = resolve_model(options.model, options.storage_options)
+    listings = {
+        name: list_images(url, options.storage_options,
+                          on_progress=on_listing and functools.partial(on_listing, name))
+        for name, url in options.datasets.items()
+    }
+    check_writable(options.output, options.storage_options)
+    return RunPlan(run_id=new_run_id(), options=options, listings=listings, model=info)

@@ -1,0 +1,219 @@
+"""The Ray Data job: listing → read → prepare → inference → Parquet, in one function."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import os
+from typing import Callable, Iterator
+
+from batchdet.pipeline.plan import RunPlan
+from batchdet.pipeline.stages import InferenceStage, read_batch
+from batchdet.progress import Progress, Reporter, Stalled
+
+log = logging.getLogger("batchdet")
+
+#: Logical CPUs a read or write task asks for: they wait on storage, not the
+#: CPU. An actor running N onnxruntime threads asks Ray for N - IO_CPUS,
+#: which leaves a task's slice free per actor beside actors that fill a
+#: node: full CPUs for both would deadlock a node (the actors waiting for
+#: input no task can be scheduled to produce).
+IO_CPUS = 0.25
+#: Write tasks at once (they ask for no CPU, so this bounds them): Parquet
+#: files of a block's rows take milliseconds to encode and store.
+WRITE_TASKS = 2
+#: Blocks each actor should see over a run at the least: small runs of slow
+#: models get small blocks, so that the last ones spread over the actors.
+BLOCKS_PER_ACTOR = 4
+#: Images in a block at the most. A block's fixed cost (a task, a hand-off to
+#: an actor, a write) is a few milliseconds: at 64 images it is under 1 % of
+#: even a ~1 ms model's work; larger blocks only lose more on a kill.
+MAX_BLOCK = 64
+#: Encoded bytes per image the object-store cap below is sized by: a large
+#: photograph; smaller files simply let more images wait.
+BYTES_PER_IMAGE = 1 << 20
+#: Blocks that may wait in the object store per inference actor. Reading is
+#: far faster than inference, so without a cap every file of the dataset is
+#: read at once and waits (memory growing with the dataset); Ray Data splits
+#: the cap among its operators, and a share smaller than a block starves the
+#: actors (docs/notes/2026-12-02-fast-models.md).
+PREFETCH_BLOCKS_PER_ACTOR = 4
+
+
+#: Ray node settings batchdet starts its embedded Ray with, and which a
+#: cluster's nodes should have too (as ``RAY_<name>`` environment variables of
+#: ``ray start``: :func:`node_environment`; infra/docker/Dockerfile sets them).
+#: Ray kills idle workers beyond one per CPU after 1 s; quarter-CPU tasks
+#: seconds apart then each start a new Python worker (~1.5 s of CPU taken
+#: from the model). A minute keeps them warm between blocks and still reaps
+#: them after the run (measured: docs/notes/2026-11-performance-history.md, "What costs throughput" 2).
+NODE_CONFIG = {"idle_worker_killing_time_threshold_ms": 60_000}
+
+
+def node_environment() -> dict[str, str]:
+    """:data:`NODE_CONFIG` as the environment variables ``ray start`` reads."""
+    return {f"RAY_{name}": str(value) for name, value in NODE_CONFIG.items()}
+
+
+def local_ray_options() -> dict:
+    """``ray.init`` arguments of an embedded Ray: always one of our own
+    (``address="local"``, never a cluster someone ``ray start``ed here), no
+    dashboard, and :data:`NODE_CONFIG`."""
+    return {"address": "local", "include_dashboard": False, "_system_config": dict(NODE_CONFIG)}
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None) -> Iterator[bool]:
+    """Join ``address`` (or ``$RAY_ADDRESS``), reuse a Ray already initialised
+    in this process, or start an embedded one and shut it down afterwards.
+    Yields whether the Ray is this machine's alone (no autoscaler behind it)."""
+    import ray
+
+    if ray.is_initialized():
+        yield not (address or os.environ.get("RAY_ADDRESS"))
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(**local_ray_options())
+    try:
+        yield not address
+    finally:
+        if not address:
+            ray.shutdown()
+
+
+def actor_layout(plan: RunPlan, local: bool) -> tuple[int, tuple[int, int]]:
+    """(threads per actor, (min, max) actors) for the cluster Ray sees.
+
+    By default a CPU actor runs one onnxruntime thread, one actor per CPU.
+    In a multi-threaded session a thread preempted by any other process
+    (Ray's own wake hundreds of times a second) stalls its peers at every
+    operator's end; single-threaded sessions lose only their own time. On
+    2 cores: +7.6 % in steady state over one 2-thread actor (0.425 against
+    0.395 images/s, two runs each), +2.5–4 % end to end at 40 images, for
+    ~0.5 GB per extra actor (docs/notes/2026-11-performance-history.md, "What costs throughput" 3). A GPU
+    actor's threads only feed its device: the node's CPUs, up to 4. On the
+    embedded Ray the pool starts at its maximum: Ray Data adds actors only
+    when their input queue builds up, which for a small dataset it never does.
+    """
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    per_node = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]) or 1
+    threads = plan.threads_per_actor or (min(per_node, 4) if plan.gpus_per_actor else 1)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    # Ray would wait forever for an actor no node can hold. On the embedded
+    # Ray nothing will ever add a node, so refuse; on a cluster an autoscaler
+    # may still bring one (a GPU group scaled to zero), so only warn.
+    problems = [f"--threads-per-actor {threads} exceeds the largest node's {per_node} CPUs"] * (threads > per_node)
+    problems += [f"--gpus-per-actor {plan.gpus_per_actor} but the cluster has {gpus:g} GPUs now"] * (
+        plan.gpus_per_actor > gpus)
+    for problem in problems:
+        if local:
+            raise ValueError(problem)
+        log.warning("%s; waiting for the autoscaler to add a node that fits", problem)
+    high = max(1, cpus // threads)
+    if plan.gpus_per_actor:
+        high = min(high, max(1, int(gpus / plan.gpus_per_actor)))
+    return threads, plan.actors or (high if local else 1, high)
+
+
+def images_per_block(images: int, actors: int, gpus: float = 0.0) -> int:
+    """Block size for ``images`` over ``actors``: at least BLOCKS_PER_ACTOR
+    blocks each, at most MAX_BLOCK images (4× that on a GPU, which does a
+    CPU's block in milliseconds)."""
+    most = MAX_BLOCK * (4 if gpus else 1)
+    return max(1, min(most, -(-images // (max(actors, 1) * BLOCKS_PER_ACTOR))))
+
+
+def run_pipeline(plan: RunPlan, local: bool = True, on_progress: Callable[[Progress], None] | None = None) -> None:
+    """Stream every listed image through the model into staged Parquet
+    (``local``: on an embedded Ray that no autoscaler will grow), telling
+    ``on_progress`` how far it is about once a second. Raises
+    :class:`batchdet.progress.Stalled` when no image finishes for
+    ``plan.stall_timeout`` seconds (or 4× the longest gap between blocks)."""
+    threads, (low, high) = actor_layout(plan, local)
+    block = plan.batch_size or images_per_block(plan.num_images, high, plan.gpus_per_actor)
+    reporter = Reporter(plan.num_images, on_progress, plan.stall_timeout)
+    try:  # around the clean-up too: a stalled run may be interrupted again while it unwinds
+        with object_store_capped(object_store_cap(high, block)), reporter:
+            _stream(plan, threads, low, high, block, reporter.counter)
+    except KeyboardInterrupt:
+        if reporter.stalled:
+            raise Stalled(reporter.stalled) from None
+        raise
+
+
+def read_compute(actors: int):
+    """Read tasks at once: two per actor. Ray Data checks the object-store
+    cap before it starts a task, not while the task runs, so every running
+    read may land one more block on top of the cap; bounding them bounds that
+    (each reads its block's files concurrently on object storage)."""
+    import ray.data
+
+    return ray.data.TaskPoolStrategy(size=2 * max(actors, 1))
+
+
+def object_store_cap(actors: int, block: int) -> int:
+    """Bytes of read files Ray Data may hold for ``actors`` inference actors."""
+    return max(actors, 2) * PREFETCH_BLOCKS_PER_ACTOR * block * BYTES_PER_IMAGE
+
+
+@contextlib.contextmanager
+def object_store_capped(cap: int) -> Iterator[None]:
+    """Ray Data's object-store limit at most ``cap`` bytes while the job
+    runs; the process-global context is given back as it was. (Not
+    ``DataContext.copy()``: its deepcopy sets Ray's deprecated fields again
+    and warns about each.)"""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options
+    options = copy.copy(saved)
+    options.resource_limits = saved.resource_limits.copy(
+        object_store_memory=min(saved.resource_limits.object_store_memory, cap))
+    ctx.execution_options = options
+    try:
+        yield
+    finally:
+        ctx.execution_options = saved
+
+
+def _stream(plan: RunPlan, threads: int, low: int, high: int, block: int, progress=None) -> None:
+    """The job itself, read top to bottom."""
+    import ray.data
+
+    from batchdet.pipeline.sink import StagingSink
+
+    items = [{"dataset": name, "uri": uri} for name, listing in plan.listings.items() for uri in listing.uris]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // block)))
+    ds = ds.map_batches(
+        read_batch, fn_kwargs={"storage_options": plan.storage_options, "progress": progress},
+        batch_format="pyarrow", batch_size=block, num_cpus=IO_CPUS, compute=read_compute(high),
+    )
+    ds = ds.map_batches(
+        InferenceStage,
+        fn_constructor_kwargs={
+            "model_path": plan.model.path, "run_id": plan.run_id, "threads": threads,
+            "gpus": plan.gpus_per_actor, "score_threshold": plan.score_threshold, "max_pixels": plan.max_pixels,
+            # a GPU actor decodes on its other CPUs while the device runs
+            "prepare_threads": max(1, threads - 1) if plan.gpus_per_actor else 0,
+            "storage_options": plan.storage_options,  # for a URL model: each node fetches its own copy
+            "progress": progress,
+        },
+        batch_format="pyarrow", batch_size=block,
+        # one block at a time per CPU actor: the first actor up cannot hoard
+        # blocks its peers then wait for; a GPU actor keeps a second one queued
+        compute=ray.data.ActorPoolStrategy(
+            min_size=low, max_size=high, max_tasks_in_flight_per_actor=2 if plan.gpus_per_actor else 1),
+        num_cpus=threads - IO_CPUS, num_gpus=plan.gpus_per_actor or None,
+    )
+    ds.write_datasink(
+        StagingSink(plan.output, plan.storage_options, plan.run_id, plan.rows_per_file),
+        # no CPU of its own: with any, Ray Data's budget lets reads and actors
+        # take it and the finished rows wait unwritten (lost to a kill, a stall)
+        ray_remote_args={"num_cpus": 0}, concurrency=WRITE_TASKS,
+    )

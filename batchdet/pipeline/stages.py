@@ -1,0 +1,156 @@
+"""The pipeline's per-batch stages as plain functions over Arrow tables.
+
+Ray Data calls them on blocks; tests call them directly. Each stage passes
+per-image failures along in the ``error`` column instead of raising, so one
+bad file becomes one error row and never a failed task.
+
+Columns along the way:
+  listing   → dataset, uri
+  read      → + data (the file's bytes, null on error), error
+  inference → the contract's row (schema.SCHEMA)
+
+Only the encoded files cross Ray's object store (a JPEG is ~50–500 KB); the
+inference actor decodes, resizes, normalises, runs the model and builds its
+output columns itself. Handing 4.3 MB of resized pixels per image from
+preprocessing tasks to the actors cost more CPU than a fast model's whole
+inference (docs/notes/2026-12-02-fast-models.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from batchdet.model.spec import INPUT_SIZE, NMS_SCORE_THRESHOLD
+from batchdet.options import DEFAULT_MAX_PIXELS
+from batchdet.output.schema import SCHEMA, STATUS_ERROR, STATUS_OK
+from batchdet.pipeline.detector import Detector
+from batchdet.pipeline.postprocess import detections_column, select
+from batchdet.pipeline.preprocess import ImageError, Prepared, prepare
+from batchdet.pipeline.reading import read_many
+
+
+def _errors(batch: pa.Table) -> list[str | None]:
+    return batch.column("error").to_pylist() if "error" in batch.column_names else [None] * batch.num_rows
+
+
+def read_batch(batch: pa.Table, storage_options: dict[str, Any] | None = None, progress: Any = None) -> pa.Table:
+    """Add each URI's bytes (``data``) or its read error; tell ``progress``
+    (a :class:`batchdet.progress.Counter` actor, or None) how many were read."""
+    results = read_many(batch.column("uri").to_pylist(), storage_options)
+    if progress is not None:
+        progress.add_read.remote(batch.num_rows)
+    data = [r if isinstance(r, bytes) else None for r in results]
+    errors = [str(r) if isinstance(r, ImageError) else None for r in results]
+    return batch.append_column("data", pa.array(data, pa.large_binary())).append_column(
+        "error", pa.array(errors, pa.string())
+    )
+
+
+class InferenceStage:
+    """One onnxruntime session per actor, loaded once; each block of files is
+    decoded, resized, normalised, run image by image (the MLPerf file's batch
+    axis is fixed to 1) and turned into output columns.
+
+    A GPU actor decodes on ``prepare_threads`` threads ahead of the device
+    (Pillow and OpenCV release the GIL), so the device does not wait for the
+    CPU; a CPU actor decodes on its own thread, into one reused buffer,
+    between runs (its cores are the model's anyway).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        run_id: str,
+        threads: int | None = None,
+        gpus: float = 0.0,
+        score_threshold: float = NMS_SCORE_THRESHOLD,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        prepare_threads: int = 0,
+        storage_options: dict[str, Any] | None = None,
+        progress: Any = None,
+    ):
+        """``progress``: a :class:`batchdet.progress.Counter` actor told of each finished block, or None."""
+        from batchdet.model.distribution import local_model
+
+        # A URL#sha256= model: this node's cached, verified copy (fetched once per node); a path: itself.
+        model_path = local_model(model_path, storage_options=storage_options)
+        self.detector = Detector(model_path, threads=threads, gpus=gpus, score_threshold=score_threshold)
+        self.run_id = run_id
+        self.max_pixels = max_pixels
+        self._planes = np.empty((3, INPUT_SIZE, INPUT_SIZE), np.uint8)  # the sequential path's reused image
+        self.prepare_threads = prepare_threads
+        self._pool = ThreadPoolExecutor(prepare_threads) if prepare_threads > 0 else None
+        self.progress = progress
+
+    def _prepared(self, datas: list[bytes | None]) -> Iterator[Prepared | ImageError | None]:
+        """Each file decoded and resized, in order: an ImageError in place of a bad one."""
+
+        def one(data: bytes | None, out: np.ndarray | None = None) -> Prepared | ImageError | None:
+            if data is None:
+                return None
+            try:
+                return prepare(data, self.max_pixels, out=out)
+            except ImageError as e:
+                return e
+
+        if self._pool is None:
+            return (one(d, self._planes) for d in datas)
+        return _ahead(self._pool, one, datas, 2 * self.prepare_threads)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        errors = _errors(batch)
+        datas = [d if e is None else None for d, e in zip(batch.column("data").to_pylist(), errors)]
+        widths: list[int | None] = [None] * batch.num_rows
+        heights: list[int | None] = [None] * batch.num_rows
+        selected: list[tuple | None] = [None] * batch.num_rows
+        for i, p in enumerate(self._prepared(datas)):
+            if isinstance(p, ImageError):
+                errors[i] = str(p)
+            elif p is not None:
+                try:
+                    raw = self.detector.backend.predict(p.image)
+                    selected[i] = select(raw.bboxes, raw.labels, raw.scores, p.width, p.height,
+                                         self.detector.score_threshold)
+                    widths[i], heights[i] = p.width, p.height
+                except ValueError as e:  # a model emitting labels outside the contract
+                    errors[i] = f"ModelOutputError: {e}"
+        if self.progress is not None:
+            self.progress.add.remote(batch.num_rows, sum(e is not None for e in errors))
+        return results_table(batch, widths, heights, errors, selected, self.run_id)
+
+
+def _ahead(pool: ThreadPoolExecutor, fn, items: list, depth: int) -> Iterator:
+    """``map(fn, items)`` on ``pool``, in order, at most ``depth`` items ahead
+    of the consumer: a block of 256 images must not all sit decoded (4.3 MB
+    each) while the device works through them."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def results_table(batch: pa.Table, widths: list, heights: list, errors: list, selected: list, run_id: str) -> pa.Table:
+    """The contract's rows for a block, column by column (no per-row dicts)."""
+    ok = [e is None for e in errors]
+    return pa.table(
+        {
+            "uri": batch.column("uri"),
+            "width": pa.array(widths, pa.int32()),
+            "height": pa.array(heights, pa.int32()),
+            "status": pa.array([STATUS_OK if k else STATUS_ERROR for k in ok], pa.string()),
+            "error": pa.array(errors, pa.string()),
+            "detections": detections_column([s if k else None for s, k in zip(selected, ok)]),
+            "run_id": pa.array([run_id] * batch.num_rows, pa.string()),
+            "dataset": batch.column("dataset"),
+        },
+        schema=SCHEMA,
+    )

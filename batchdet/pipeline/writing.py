@@ -1,0 +1,244 @@
+"""An output's life: stage a run, commit it, write its manifest last; recover
+what a killed run staged; tell ``--resume`` what is already done.
+
+Layout (docs/output.md; every path rule is in batchdet/output/layout.py):
+``dataset=<NAME>/<run_id>_<…>.parquet`` and ``_runs/<run_id>.json``. While a
+run works, Ray writes its Parquet under ``_staging/<run_id>/`` beside a
+``_run.json`` record of the run. Committing
+moves each complete, readable file into its partition — a rename locally, a
+whole-object copy on S3, so a reader sees a file whole or not at all — drops
+rows a retried task wrote twice, and writes the manifest *last*: a run's rows
+count as committed once ``_runs/<run_id>.json`` exists. A run killed on the
+way leaves its staging folder behind; the next ``--resume`` commits the
+files in it that are whole (a half-written file fails its Parquet footer
+check and is discarded) and writes that run's manifest, marked ``recovered``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchdet import __version__
+from batchdet.files import replace_bytes
+from batchdet.output.layout import RUNS_DIR, Output, committed_name, dataset_of, run_of
+from batchdet.output.layout import RUN_RECORD, STAGING_DIR  # noqa: F401  still importable from here (tests, benchmarks)
+from batchdet.output.lease import Lease
+from batchdet.output.schema import STATUS_OK
+
+
+@dataclass
+class DatasetCounts:
+    url: str
+    images: int = 0
+    images_ok: int = 0
+    images_error: int = 0
+    detections: int = 0
+    skipped_files: int = 0  # files under the URL that are not images
+    already_done: int = 0  # images --resume found done and did not process again
+    listing_seconds: float = 0.0
+
+
+@dataclass
+class RunResult:
+    """A committed run: exactly what its manifest says."""
+
+    run_id: str
+    output: str
+    started: str
+    finished: str
+    wall_s: float | None
+    images_per_s: float | None
+    datasets: dict[str, DatasetCounts]
+    model: dict[str, Any]
+    arguments: dict[str, Any]
+    versions: dict[str, str]
+    files: list[str] = field(default_factory=list)
+    recovered: bool = False  # committed by a later --resume after the run was killed
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def to_text(self) -> str:
+        """The end-of-run summary a person reads."""
+        lines = [f"run {self.run_id} -> {self.output}",
+                 f"  {'dataset':<20} {'images':>8} {'ok':>8} {'errors':>8} {'detections':>11} {'done before':>12}"]
+        for name, c in self.datasets.items():
+            lines.append(f"  {name:<20} {c.images:>8} {c.images_ok:>8} {c.images_error:>8} {c.detections:>11}"
+                         f" {c.already_done:>12}")
+        total = sum(c.images for c in self.datasets.values())
+        if self.wall_s is not None:
+            lines.append(f"  {total} images in {self.wall_s:.1f} s = {self.images_per_s:.2f} images/s")
+        lines.append(f"  model: {self.model.get('kind', 'kind not recorded')}, sha256 {self.model['sha256'][:12]}")
+        return "\n".join(lines)
+
+
+def begin_run(out: Output, record: dict[str, Any]) -> None:
+    """Write the run's record into its staging folder before any work."""
+    out.fs.makedirs(out.staging(record["run_id"]), exist_ok=True)
+    out.fs.pipe_file(out.run_record(record["run_id"]), json.dumps(record).encode())
+
+
+def _read_whole(out: Output, path: str) -> pa.Table | None:
+    """A staged file's rows, or None when it is incomplete or unreadable."""
+    try:
+        with out.fs.open(path, "rb") as f:
+            return pq.read_table(f)
+    except Exception:
+        return None
+
+
+#: Files read (or moved) at once by the commit and ``--resume``: each is a
+#: request or two, so on S3 they wait on latency rather than on the driver's CPU.
+IO_THREADS = 16
+
+
+def _read_keys(out: Output, path: str) -> pa.Table | None:
+    """A staged file's ``uri`` and ``status``, and ``detections`` cut down to one
+    int32 leaf (enough for the lists' lengths, never the detections themselves),
+    or None when the file is incomplete or unreadable (a half-written file has
+    no Parquet footer)."""
+    try:
+        with out.fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            leaf = next(parquet.schema.column(i).path for i in range(len(parquet.schema))
+                        if parquet.schema.column(i).path.startswith("detections."))
+            table = parquet.read(columns=["uri", "status", leaf])
+        table.column("detections")  # the leaf named a column this file has
+        return table
+    except Exception:
+        return None
+
+
+def _in_threads(fn: Callable[[Any], Any], items: list) -> Iterator[Any]:
+    """``map(fn, items)``, in order, IO_THREADS at a time; each result is
+    handed on as soon as it and those before it are ready."""
+    threads = min(IO_THREADS, len(items))
+    if threads < 2:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        window: deque[Future] = deque()  # bounded: results never pile up ahead of the caller
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= 2 * threads:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
+def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered: bool = False) -> RunResult:
+    """Commit ``run_id``'s staged files, count them, write the manifest, drop the staging folder.
+
+    The driver reads each file's footer and its ``uri``/``status`` columns and
+    one int32 leaf of ``detections`` (for the count); it reads a file whole
+    only to drop rows a retried task wrote twice. De-duplication is exact:
+    every URI committed so far, per dataset, is kept as a Python string.
+    """
+    record = json.loads(out.fs.cat_file(out.run_record(run_id)))
+    counts = {name: DatasetCounts(**d) for name, d in record["datasets"].items()}
+    sources = out.staged_files(run_id)
+    seen: dict[str, set[str]] = {}
+    files, moves, rewrites = [], [], []
+    for src, keys in zip(sources, _in_threads(lambda p: _read_keys(out, p), sources)):
+        dataset = dataset_of(src)
+        if keys is None or dataset not in counts:
+            continue
+        uris = keys.column("uri").to_pylist()
+        done = seen.setdefault(dataset, set())
+        fresh = [u not in done for u in uris]
+        done.update(uris)
+        relative = committed_name(run_id, src)
+        if all(fresh):
+            moves.append((src, relative))
+        else:  # a retried task wrote these rows twice: keep the first copy
+            keys = keys.filter(pa.array(fresh))
+            rewrites.append((src, relative, fresh))
+        files.append(relative)
+        _count(counts[dataset], keys)
+    del seen
+    for partition in sorted({relative.partition("/")[0] for relative in files}):
+        out.fs.makedirs(out.join(partition), exist_ok=True)
+    for src, relative, fresh in rewrites:
+        table = _read_whole(out, src)
+        if table is None:
+            raise RuntimeError(f"staged file {src} became unreadable during the commit")
+        with out.fs.open(out.join(relative), "wb") as f:
+            pq.write_table(table.filter(pa.array(fresh)), f)
+    for _ in _in_threads(lambda move: out.fs.mv(move[0], out.join(move[1])), moves):
+        pass
+    finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    images = sum(c.images for c in counts.values())
+    result = RunResult(
+        run_id=run_id, output=out.url, started=record["started"], finished=finished,
+        wall_s=None if wall_s is None else round(wall_s, 3),
+        images_per_s=None if not wall_s else round(images / wall_s, 4),
+        datasets=counts, model=record["model"], arguments=record["arguments"],
+        versions=record["versions"], files=files, recovered=recovered,
+    )
+    _write_manifest(out, result)
+    out.fs.rm(out.staging(run_id), recursive=True)
+    return result
+
+
+def _count(c: DatasetCounts, table: pa.Table) -> None:
+    """Add ``table``'s rows to ``c``; ``detections`` may be the whole column or one leaf of it."""
+    ok = pc.sum(pc.equal(table.column("status"), STATUS_OK)).as_py() or 0
+    c.images += table.num_rows
+    c.images_ok += ok
+    c.images_error += table.num_rows - ok
+    c.detections += pc.sum(pc.list_value_length(table.column("detections"))).as_py() or 0
+
+
+def _write_manifest(out: Output, result: RunResult) -> None:
+    """``_runs/<run_id>.json``, whole: written under a temporary name, then renamed."""
+    out.fs.makedirs(out.join(RUNS_DIR), exist_ok=True)
+    replace_bytes(out.fs, out.manifest(result.run_id), result.to_json().encode())
+
+
+def recover(out: Output, lease: Lease) -> list[RunResult]:
+    """Commit what killed runs staged (called before this run stages anything).
+
+    Only the holder of the output's lease may: a run still writing holds a
+    live lease, so no other run does, and committing its staging folder
+    under it would corrupt both. The lease is checked against the store first.
+    """
+    lease.check()
+    return [finish_run(out, run_id, recovered=True) for run_id in out.staged_runs()
+            if run_id != lease.run_id and out.fs.exists(out.run_record(run_id))]
+
+
+def done_uris(out: Output, model_sha256: str) -> dict[str, set[str]]:
+    """Per dataset, the URIs that already have an ``ok`` row from a committed
+    run of the same model (``--resume`` skips them; error rows are retried).
+    Reads only the ``uri`` and ``status`` columns, IO_THREADS files at a time."""
+    runs = {run_id for run_id, m in out.manifests().items() if m["model"]["sha256"] == model_sha256}
+    paths = [p for p in out.data_files() if run_of(p) in runs]
+
+    def ok_uris(path: str) -> pa.ChunkedArray:
+        with out.fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["uri", "status"])
+        return table.filter(pc.equal(table.column("status"), STATUS_OK)).column("uri")
+
+    done: dict[str, set[str]] = {}
+    for path, uris in zip(paths, _in_threads(ok_uris, paths)):
+        done.setdefault(dataset_of(path), set()).update(uris.to_pylist())
+    return done
+
+
+def versions() -> dict[str, str]:
+    import onnxruntime
+    import ray
+
+    return {"batchdet": __version__, "ray": ray.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version()}
+

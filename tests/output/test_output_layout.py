@@ -1,0 +1,84 @@
+"""One output layout (batchdet/output/layout.py): the writer and every reader agree on which files hold results.
+
+An output is set up as a real one looks mid-life: one run staged by
+``StagingSink`` and committed by ``finish_run``, a second run killed with its
+files still staged, a temporary and a hidden Parquet file in a partition, a
+hidden manifest temporary and a live lease. The discovery rule must return
+exactly the committed run's files, and query, summary and ``--resume`` must
+see exactly its rows. No Ray: the sink's ``write`` is called directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchdet.output.layout import Output
+from batchdet.output.lease import acquire
+from batchdet.output.query import open_output, query
+from batchdet.output.schema import SCHEMA
+from batchdet.output.summary import summarize
+from batchdet.pipeline.sink import StagingSink
+from batchdet.pipeline.writing import begin_run, done_uris, finish_run
+from batchdet.storage import full_uri
+from helpers.outputs import error_row, ok_row
+
+COMMITTED = "20261202T100000Z-c0ffee"
+KILLED = "20261202T110000Z-dead00"
+SHA = "5ha256"
+
+
+def _rows(run_id: str) -> dict[str, list[dict[str, Any]]]:
+    """Two datasets' rows of ``run_id`` (``a`` needs two write tasks: two files)."""
+    return {"a": [ok_row(f"/in/a/{run_id}-1.jpg", 4, 3, [], run_id),
+                  error_row(f"/in/a/{run_id}-2.jpg", "DecodeError: truncated", run_id),
+                  ok_row(f"/in/a/{run_id}-3.jpg", 4, 3, [], run_id)],
+            "b": [ok_row(f"/in/b/{run_id}-1.jpg", 5, 5, [], run_id)]}
+
+
+def _stage(out: Output, options: dict[str, str], run_id: str) -> list[tuple[str, str]]:
+    """Begin ``run_id`` and stage its rows through the sink Ray would use; its (dataset, uri) pairs."""
+    rows = _rows(run_id)
+    datasets = {name: {"url": f"/in/{name}"} for name in rows}
+    begin_run(out, {"run_id": run_id, "started": "2026-12-02T10:00:00+00:00", "arguments": {}, "versions": {},
+                    "model": {"sha256": SHA, "kind": "stand-in"}, "datasets": datasets})
+    sink = StagingSink(out.url, options, run_id, rows_per_file=1)
+    table = pa.Table.from_pylist([dict(r, dataset=name) for name, items in rows.items() for r in items],
+                                 schema=SCHEMA)
+    sink.write([table.slice(0, 2)], None)
+    sink.write([table.slice(2)], None)
+    return sorted((name, r["uri"]) for name, items in rows.items() for r in items)
+
+
+def test_writer_and_readers_see_exactly_the_committed_files(store) -> None:
+    url, options = store
+    out = Output(url, options)
+    with acquire(out, KILLED):  # a live lease: a file at the output's root
+        committed = _stage(out, options, COMMITTED)
+        result = finish_run(out, COMMITTED)
+        _stage(out, options, KILLED)  # killed: its files stay in _staging/
+        out.fs.makedirs(out.join("dataset=a", "_tmp"), exist_ok=True)
+        for name in ("dataset=a/.part-9.parquet", "dataset=a/_tmp/part-9.parquet", "dataset=b/_hidden.parquet"):
+            with out.fs.open(out.join(name), "wb") as f:  # temporary or hidden: valid rows nobody may see
+                pq.write_table(pa.Table.from_pylist([ok_row(f"/trap/{name}", 1, 1, [])]), f)
+        out.fs.pipe_file(out.join("_runs", f".{KILLED}.json.tmp"), b"{}")
+
+        assert len(result.files) == 3 and out.staged_runs() == [KILLED]
+        assert out.data_files() == sorted(out.join(f) for f in result.files)
+        snapshot = open_output(url, options)
+        assert snapshot.files == tuple(full_uri(out.fs, p) for p in out.data_files())
+        assert list(out.manifests()) == [COMMITTED]
+
+        seen = query(url, "SELECT dataset, uri, run_id FROM all_images ORDER BY ALL", options).to_pylist()
+        assert [(r["dataset"], r["uri"]) for r in seen] == committed
+        assert {r["run_id"] for r in seen} == {COMMITTED}
+
+        summary = summarize(url, options)
+        assert [(d.name, d.images, d.ok, d.errors) for d in summary.datasets] == [("a", 3, 2, 1), ("b", 1, 1, 0)]
+        assert [r.run_id for r in summary.runs] == [COMMITTED]
+        assert summary.runs_without_manifest == [] and summary.unreadable_runs == {}
+
+        ok = {name: {uri for n, uri in committed if n == name} - {f"/in/a/{COMMITTED}-2.jpg"} for name in "ab"}
+        assert done_uris(out, SHA) == ok

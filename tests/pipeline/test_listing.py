@@ -1,0 +1,66 @@
+"""Listing a dataset folder by sub-folder, several at once, with progress:
+the same files as one serial ``find``, locally and on the S3 test endpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from batchdet.pipeline.listing import find_files, list_images
+
+LISTING_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "listing.py"
+
+
+def _tree(root: Path) -> None:
+    """3 folders of 5 sub-folders of 4 images, one image at the top, an empty folder and a non-image."""
+    for a in range(3):
+        for b in range(5):
+            folder = root / f"a{a}" / f"b{b}"
+            folder.mkdir(parents=True)
+            for c in range(4):
+                (folder / f"{c}.jpg").write_bytes(b"x")
+    (root / "top.jpg").write_bytes(b"x")
+    (root / "notes.txt").write_bytes(b"x")
+    (root / "empty").mkdir()
+
+
+@pytest.mark.parametrize("workers,depth", [(1, 3), (2, 3), (4, 1), (16, 3), (100, 2)])
+def test_by_prefix_finds_what_one_find_finds(tmp_path, workers, depth):
+    _tree(tmp_path)
+    fs = fsspec.filesystem("file")
+    seen: list[int] = []
+    files = find_files(fs, str(tmp_path), workers=workers, depth=depth, on_progress=seen.append)
+    assert sorted(files) == sorted(fs.find(str(tmp_path))) and len(files) == 62
+    assert seen == sorted(seen) and seen[-1] == 62  # counts only grow, and end at the total
+
+
+def test_list_images_on_s3_by_prefix_with_progress(s3):
+    fs = s3.filesystem()
+    bucket = s3.new_bucket()
+    keys = [f"{bucket}/in/{a:02d}/{b}/img{i}.jpg" for a in range(20) for b in range(2) for i in range(2)]
+    fs.pipe({key: b"x" for key in keys + [f"{bucket}/in/readme.md", f"{bucket}/in/top.png"]})
+    seen: list[int] = []
+    listing = list_images(f"s3://{bucket}/in", s3.storage_options, on_progress=seen.append)
+    assert listing.uris == sorted(f"s3://{k}" for k in keys + [f"{bucket}/in/top.png"])
+    assert listing.skipped == 1
+    assert len(seen) >= 20 and seen[-1] == len(keys) + 2  # a report per prefix, files counted before filtering
+
+
+def test_listing_benchmark_times_both_ways_over_http(tmp_path):
+    out = tmp_path / "listing.json"
+    proc = subprocess.run([sys.executable, str(LISTING_BENCH), "--sizes", "2500", "--latency-ms", "20",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["n"] == 2500 and r["latency_ms"] == 20
+    for way in ("serial", "by_prefix"):  # the script checks it listed every key once
+        assert r[way]["keys_per_s"] == pytest.approx(2500 / r[way]["seconds"], rel=0.01)  # seconds are rounded
+    assert r["serial"]["progress_reports"] == 1 and r["by_prefix"]["progress_reports"] == 1 + 3  # root, then 3 prefixes
+    assert r["speedup"] == pytest.approx(r["serial"]["seconds"] / r["by_prefix"]["seconds"], abs=0.01)
+    row = next(line for line in proc.stdout.splitlines() if line.split()[:2] == ["2500", "20"])
+    assert f"{r['speedup']:.2f}x" in row

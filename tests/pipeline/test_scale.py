@@ -1,0 +1,192 @@
+"""The driver-side commit and --resume at scale (issue 16, item 3).
+
+The commit no longer reads detections: its counts and de-duplication must
+equal what the whole-table computation it replaced gives, on staged files
+with error rows, a file a retried task wrote twice, a partly overlapping file
+and a half-written one. And benchmarks/scale.py at a small N: every figure it
+prints follows from what it recorded. No timing is asserted (shared machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from batchdet.output.schema import DETECTION_TYPE, FILE_SCHEMA, STATUS_OK
+from batchdet.pipeline.writing import RUN_RECORD, STAGING_DIR, Output, done_uris, finish_run
+
+SCALE = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
+RUN = "20250102T000000Z-0a0b0c"
+SHA = "f" * 64
+
+
+def _rows(uris: list[str], errors: set[str] = frozenset()) -> pa.Table:
+    det = lambda i: {"label_id": 1 + i % 90, "label": "person", "score": 0.9 - i / 100,  # noqa: E731
+                     "x_min": 1.0, "y_min": 2.0, "x_max": 3.0, "y_max": 4.0}
+    rows = [{"uri": u, "width": None if u in errors else 10, "height": None if u in errors else 10,
+             "status": "error" if u in errors else "ok", "error": "DecodeError: x" if u in errors else None,
+             "detections": None if u in errors else [det(i) for i in range(len(u) % 7)],  # 0..6, some empty
+             "run_id": RUN} for u in uris]
+    return pa.Table.from_pylist(rows, schema=FILE_SCHEMA)
+
+
+def _stage(out: Path, files: dict[str, pa.Table | bytes]) -> None:
+    """``files``: {"dataset=<NAME>/<name>.parquet": rows, or raw bytes for a broken file}."""
+    stage = out / STAGING_DIR / RUN
+    stage.mkdir(parents=True)
+    record = {"run_id": RUN, "started": "2025-01-02T00:00:00+00:00",
+              "model": {"path": "m.onnx", "sha256": SHA, "official": False, "kind": "other", "kind_id": "other"},
+              "datasets": {name: {"url": f"/in/{name}"} for name in ("a", "b")},
+              "arguments": {}, "versions": {}}
+    (stage / RUN_RECORD).write_text(json.dumps(record))
+    for relative, content in files.items():
+        (stage / relative).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            (stage / relative).write_bytes(content)
+        else:
+            pq.write_table(content, stage / relative)
+
+
+def _old_commit_counts(stage: Path) -> tuple[dict[str, dict[str, int]], dict[str, list[dict]]]:
+    """What the commit computed before: every staged file read whole, in sorted
+    order, rows whose (dataset, uri) was seen in an earlier file dropped."""
+    seen, counts, kept = set(), {}, {}
+    for src in sorted(stage.rglob("*.parquet")):
+        dataset = src.parent.name.partition("=")[2]
+        try:
+            table = pq.read_table(src)
+        except Exception:
+            continue
+        keys = [(dataset, u) for u in table.column("uri").to_pylist()]
+        fresh = [k not in seen for k in keys]
+        seen.update(keys)
+        table = table.filter(pa.array(fresh, type=pa.bool_()))
+        ok = pc.sum(pc.equal(table.column("status"), STATUS_OK)).as_py() or 0
+        c = counts.setdefault(dataset, {"images": 0, "images_ok": 0, "images_error": 0, "detections": 0})
+        c["images"] += table.num_rows
+        c["images_ok"] += ok
+        c["images_error"] += table.num_rows - ok
+        c["detections"] += pc.sum(pc.list_value_length(table.column("detections"))).as_py() or 0
+        kept.setdefault(dataset, []).extend(table.to_pylist())
+    return counts, kept
+
+
+@pytest.fixture
+def staged(tmp_path):
+    a = [f"/in/a/{i:03d}.jpg" for i in range(40)]
+    first = _rows(a[:20], errors={a[3], a[11]})
+    files = {
+        "dataset=a/00first.parquet": first,
+        "dataset=a/10retry.parquet": first,  # a retried write task: the same rows again
+        "dataset=a/20overlap.parquet": _rows(a[15:30], errors={a[17], a[25]}),  # five rows seen before (a[17] ok there: kept)
+        "dataset=a/30rest.parquet": _rows(a[30:]),
+        "dataset=a/40torn.parquet": pq_bytes(_rows(a[:5]))[:-100],  # killed mid-write: no footer
+        "dataset=b/00only.parquet": _rows(["/in/b/x.jpg", "/in/a/000.jpg"], errors={"/in/b/x.jpg"}),
+        "dataset=b/10empty.parquet": _rows([]),
+    }
+    out = tmp_path / "out"
+    _stage(out, files)
+    return out
+
+
+def pq_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def test_commit_counts_and_dedup_equal_the_whole_table_computation(staged):
+    want_counts, want_rows = _old_commit_counts(staged / STAGING_DIR / RUN)
+    result = finish_run(Output(str(staged)), RUN)
+    got = {name: {k: getattr(c, k) for k in ("images", "images_ok", "images_error", "detections")}
+           for name, c in result.datasets.items()}
+    assert got == want_counts
+    assert got["a"] == {"images": 40, "images_ok": 37, "images_error": 3, "detections": want_counts["a"]["detections"]}
+    assert want_counts["a"]["detections"] > 0
+    # the committed files hold exactly the rows the old computation kept, once each
+    for dataset, rows in want_rows.items():
+        committed = pq.read_table(sorted((staged / f"dataset={dataset}").glob("*.parquet")), partitioning=None).to_pylist()
+        key = lambda r: (r["uri"], r["status"])  # noqa: E731
+        assert sorted(committed, key=key) == sorted(rows, key=key)
+    # every readable staged file is committed (the retried one as an empty file), the torn one is not
+    assert sorted(result.files) == sorted(f"{p.parent.name}/{p.name}" for p in staged.glob("dataset=*/*.parquet"))
+    assert len(result.files) == 6 and not any("torn" in f for f in result.files)
+    assert not (staged / STAGING_DIR / RUN).exists()
+    manifest = json.loads((staged / "_runs" / f"{RUN}.json").read_text())
+    assert manifest["datasets"]["a"]["images"] == 40 and manifest["files"] == result.files
+
+
+def test_done_uris_reads_ok_rows_of_the_same_model(staged):
+    finish_run(Output(str(staged)), RUN)
+    table = pq.read_table(sorted(staged.glob("dataset=a/*.parquet")), columns=["uri", "status"], partitioning=None)
+    want_a = {r["uri"] for r in table.to_pylist() if r["status"] == "ok"}
+    done = done_uris(Output(str(staged)), SHA)
+    assert done == {"a": want_a, "b": {"/in/a/000.jpg"}}
+    assert len(want_a) == 37
+    assert done_uris(Output(str(staged)), "0" * 64) == {}
+
+
+def test_commit_of_many_files_in_threads(tmp_path):
+    """More files than IO_THREADS: order (which copy of a row is kept) is that of the sorted paths."""
+    from batchdet.pipeline import writing
+
+    uris = [f"/in/a/{i:04d}.jpg" for i in range(300)]
+    files = {f"dataset=a/{uuid.UUID(int=i).hex}.parquet": _rows(uris[i * 10:i * 10 + 15])
+             for i in range(writing.IO_THREADS * 2)}
+    out = tmp_path / "out"
+    _stage(out, files)
+    want, kept = _old_commit_counts(out / STAGING_DIR / RUN)
+    result = finish_run(Output(str(out)), RUN)
+    assert result.datasets["a"].images == want["a"]["images"] == len(set(r["uri"] for r in kept["a"]))
+    assert result.datasets["a"].detections == want["a"]["detections"]
+
+
+# --- benchmarks/scale.py ---------------------------------------------------------------------------------
+N = 2000
+
+
+@pytest.fixture(scope="module")
+def scale_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("scale")
+    proc = subprocess.run([sys.executable, str(SCALE), "--sizes", str(N), "--rows-per-file", "64",
+                           "--workdir", str(work), "--json", str(work / "scale.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((work / "scale.json").read_text()), proc.stdout
+
+
+def test_scale_figures_follow_from_the_record(scale_run):
+    report, stdout = scale_run
+    (r,) = report["results"]
+    e, s = r["expected"], r["steps"]
+    assert r["n"] == N and e["images"] == N == e["images_ok"] + e["images_error"]
+    assert 5 * e["images_ok"] <= e["detections"] <= 20 * e["images_ok"]
+    assert r["staged_files"] == e["files"] + 1 == math.ceil(N / 64) + 1  # + the file a retried task wrote twice
+    # the commit counted each row once, despite the duplicate file
+    assert {k: s["commit"][k] for k in ("images", "images_ok", "images_error", "detections")} == \
+        {k: e[k] for k in ("images", "images_ok", "images_error", "detections")}
+    assert s["commit"]["files"] == r["staged_files"]
+    assert s["listing"]["uris"] == N
+    assert s["resume"]["done"] == e["images_ok"] and s["resume"]["todo"] == e["images_error"]
+    for step in s.values():
+        assert step["seconds"] >= 0 and step["rss_mb"] > 0
+    assert s["resume"]["done_uris_and_without_s"] <= s["resume"]["seconds"]
+    assert r["peak_rss_mb"] == max(s[k]["rss_mb"] for k in ("commit", "resume", "listing"))
+    t = report["targets"]
+    assert r["meets_targets"] == {"rss": r["peak_rss_mb"] <= t["rss_mb"], "commit": s["commit"]["seconds"] <= t["commit_s"],
+                                  "resume": s["resume"]["seconds"] <= t["resume_s"]}
+    # the printed table is the recorded figures
+    row = next(line for line in stdout.splitlines() if line.split() and line.split()[0] == str(N))
+    cells = row.replace("|", " ").split()
+    assert cells == [str(N), str(r["staged_files"]), f"{s['commit']['seconds']:.2f}", f"{s['commit']['rss_mb']:.0f}",
+                     f"{s['resume']['seconds']:.2f}", f"{s['resume']['rss_mb']:.0f}",
+                     f"{s['listing']['seconds']:.2f}", f"{s['listing']['rss_mb']:.0f}", f"{s['baseline']['rss_mb']:.0f}"]
