@@ -58,6 +58,9 @@ def test_figures_follow_from_the_raw_measurements(run):
     marginal = 6 / (b["wall_s"] - a["wall_s"])
     assert math.isclose(r["marginal_images_per_s"], marginal) and math.isclose(r["marginal_vs_bare"], marginal / bare)
     assert math.isclose(r["whole_run_vs_bare"], 12 / b["wall_s"] / bare)
+    u = r["start_up"]  # Ray's start, then the first images, inside the whole run; a bare loop's own start-up
+    assert 0 < u["ray_start_s"] < u["first_done_s"] < b["wall_s"] and 0 < u["bare_start_up_s"] < 120
+    assert math.isclose(r["whole_run_vs_bare_with_start_up"], (u["bare_start_up_s"] + 12 / bare) / b["wall_s"])
     for p in (a, b):  # the CPU by role is the CPU by process name, regrouped; every process counted once
         assert math.isclose(sum(p["cpu_s_by_role"].values()), sum(p["cpu_s_by_name"].values()))
         assert p["cpu_s_by_role"]["driver"] > 0 and p["cpu_s_by_role"]["inference"] > 0 and p["peak_memory_bytes"] > 1e8
