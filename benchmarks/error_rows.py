@@ -9,6 +9,9 @@ Each size runs in a fresh process with its own local Ray; it records
 - ``wall_s``: the whole ``detect`` call, Ray's start included;
 - ``rows_per_s``: the steady rate the progress line shows (first finished
   block to the last: start-up left out), and ``whole_rows_per_s`` = N / wall;
+- ``rows_per_s_by_fifth``: the rate over each fifth of the rows, in order: a
+  cost that grows with the run shows as a falling rate within one run, free
+  of the drift between runs;
 - ``driver_rss_mb``: the driver process's peak resident memory (VmHWM);
 - the committed counts, checked against N (every row an error, none lost).
 
@@ -41,14 +44,29 @@ def child(model: str, manifest: str, output: str) -> None:
     """In a fresh process: one ``detect``; its figures as JSON on the last line."""
     from batchdet.api import detect
 
-    last = []
+    seen = []
     t = time.perf_counter()
-    result = detect({"missing": manifest}, output, model=model, on_progress=last.append, stall_timeout=0)
+    result = detect({"missing": manifest}, output, model=model, on_progress=seen.append, stall_timeout=0)
     wall = time.perf_counter() - t
     counts = result.datasets["missing"]
-    print(json.dumps({"wall_s": round(wall, 2), "rows_per_s": round(last[-1].rate or 0.0, 1),
+    print(json.dumps({"wall_s": round(wall, 2), "rows_per_s": round(seen[-1].rate or 0.0, 1),
+                      "rows_per_s_by_fifth": by_fifth([(p.elapsed_s, p.done) for p in seen], counts.images),
                       "driver_rss_mb": round(peak_rss_kb() / 1024), "images": counts.images,
                       "images_error": counts.images_error, "files": len(result.files)}))
+
+
+def by_fifth(points: list[tuple[float, int]], total: int) -> list[float]:
+    """Rows/s over each fifth of ``total`` rows, from (seconds, rows done)
+    polls: each fifth from the first poll at or past its start to the first
+    at or past its end."""
+    def reached(rows: float) -> tuple[float, int]:
+        return next((t, d) for t, d in points if d >= rows)
+
+    rates = []
+    for k in range(5):
+        (t0, d0), (t1, d1) = reached(max(1, total * k / 5)), reached(total * (k + 1) / 5)
+        rates.append(round((d1 - d0) / (t1 - t0), 1) if t1 > t0 else float("nan"))
+    return rates
 
 
 def measure(n: int, model: Path, workdir: Path) -> dict:
@@ -68,10 +86,12 @@ def measure(n: int, model: Path, workdir: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"{'rows':>8} | {'wall s':>7} {'rows/s whole':>12} {'rows/s steady':>13} | {'driver MB':>9} {'files':>6}"]
+    lines = [f"{'rows':>8} | {'wall s':>7} {'rows/s whole':>12} {'rows/s steady':>13} {'rows/s by fifth':>30} | "
+             f"{'driver MB':>9} {'files':>6}"]
     for r in results:
-        lines.append(f"{r['n']:>8} | {r['wall_s']:>7.1f} {r['whole_rows_per_s']:>12.0f} {r['rows_per_s']:>13.0f} | "
-                     f"{r['driver_rss_mb']:>9} {r['files']:>6}")
+        fifths = " ".join(f"{v:.0f}" for v in r["rows_per_s_by_fifth"])
+        lines.append(f"{r['n']:>8} | {r['wall_s']:>7.1f} {r['whole_rows_per_s']:>12.0f} {r['rows_per_s']:>13.0f} "
+                     f"{fifths:>30} | {r['driver_rss_mb']:>9} {r['files']:>6}")
     return "\n".join(lines)
 
 
