@@ -46,7 +46,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import bench  # noqa: E402  (images, /proc readers)
+import measure  # noqa: E402  (images, /proc readers)
 import harness  # noqa: E402  (machine, commit)
 
 #: Dataset sizes (small, large) per model: the large run long enough that
@@ -116,7 +116,7 @@ def model_path(name: str, workdir: Path) -> Path:
 # --- images -------------------------------------------------------------------------------
 def dataset(workdir: Path, count: int) -> Path:
     """A folder of ``count`` JPEGs: the distinct images, linked again under new names."""
-    distinct = bench.synthesize(workdir / "images", DISTINCT_IMAGES)
+    distinct = measure.synthesize(workdir / "images", DISTINCT_IMAGES)
     folder = workdir / f"dataset-{count}"
     if folder.exists() and len(list(folder.iterdir())) == count:
         return folder
@@ -130,7 +130,7 @@ def dataset(workdir: Path, count: int) -> Path:
 # --- the bare per-image path ------------------------------------------------------------------
 def _bare_worker(model: str, files: list[str], spawned: float, barrier, out) -> None:
     """One process: a 1-thread session, one warm-up image, then the timed loop."""
-    os.nice(bench.RAY_WORKER_NICENESS)  # as Ray's workers run
+    os.nice(measure.RAY_WORKER_NICENESS)  # as Ray's workers run
     from batchdet.pipeline.inference import OnnxBackend
     from batchdet.pipeline.preprocess import prepare
 
@@ -156,7 +156,7 @@ def bare_segment(model: Path, folder: Path, per_process: int) -> dict:
     for p in procs:
         p.start()
     barrier.wait()
-    with bench.Phase(bench.own_cpu) as ph:
+    with measure.Phase(measure.own_cpu) as ph:
         results = [out.get() for _ in procs]
     for p in procs:
         p.join()
@@ -176,7 +176,7 @@ ROLES = (("inference", "InferenceStage"), ("read", "read_batch"), ("write", "Wri
 
 
 def role(name: str) -> str:
-    """A process's part in the run, from its name (bench._proc_name)."""
+    """A process's part in the run, from its name (measure.proc_name)."""
     for label, marker in ROLES:
         if marker in name:
             return label
@@ -197,15 +197,15 @@ class CpuSampler(threading.Thread):
         self._halt = threading.Event()
 
     def sample(self) -> None:
-        children = bench._proc_children()
+        children = measure.proc_children()
         todo = [self.root]
         while todo:
             pid = todo.pop()
             todo.extend(children.get(pid, []))
-            cpu = bench._proc_cpu_seconds(pid)
+            cpu = measure.proc_cpu_seconds(pid)
             if cpu is not None:
                 # a Ray worker renames itself for each task or actor it runs: keep what it did, not "IDLE"
-                name, known = bench._proc_name(pid), self.seen.get(pid, ("", 0.0))[0]
+                name, known = measure.proc_name(pid), self.seen.get(pid, ("", 0.0))[0]
                 if known.startswith("ray::") and not known.startswith("ray::IDLE") and \
                         (not name.startswith("ray::") or name.startswith("ray::IDLE")):
                     name = known
@@ -268,10 +268,10 @@ def pipeline_run(model: Path, folder: Path, workdir: Path, source: str | None = 
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, env.get("PYTHONPATH")]))
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(model), str(folder), str(out), str(result)]
-    with open(log, "w") as logf, bench.Phase(lambda: 0.0) as ph:
+    with open(log, "w") as logf, measure.Phase(lambda: 0.0) as ph:
         # Ray puts the driver's working directory first on its workers' path: run there
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=source)
-        memory = bench.TreeSampler(proc.pid, interval=5.0)  # peak PSS of the whole tree, Ray's processes included
+        memory = measure.TreeSampler(proc.pid, interval=5.0)  # peak PSS of the whole tree, Ray's processes included
         memory.start()
         code = proc.wait()
         memory.stop()
@@ -292,7 +292,7 @@ def pipeline_run(model: Path, folder: Path, workdir: Path, source: str | None = 
 
 
 # --- one model --------------------------------------------------------------------------------
-def measure(name: str, sizes: tuple[int, int], workdir: Path, compare: str | None = None) -> dict:
+def measure_model(name: str, sizes: tuple[int, int], workdir: Path, compare: str | None = None) -> dict:
     model = model_path(name, workdir)
     small, large = (dataset(workdir, n) for n in sizes)
     print(f"{name}: bare ...", flush=True)
@@ -413,7 +413,7 @@ def main(argv=None) -> dict | None:
     print(f"machine: {m['nproc']} CPUs, {m['cpu_model']} ({' '.join(m['cpu_flags'])}), commit {results['commit']}")
     t = time.time()
     for name in args.models.split(","):
-        results["models"][name] = measure(name, SIZES[name], workdir, args.compare)
+        results["models"][name] = measure_model(name, SIZES[name], workdir, args.compare)
     results["elapsed_s"] = time.time() - t
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

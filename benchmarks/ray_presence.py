@@ -25,7 +25,7 @@ from pathlib import Path
 
 import ray
 
-import bench
+import measure
 from batchdet.pipeline.run import local_ray_options
 
 #: Ray Data's three helper actors (_StatsActor, _AutoscalingCoordinatorActor,
@@ -42,14 +42,14 @@ class Idle:
         return 0
 
 
-def beside_ray(measure, idle_workers: int, settle_s: float) -> float:
-    """``measure()`` with an embedded Ray and ``idle_workers`` idle actors running."""
+def beside_ray(rate, idle_workers: int, settle_s: float) -> float:
+    """``rate()`` with an embedded Ray and ``idle_workers`` idle actors running."""
     ray.init(**local_ray_options(), log_to_driver=False)
     try:
         idle = [Idle.remote() for _ in range(idle_workers)]
         ray.get([a.ping.remote() for a in idle])
         time.sleep(settle_s)  # Ray's start-up work (prestarted workers, agents) out of the way
-        return measure()
+        return rate()
     finally:
         ray.shutdown()
 
@@ -67,19 +67,19 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     workdir = Path(args.workdir)
-    model = bench.resolve_model(args, workdir)
-    inputs = bench.ready_inputs(bench.synthesize(workdir / "images", args.images))
+    model = measure.resolve_model(args, workdir)
+    inputs = measure.ready_inputs(measure.synthesize(workdir / "images", args.images))
     cpus = os.cpu_count() or 1
-    pool = bench.niced_executor(bench.RAY_WORKER_NICENESS, cpus)
-    sessions = [pool.submit(bench.float_session, model, 1).result() for _ in range(cpus)]
+    pool = measure.niced_executor(measure.RAY_WORKER_NICENESS, cpus)
+    sessions = [pool.submit(measure.float_session, model, 1).result() for _ in range(cpus)]
 
-    def measure(label: str) -> float:
-        return bench.bare_split_segment(sessions, inputs, label, pool)["images_per_s"]
+    def bare_rate(label: str) -> float:
+        return measure.bare_split_segment(sessions, inputs, label, pool)["images_per_s"]
 
     rounds = []
     for i in range(args.rounds):
-        alone = measure(f"round {i}, alone")
-        beside = beside_ray(lambda: measure(f"round {i}, beside Ray"), args.idle_workers, args.settle)
+        alone = bare_rate(f"round {i}, alone")
+        beside = beside_ray(lambda: bare_rate(f"round {i}, beside Ray"), args.idle_workers, args.settle)
         rounds.append({"alone_images_per_s": alone, "beside_ray_images_per_s": beside, "ratio": beside / alone})
         print(f"round {i}: alone {alone:.4f} img/s, beside an idle Ray with {args.idle_workers} idle workers "
               f"{beside:.4f} img/s = {beside / alone:.3f}", flush=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (same folder: image synthesis, model resolution, Phase)
+import measure  # noqa: E402  (same folder: image synthesis, model resolution, Phase)
 import harness  # noqa: E402  (machine info)
 
 #: name → session_options() keyword arguments (threads given separately)
@@ -74,8 +74,8 @@ def main(argv=None) -> dict:
     threads = args.threads or min(os.cpu_count() or 1, 4)
     out = Path(args.out)
     work = out.parent / "work"
-    model = bench.resolve_model(argparse.Namespace(model=args.model, channels_divisor=args.channels_divisor), work)
-    files = bench.synthesize(work / "images", max(args.rounds, 1))
+    model = measure.resolve_model(argparse.Namespace(model=args.model, channels_divisor=args.channels_divisor), work)
+    files = measure.synthesize(work / "images", max(args.rounds, 1))
     images = [preprocess(f.read_bytes())[0] for f in files]
     model_bytes = model.read_bytes()
     chosen = args.variants.split(",") if args.variants else DEFAULT_SET
@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
         print(f"{name}: created in {created:.2f} s, first run {first:.2f} s, "
               f"+{(rss() - before) / 1e6:.0f} MB", flush=True)
 
-    with bench.Phase(bench.own_cpu) as ph:
+    with measure.Phase(measure.own_cpu) as ph:
         for r in range(args.rounds):
             order = chosen if r % 2 == 0 else chosen[::-1]  # alternate the order: no variant always follows another
             for name in order:

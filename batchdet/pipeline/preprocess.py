@@ -8,7 +8,7 @@ resize, in preprocessing tasks) and :func:`normalize` (float maths, in the
 inference actor, into a buffer the session reads from).
 
 Both halves are arranged around the 17 MB float32 tensor the model reads,
-the one costly thing to produce (benchmarks/bench.py, "preprocess"):
+the one costly thing to produce (benchmarks/preprocessing.py):
 :func:`prepare` resizes each colour plane on its own straight into a planar
 [3, 1200, 1200] image, so the HWC→CHW reorder costs nothing at 1200²
 (OpenCV's bilinear filter treats channels independently, so the pixels are
