@@ -26,8 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import measure  # noqa: E402  (same folder: image synthesis, model resolution, Phase)
 import harness  # noqa: E402  (machine info)

@@ -5,7 +5,6 @@ of a real S3 endpoint, both on 127.0.0.1."""
 from __future__ import annotations
 
 import pyarrow.dataset as pads
-import pytest
 
 from batchdet.api import detect
 from batchdet.cli import main

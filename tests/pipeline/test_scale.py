@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from batchdet.output.schema import DETECTION_TYPE, FILE_SCHEMA, STATUS_OK
+from batchdet.output.schema import FILE_SCHEMA, STATUS_OK
 from batchdet.pipeline.writing import RUN_RECORD, STAGING_DIR, Output, done_uris, finish_run
 
 SCALE = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
