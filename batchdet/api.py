@@ -1,4 +1,4 @@
-"""``batchdet.detect``: the whole job as one Python call (the CLI's ``detect``)."""
+"""``batchdet.api.detect``: the whole job as one Python call (the CLI's ``detect``)."""
 
 from __future__ import annotations
 
