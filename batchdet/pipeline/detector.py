@@ -40,8 +40,10 @@ class Detector:
         gpus: float = 0.0,
         score_threshold: float = NMS_SCORE_THRESHOLD,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        checked: bool = False,
     ):
-        self.backend = OnnxBackend(resolve_model_path(model_path), threads, gpus).load()
+        """``checked``: see :class:`batchdet.pipeline.inference.OnnxBackend`."""
+        self.backend = OnnxBackend(resolve_model_path(model_path), threads, gpus, checked=checked).load()
         self.score_threshold = score_threshold
         self.max_pixels = max_pixels
 

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from batchdet.files import AtomicFile, cache_root
+from batchdet.files import AtomicFile, cache_root, sha256_of_file
 from batchdet.model.spec import BBOXES, INPUT_NAME, INPUT_SIZE, LABELS, MEAN, SCORES, STD, check_model
 from batchdet.pipeline.preprocess import normalize
 
@@ -247,10 +247,15 @@ class OnnxBackend:
         threads: int | None = None,
         gpus: float = 0.0,
         normalise_in_graph: bool | None = None,
+        checked: bool = False,
     ):
         """``normalise_in_graph``: None chooses by device (GPU: in the graph,
-        CPU: :func:`batchdet.pipeline.preprocess.normalize`); True/False force a path."""
+        CPU: :func:`batchdet.pipeline.preprocess.normalize`); True/False force a path.
+        ``checked``: the caller has checked the file against the contract (a
+        run's driver did): load neither parses it again nor imports onnx,
+        ~1 s of CPU in each actor as it starts (docs/notes/2026-12-02-evening.md)."""
         self.model_path = str(model_path)
+        self.checked = checked
         self.threads = threads or os.cpu_count() or 1
         self.gpus = gpus
         self.normalise_in_graph = normalise_in_graph
@@ -269,31 +274,32 @@ class OnnxBackend:
     def load(self) -> "OnnxBackend":
         import onnxruntime as ort
 
-        info = check_model(self.model_path)
+        sha256 = sha256_of_file(self.model_path) if self.checked else check_model(self.model_path).sha256
         self.providers = select_providers(self.gpus, ort.get_available_providers(), _env_flag(ENV_TENSORRT, True))
         cache_dir = optimized_cache_dir()
         on_cpu = self.providers == [CPU]
         if self.normalise_in_graph is None:
             self.normalise_in_graph = not on_cpu
         if on_cpu and not self.normalise_in_graph and cache_dir is not None:
-            self.session = self._load_cached(info.sha256, cache_dir)
+            self.session = self._load_cached(sha256, cache_dir)
         else:
             self.load_source = "uncached"
             options = provider_options(self.providers, _env_flag(ENV_FP16, False), cache_dir)
             self.session = ort.InferenceSession(
-                self._model_bytes(), session_options(self.threads),
+                self._model_source(), session_options(self.threads),
                 providers=list(zip(self.providers, options)),
             )
         if not self.normalise_in_graph:
             self._input = np.empty((1, 3, INPUT_SIZE, INPUT_SIZE), np.float32)
         return self
 
-    def _model_bytes(self) -> bytes:
-        """The model as given, or with the uint8 front end prepended."""
+    def _model_source(self) -> str | bytes:
+        """The model's path, or its bytes with the uint8 front end prepended."""
+        if not self.normalise_in_graph:
+            return self.model_path
         import onnx
 
-        model = onnx.load(self.model_path)
-        return (add_uint8_input(model) if self.normalise_in_graph else model).SerializeToString()
+        return add_uint8_input(onnx.load(self.model_path)).SerializeToString()
 
     def _load_cached(self, sha256: str, cache_dir: Path):
         """Session from the cached optimized graph, building and storing it on a miss.
@@ -321,13 +327,13 @@ class OnnxBackend:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError:  # read-only home: run uncached
             self.load_source = "uncached"
-            return ort.InferenceSession(self._model_bytes(), session_options(self.threads), providers=[CPU])
+            return ort.InferenceSession(self._model_source(), session_options(self.threads), providers=[CPU])
         with AtomicFile(path, suffix=".tmp.onnx") as file:  # concurrent actors never see half a file
             options = session_options(self.threads, optimized_model_filepath=str(file.temp))
             # onnxruntime warns that an ORT_ENABLE_ALL graph is hardware
             # specific; the cache key carries the CPU fingerprint for that.
             options.log_severity_level = 3
-            session = ort.InferenceSession(self._model_bytes(), options, providers=[CPU])
+            session = ort.InferenceSession(self._model_source(), options, providers=[CPU])
             try:
                 file.commit()
                 self.load_source = "cache-miss"

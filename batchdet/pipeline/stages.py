@@ -80,7 +80,8 @@ class InferenceStage:
 
         # A URL#sha256= model: this node's cached, verified copy (fetched once per node); a path: itself.
         model_path = local_model(model_path, storage_options=storage_options)
-        self.detector = Detector(model_path, threads=threads, gpus=gpus, score_threshold=score_threshold)
+        # the driver checked the model before the run (plan_run); a URL model was verified by its sha256
+        self.detector = Detector(model_path, threads=threads, gpus=gpus, score_threshold=score_threshold, checked=True)
         self.run_id = run_id
         self.max_pixels = max_pixels
         self._planes = np.empty((3, INPUT_SIZE, INPUT_SIZE), np.uint8)  # the sequential path's reused image

@@ -92,3 +92,22 @@ def test_decoding_ahead_of_the_device_is_bounded():
     time.sleep(0.2)
     assert len(started) == 4  # the one taken and three ahead, however long the consumer waits
     assert [first, *results] == [2 * x for x in range(20)]
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_an_actor_starts_without_importing_onnx(narrow_model, tmp_path, cached):
+    """``import onnx`` costs ~1 s (ml_dtypes) in every actor as it starts; the
+    driver has checked the model, so the actor only hashes it, and builds
+    its session from the file itself, cached or not."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from batchdet.pipeline.stages import InferenceStage; "
+            f"s = InferenceStage({str(narrow_model)!r}, 'r'); "
+            "print(s.detector.backend.load_source, 'onnx' in sys.modules)")
+    env = dict(os.environ, BATCHDET_ORT_CACHE=str(tmp_path / "ort") if cached else "0")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout.split()
+            for _ in range(2 if cached else 1)]
+    expected = [["cache-miss", "False"], ["cache-hit", "False"]] if cached else [["uncached", "False"]]
+    assert runs == expected
