@@ -97,28 +97,18 @@ def _env_flag(name: str, default: bool) -> bool:
     return value not in ("0", "false", "no", "off")
 
 
-#: Defaults of :func:`session_options`, each measured side by side on the
-#: full 1200 stand-in, 2 threads, 2-core AMD EPYC (AVX2, no VNNI),
-#: onnxruntime 1.32: benchmarks/session_options.py, 4 rounds, variants
-#: interleaved, the median of per-round ratios to the defaults (a second copy
-#: of the defaults, as a noise gauge, came out x0.975 [0.93-1.01]); the table
-#: is in docs/performance.md.
+#: Defaults of :func:`session_options`, each chosen by measurement
+#: (benchmarks/session_options.py; the figures are in docs/performance.md,
+#: "onnxruntime session settings"):
 #:
-#: * graph optimisation ORT_ENABLE_ALL: its NCHWc layout transformer blocks
-#:   the convolutions for AVX2. EXTENDED (everything but NCHWc) is x1.50 the
-#:   time per image [1.18-1.62], with the same CPU seconds ratio.
-#: * intra-op threads = the actor's CPUs (2 here): 1 thread is x1.90 the time
-#:   [1.84-1.96] for x0.95 the CPU, i.e. 2 threads run at 95 % parallel
-#:   efficiency. inter-op threads 1, sequential execution: the graph is a
-#:   chain; there is nothing to run beside it.
-#: * intra-op spinning on (onnxruntime's default): off measured x1.01
-#:   [0.93-1.02] in time and x1.00 in CPU seconds, i.e. no difference
-#:   (operators last milliseconds, the spin between them is negligible).
+#: * graph optimisation ORT_ENABLE_ALL: its NCHWc layout blocks the
+#:   convolutions for the CPU's vector width.
+#: * intra-op threads = the actor's CPUs, inter-op 1, sequential execution:
+#:   the graph is a chain, nothing to run beside it.
+#: * intra-op spinning on (onnxruntime's default): off made no difference;
 #:   ``$BATCHDET_ORT_SPINNING=0`` turns it off anyway.
-#: * CPU memory arena and memory pattern on (defaults): turning either off
-#:   saved 30-90 MB of resident memory but cost x1.43 / x1.42 the time in
-#:   half of the rounds (x0.96-1.88: large buffers returned to the OS and
-#:   faulted in again on every run).
+#: * CPU memory arena and memory pattern on: off saves some memory but often
+#:   costs far more time (buffers faulted in again on every run).
 DEFAULT_SPINNING = True
 
 
