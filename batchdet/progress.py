@@ -146,9 +146,15 @@ class Reporter:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._caller = threading.current_thread()  # the thread to stop when the run stalls
         self._interrupted = 0.0  # when it was last interrupted (time.monotonic())
+        self._saved_sigint = None  # SIGINT's handler before the run, when this run replaced it
 
     def __enter__(self) -> "Reporter":
         if self.counter is not None:
+            if self._caller is threading.main_thread():
+                # the stall's interrupt is a SIGINT: it must raise KeyboardInterrupt
+                # here even where the process started with SIGINT ignored (a
+                # shell's background job, nohup, some CI runners)
+                self._saved_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
             self._thread.start()
         return self
 
@@ -159,6 +165,8 @@ class Reporter:
             return
         self._halt.set()
         self._thread.join()
+        if self._saved_sigint is not None:
+            signal.signal(signal.SIGINT, self._saved_sigint)
         self._poll(watch=False)  # the final count; the run is over, stalled or not
         ray.kill(self.counter)
 

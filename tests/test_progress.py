@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -77,24 +78,34 @@ def test_a_stall_wakes_a_main_thread_blocked_in_a_lock():
     (``_thread.interrupt_main`` only sets a flag such a wait never reads)."""
     held = threading.Lock()
     held.acquire()
-    threading.Timer(0.2, _interrupt, [threading.main_thread()]).start()
-    start = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        held.acquire(timeout=20)
-    assert time.monotonic() - start < 10
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)  # as the Reporter sets it for a run
+    try:
+        threading.Timer(0.2, _interrupt, [threading.main_thread()]).start()
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            held.acquire(timeout=20)
+        assert time.monotonic() - start < 10
+    finally:
+        signal.signal(signal.SIGINT, saved)
 
 
 def test_a_stalled_run_is_interrupted_again_until_it_unwinds(ray_local):
     """A clean-up that swallows the first KeyboardInterrupt (Ray Data's may)
     gets another, every REPEAT_INTERRUPT_S seconds, with the reason kept."""
     caught = []
-    with Reporter(total=5, stall_timeout_s=1.0, interval=0.2, startup_s=0) as reporter:
-        start = time.monotonic()
-        for _ in range(2):
-            try:
-                threading.Event().wait(60)  # the counter actor may take ~10 s to start under load
-            except KeyboardInterrupt:
-                caught.append(time.monotonic() - start)
+    # as in a shell's background job: the run must be stoppable all the same
+    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with Reporter(total=5, stall_timeout_s=1.0, interval=0.2, startup_s=0) as reporter:
+            start = time.monotonic()
+            for _ in range(2):
+                try:
+                    threading.Event().wait(60)  # the counter actor may take ~10 s to start under load
+                except KeyboardInterrupt:
+                    caught.append(time.monotonic() - start)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # given back as it was
+    finally:
+        signal.signal(signal.SIGINT, saved)
     assert len(caught) == 2 and caught[0] < 25 and caught[1] - caught[0] >= REPEAT_INTERRUPT_S - 0.5, caught
     assert reporter.stalled.startswith("no image finished in ") and "reading stalled: 0 of 5 files read" in reporter.stalled
 
