@@ -104,15 +104,14 @@ class Watchdog:
         """None while the run moves, else the one-line reason."""
         if self.timeout_s <= 0 or done >= total:
             return None
-        since = last if last is not None else self.started
-        if last is not None and last != self._last_done:
-            if self._last_done is not None:
-                self.longest_gap = max(self.longest_gap, last - self._last_done)
-            self._last_done = last
-        if last is None:
-            limit = max(self.timeout_s, self.startup_s)
+        if last is None:  # start-up: no block finished yet
+            since, limit = self.started, max(self.timeout_s, self.startup_s)
         else:
-            limit = max(self.timeout_s, STALL_GAPS * self.longest_gap)
+            if last != self._last_done:
+                if self._last_done is not None:
+                    self.longest_gap = max(self.longest_gap, last - self._last_done)
+                self._last_done = last
+            since, limit = last, max(self.timeout_s, STALL_GAPS * self.longest_gap)
         idle = now - since
         if idle < limit:
             return None

@@ -82,7 +82,7 @@ def stage(out: Path, n: int, rows_per_file: int, seed: int = 0, error_rate: floa
     """Stage ``n`` rows in ``out`` as a run would; return what a correct commit must count."""
     import pyarrow.parquet as pq
 
-    from batchdet.pipeline.writing import RUN_RECORD, STAGING_DIR
+    from batchdet.output.layout import RUN_RECORD, STAGING_DIR
 
     rng = np.random.default_rng(seed)
     stage_dir = out / STAGING_DIR / RUN_ID

@@ -252,3 +252,17 @@ Operator 2 Write: executed in 2.5s
         {"name": "ListFiles->MapBatches(read_batch)", "rows": 3, "bytes": 300, "wall_s": pytest.approx(0.02417)},
         {"name": "MapBatches(InferenceStage)", "rows": 3, "bytes": 21, "wall_s": 4.0},
     ]
+
+
+def test_error_rows_rate_by_fifth_is_each_fifths_rows_over_its_seconds(monkeypatch):
+    """benchmarks/error_rows.py: the within-run rate that shows a cost growing with the run."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    from error_rows import by_fifth
+
+    # blocks of 5 rows after 2 s of start-up: one every 0.25 s up to row 50, then one every 0.5 s;
+    # polled every 0.05 s, as the progress line's rows (seconds, rows done)
+    finished = [2 + 0.25 * k for k in range(1, 11)] + [4.5 + 0.5 * k for k in range(1, 11)]
+    points = [(i * 0.05, 5 * sum(f <= i * 0.05 + 1e-9 for f in finished)) for i in range(0, 200)]
+    rates = by_fifth(points, 100)
+    assert rates[:2] == pytest.approx([20.0, 20.0], rel=0.05)  # start-up left out of the first fifth
+    assert rates[3:] == pytest.approx([10.0, 10.0], rel=0.05) and 10 < rates[2] < 20

@@ -11,7 +11,6 @@ import re
 
 import pyarrow as pa
 
-from batchdet.output.layout import RUNS_DIR  # noqa: F401  the layout lives in layout.py; still importable from here
 
 DETECTION_TYPE = pa.struct(
     [

@@ -31,7 +31,6 @@ import pyarrow.parquet as pq
 from batchdet import __version__
 from batchdet.files import replace_bytes
 from batchdet.output.layout import RUNS_DIR, Output, committed_name, dataset_of, run_of
-from batchdet.output.layout import RUN_RECORD, STAGING_DIR  # noqa: F401  still importable from here (tests, benchmarks)
 from batchdet.output.lease import Lease
 from batchdet.output.schema import STATUS_OK
 

@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchdet.model.labels import COCO_NAMES
-from batchdet.output.schema import RUNS_DIR, SCHEMA, STATUS_ERROR, STATUS_OK
+from batchdet.output.layout import RUNS_DIR
+from batchdet.output.schema import SCHEMA, STATUS_ERROR, STATUS_OK
 from batchdet.storage import filesystem
 
 RUN_A = "20250101T000000-aaaa"

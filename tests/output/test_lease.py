@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -25,7 +24,8 @@ from batchdet.api import detect
 from batchdet.cli import main
 from batchdet.output import lease as leasing
 from batchdet.output.lease import Holder, LeaseLost, acquire
-from batchdet.pipeline.writing import STAGING_DIR, Output, recover
+from batchdet.output.layout import STAGING_DIR, Output
+from batchdet.pipeline.writing import recover
 from helpers.outputs import assert_exactly_once
 from helpers.photos import photo
 
@@ -156,7 +156,8 @@ from batchdet.options import DetectOptions
 from batchdet.output.lease import LeaseLost, acquire
 from batchdet.output.schema import FILE_SCHEMA
 from batchdet.pipeline.plan import plan_run
-from batchdet.pipeline.writing import STAGING_DIR, Output, begin_run
+from batchdet.output.layout import STAGING_DIR, Output
+from batchdet.pipeline.writing import begin_run
 
 output, options, folder, model = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 plan = plan_run(DetectOptions({"x": folder}, output, model=model, storage_options=options))

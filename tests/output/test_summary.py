@@ -7,7 +7,7 @@ import re
 
 from batchdet.cli import main
 from batchdet.model.spec import KIND_TEXT, KIND_TEXT_INT8
-from batchdet.output.schema import RUNS_DIR
+from batchdet.output.layout import RUNS_DIR
 from batchdet.output.summary import DatasetSummary, render_summary, summarize
 from batchdet.storage import filesystem
 from helpers.outputs import RUN_A, RUN_B, WrittenOutput, error_row, ok_row, sample_output, write_output  # noqa: F401

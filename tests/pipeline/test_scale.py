@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchdet.output.schema import FILE_SCHEMA, STATUS_OK
-from batchdet.pipeline.writing import RUN_RECORD, STAGING_DIR, Output, done_uris, finish_run
+from batchdet.output.layout import RUN_RECORD, STAGING_DIR, Output
+from batchdet.pipeline.writing import done_uris, finish_run
 
 SCALE = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
 RUN = "20250102T000000Z-0a0b0c"
