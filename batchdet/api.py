@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from datetime import datetime, timezone
@@ -10,9 +11,11 @@ from typing import Any, Callable
 from batchdet.options import DetectOptions
 from batchdet.output.layout import Output
 from batchdet.output.lease import Lease, acquire
+from batchdet.output.settings import check_same_settings
 from batchdet.pipeline.plan import RunPlan, plan_run
 from batchdet.pipeline.run import ray_session, run_pipeline
-from batchdet.pipeline.writing import RunResult, begin_run, done_uris, finish_run, recover, versions
+from batchdet.pipeline.update import Update, UpdateCounts, fresh, plan_update, stage_gone
+from batchdet.pipeline.writing import RunResult, begin_run, finish_run, recover, versions
 from batchdet.progress import Progress
 
 log = logging.getLogger("batchdet")
@@ -42,9 +45,11 @@ def run(options: DetectOptions, on_progress: Callable[[Progress], None] | None =
 
     Inputs are listed and the model and output checked before Ray starts; a
     bad one raises ValueError. Per-image failures become error rows, never exceptions.
-    An output that already holds results is refused unless ``resume`` (commit
-    what killed runs left, skip images already ``ok`` with this model, retry
-    the rest) or ``overwrite`` (start again from nothing). ``on_progress``
+    An output that already holds results is refused unless ``resume`` (bring
+    it up to date with the inputs: commit what killed runs left, skip images
+    unchanged since their ``ok`` row, process new, changed and failed ones,
+    mark vanished ones ``missing``; refused if the result settings differ)
+    or ``overwrite`` (start again from nothing). ``on_progress``
     is called about once a second with a :class:`batchdet.progress.Progress`
     (images done of the total, rate, time left) while images are processed.
     A run in which no image finishes for ``stall_timeout`` seconds (or four
@@ -58,13 +63,14 @@ def run(options: DetectOptions, on_progress: Callable[[Progress], None] | None =
                  name, len(listing.uris), listing.skipped, listing.seconds)
     out = Output(options.output, options.storage_options)
     with acquire(out, plan.run_id) as lease:  # one writer per output, released however the run ends
-        done = _prepare_output(out, plan, lease)
-        todo = plan.without(done)
-        begin_run(out, _record(todo, plan, done))
+        update = _prepare_output(out, plan, lease)
+        todo = dataclasses.replace(plan, listings=update.todo)
+        begin_run(out, _record(plan, update))
+        stage_gone(out, plan.run_id, update.gone)
         clock = time.perf_counter()
         if todo.num_images:
             with ray_session(options.address) as local:
-                run_pipeline(todo, local, on_progress)
+                run_pipeline(todo, local, on_progress, known=update.known)
         lease.check()  # taken over while this run was frozen: the staged rows are a --resume's now
         result = finish_run(out, plan.run_id, wall_s=time.perf_counter() - clock)
     missing = todo.num_images - sum(c.images for c in result.datasets.values())
@@ -73,33 +79,44 @@ def run(options: DetectOptions, on_progress: Callable[[Progress], None] | None =
     return result
 
 
-def _prepare_output(out: Output, plan: RunPlan, lease: Lease) -> dict[str, set[str]]:
+def _prepare_output(out: Output, plan: RunPlan, lease: Lease) -> Update:
     """Refuse, clear or recover the output, its ``lease`` held (so no other
-    run is writing it); return what --resume may skip."""
+    run is writing it); return what the run must do to bring it up to date."""
     if plan.options.overwrite:
         out.clear()
     elif not plan.options.resume and not out.is_empty():
         raise ValueError(f"output {out.url} already holds batchdet results: "
-                         "pass --resume to continue them or --overwrite to replace them")
+                         "pass --resume to bring them up to date or --overwrite to replace them")
     if not plan.options.resume:
-        return {}
+        return fresh(plan.listings)
+    check_same_settings(out, plan.settings())  # killed runs' records too, before their rows are committed
     for result in recover(out, lease):
         log.info("recovered %d rows staged by killed run %s",
                  sum(c.images for c in result.datasets.values()), result.run_id)
-    return done_uris(out, plan.model.sha256)
+    update = plan_update(out, plan.listings)
+    for name, c in update.counts.items():
+        log.info("dataset %s: %d unchanged, %d new, %d changed, %d errors to retry, %d gone",
+                 name, c.unchanged, c.new, c.changed, c.retried, c.gone)
+    return update
 
 
-def _record(todo: RunPlan, plan: RunPlan, done: dict[str, set[str]]) -> dict[str, Any]:
+def _planned(c: UpdateCounts) -> dict[str, int]:
+    """A dataset's counts the plan knows (the commit adds what was written)."""
+    return {"already_done": c.unchanged, "new": c.new, "changed": c.changed, "retried": c.retried}
+
+
+def _record(plan: RunPlan, update: Update) -> dict[str, Any]:
     """What the manifest will say besides the counts, fixed before work starts."""
     return {
         "run_id": plan.run_id,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"path": plan.model.path, "sha256": plan.model.sha256, "official": plan.model.official,
                   "kind": plan.model.kind, "kind_id": plan.model.kind_id},
+        "settings": plan.settings().to_dict(),
         "datasets": {
             name: {"url": l.url, "skipped_files": l.skipped, "listing_seconds": round(l.seconds, 3),
-                   "already_done": len(plan.listings[name].uris) - len(l.uris)}
-            for name, l in todo.listings.items()
+                   **_planned(update.counts[name])}
+            for name, l in plan.listings.items()
         },
         "arguments": plan.arguments(),
         "versions": versions(),

@@ -32,6 +32,11 @@ INPUT_SIZE = 1200  # H = W; the graph's 15,130 default boxes only fit 1200x1200
 #: MLPerf normalisation in 0-255 units: (pixel - MEAN) / STD, RGB order.
 MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
 STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+#: batchdet's route from a file's bytes to this input (decode, EXIF, resize,
+#: normalise: batchdet/pipeline/preprocess.py). Part of a row's result
+#: settings: bump it with any change that can change a pixel of the input,
+#: so ``--resume`` refuses to mix rows made before and after.
+PREPROCESSING_VERSION = 1
 
 # --- outputs ----------------------------------------------------------------
 BBOXES, LABELS, SCORES = "bboxes", "labels", "scores"

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from batchdet.errors import one_line
 from batchdet.output.layout import RUNS_DIR, Output
-from batchdet.output.schema import SCHEMA
+from batchdet.output.schema import SCHEMA, STATUS_MISSING
 from batchdet.storage import full_uri, is_local
 
 #: (what it answers, SQL): shown by ``batchdet query OUTPUT`` without SQL.
@@ -59,39 +59,55 @@ class Snapshot:
     #: :meth:`Output.data_files` when opened, as paths or URIs DuckDB can open.
     files: tuple[str, ...]
 
-    def connect(self) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with the views ``images`` (one row per image: the
-        latest run's), ``detections`` (one row per detection of those) and ``all_images``
-        (every row of every file, superseded ones included)."""
+    def connect(self, provenance: bool = False) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with the views ``images`` (one row per
+        image that exists now: its latest run's), ``detections`` (one row per
+        detection of those) and ``all_images`` (every row of every file,
+        superseded and ``missing`` ones included). ``provenance`` adds each
+        row's ``filename`` and ``file_row_number`` to the views (for planning
+        a resume, not for users' queries)."""
         con = duckdb.connect()
         if self.files:
             if not is_local(self.output.fs):
                 con.register_filesystem(self.output.fs)
             # hive_types: a dataset named "2017" stays a string; union_by_name:
             # files written before a column was added still read.
+            extra = ", filename = true, file_row_number = true" if provenance else ""
             con.execute(
-                f"CREATE VIEW all_images AS SELECT * FROM read_parquet({_sql_list(list(self.files))}, "
-                "hive_partitioning = true, hive_types = {'dataset': 'VARCHAR'}, union_by_name = true)"
+                f"CREATE VIEW _files AS SELECT * FROM read_parquet({_sql_list(list(self.files))}, "
+                f"hive_partitioning = true, hive_types = {{'dataset': 'VARCHAR'}}, union_by_name = true{extra})"
             )
+            present = {row[0] for row in con.execute("DESCRIBE _files").fetchall()}
+            # every column of the schema, NULL where no file has it yet (outputs written before it)
+            columns = [name if name in present else f"CAST(NULL AS {_DUCKDB_TYPES[name]}) AS {name}"
+                       for name in SCHEMA.names] + (["filename", "file_row_number"] if provenance else [])
+            con.execute(f"CREATE VIEW all_images AS SELECT {', '.join(columns)} FROM _files")
         else:  # runs recorded but no rows (yet): empty views keep every query valid
             con.register("_no_images", SCHEMA.empty_table())
-            con.execute("CREATE VIEW all_images AS SELECT * FROM _no_images")
-        # `--resume` retries error rows, so an image can have rows from several
-        # runs; the latest run's row is the image's result. Run ids start with
-        # their UTC start time, so the largest is the latest.
+            extra = ", NULL::VARCHAR AS filename, NULL::BIGINT AS file_row_number" if provenance else ""
+            con.execute(f"CREATE VIEW all_images AS SELECT *{extra} FROM _no_images")
+        # `--resume` retries error rows and redoes changed images, so an image
+        # can have rows from several runs; the latest run's row is the image's
+        # result, and a `missing` one says it no longer exists. Run ids start
+        # with their UTC start time, so the largest is the latest.
         # (An anti-join on the light key columns: a window over the rows would
         # materialize every detection list and is ten times slower.)
         con.execute(
-            "CREATE VIEW images AS SELECT a.* FROM all_images a ANTI JOIN "
+            "CREATE VIEW latest_rows AS SELECT a.* FROM all_images a ANTI JOIN "
             "(SELECT dataset, uri, run_id FROM all_images) later "
             "ON later.dataset = a.dataset AND later.uri = a.uri AND later.run_id > a.run_id"
         )
+        con.execute(f"CREATE VIEW images AS SELECT * FROM latest_rows WHERE status <> '{STATUS_MISSING}'")
         con.execute(
             "CREATE VIEW detections AS SELECT dataset, uri, width, height, run_id, "
             "d.label_id, d.label, d.score, d.x_min, d.y_min, d.x_max, d.y_max "
             "FROM (SELECT dataset, uri, width, height, run_id, unnest(detections) AS d FROM images)"
         )
         return con
+
+
+#: DuckDB's type of each column an older file may lack (schema.FILE_SCHEMA's content identity).
+_DUCKDB_TYPES = {"size": "BIGINT", "sha256": "VARCHAR", "version": "VARCHAR", "copied_from": "VARCHAR"}
 
 
 def open_output(output: str, storage_options: dict[str, Any] | None = None) -> Snapshot:
@@ -159,7 +175,8 @@ def render_overview(columns: dict[str, list[tuple[str, str]]]) -> str:
         width = max(len(name) for name, _ in cols)
         lines += [f"  {name:<{width}}  {kind}" for name, kind in cols]
         lines.append("")
-    lines.append("all_images: like images, plus rows that a later run (--resume) superseded.")
+    lines.append("all_images: like images, plus rows that a later run (--resume) superseded, and rows "
+                 "with status 'missing' for images no longer listed.")
     lines.append("")
     lines.append("examples:")
     for title, sql in EXAMPLES:

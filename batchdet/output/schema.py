@@ -34,6 +34,12 @@ FILE_SCHEMA = pa.schema(
         ("error", pa.string()),
         ("detections", pa.list_(DETECTION_TYPE)),
         ("run_id", pa.string()),
+        # content identity (docs/output.md, "Content identity"): null in files
+        # written before batchdet recorded it, which every reader still reads
+        ("size", pa.int64()),
+        ("sha256", pa.string()),
+        ("version", pa.string()),
+        ("copied_from", pa.string()),
     ]
 )
 
@@ -42,6 +48,9 @@ SCHEMA = FILE_SCHEMA.append(pa.field("dataset", pa.string()))
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+#: An image an earlier run had a row for that its dataset's listing no longer
+#: holds (deleted or moved away): the row that makes the older one not current.
+STATUS_MISSING = "missing"
 
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 

@@ -17,6 +17,7 @@ from batchdet.errors import one_line
 from batchdet.model.spec import OFFICIAL, OFFICIAL_INT8, OTHER, STANDIN, kind_id_from_text
 from batchdet.output.layout import manifest_run
 from batchdet.output.query import aligned_lines, open_output, run_sql
+from batchdet.output.schema import STATUS_MISSING
 
 
 @dataclass
@@ -28,6 +29,10 @@ class DatasetSummary:
     detections: int
     #: (label, count) at score >= the summary's ``min_score``, most frequent first.
     top_classes: list[tuple[str, int]] = field(default_factory=list)
+    #: Images an earlier run had rows for that the latest listing no longer holds.
+    gone: int = 0
+    #: Rows whose detections were copied from a row of the same bytes (no model run).
+    copied: int = 0
 
 
 @dataclass
@@ -74,20 +79,25 @@ def summarize(output: str, storage_options: dict[str, Any] | None = None,
         SELECT dataset, count(*) AS images,
                count(*) FILTER (WHERE status = 'ok') AS ok,
                count(*) FILTER (WHERE status = 'error') AS errors,
+               count(*) FILTER (WHERE copied_from IS NOT NULL) AS copied,
                coalesce(sum(len(detections)), 0) AS detections
         FROM images GROUP BY dataset ORDER BY dataset""").to_pylist()
     classes = run_sql(con, """
         SELECT dataset, label, count(*) AS n FROM detections WHERE score >= CAST(? AS FLOAT)
         GROUP BY dataset, label ORDER BY dataset, n DESC, label""", [min_score]).to_pylist()
-    datasets = [DatasetSummary(name=c["dataset"], images=c["images"], ok=c["ok"], errors=c["errors"],
-                               detections=int(c["detections"])) for c in counts]
-    by_name = {d.name: d for d in datasets}
+    gone = dict(con.execute(f"SELECT dataset, count(*) FROM latest_rows WHERE status = '{STATUS_MISSING}' "
+                            "GROUP BY dataset").fetchall())
+    by_name = {c["dataset"]: DatasetSummary(name=c["dataset"], images=c["images"], ok=c["ok"], errors=c["errors"],
+                                            detections=int(c["detections"]), copied=c["copied"]) for c in counts}
+    for name, n in gone.items():
+        by_name.setdefault(name, DatasetSummary(name, 0, 0, 0, 0)).gone = n
+    datasets = [by_name[name] for name in sorted(by_name)]
     for c in classes:
         if len(by_name[c["dataset"]].top_classes) < top:
             by_name[c["dataset"]].top_classes.append((c["label"], c["n"]))
 
     (superseded,) = con.execute(
-        "SELECT (SELECT count(*) FROM all_images) - (SELECT count(*) FROM images)").fetchall()[0]
+        "SELECT (SELECT count(*) FROM all_images) - (SELECT count(*) FROM latest_rows)").fetchall()[0]
     row_runs = {r for (r,) in con.execute("SELECT DISTINCT run_id FROM all_images").fetchall()}
 
     runs, unreadable = [], {}
@@ -135,15 +145,22 @@ def _number(value: Any) -> float | None:
 def render_summary(summary: Summary) -> str:
     """The text ``batchdet summary`` prints."""
     lines = [f"output {summary.output}", ""]
-    rows = [[d.name, f"{d.images:,}", f"{d.ok:,}", f"{d.errors:,}", f"{d.detections:,}",
-             ", ".join(f"{label} {n:,}" for label, n in d.top_classes) or "-"] for d in summary.datasets]
-    lines += aligned_lines(["dataset", "images", "ok", "errors", "detections",
-                            f"top classes (score >= {summary.min_score:g})"], rows, right={1, 2, 3, 4})
+    rows = [[d.name, f"{d.images:,}", f"{d.ok:,}", f"{d.errors:,}", f"{d.gone:,}", f"{d.copied:,}",
+             f"{d.detections:,}", ", ".join(f"{label} {n:,}" for label, n in d.top_classes) or "-"]
+            for d in summary.datasets]
+    lines += aligned_lines(["dataset", "images", "ok", "errors", "gone", "copied", "detections",
+                            f"top classes (score >= {summary.min_score:g})"], rows, right={1, 2, 3, 4, 5, 6})
     if not summary.datasets:
         lines.append("(no images yet)")
     if summary.superseded_rows:
         lines.append(f"{summary.superseded_rows:,} older rows were replaced by a later run's row for the same image "
                      "(view all_images keeps them)")
+    if any(d.gone for d in summary.datasets):
+        lines.append("gone: images an earlier run listed that the latest --resume no longer found "
+                     "(a 'missing' row each; not in images, eval or draw)")
+    if any(d.copied for d in summary.datasets):
+        lines.append("copied: rows whose detections were copied from a row of the same bytes (sha256), "
+                     "not computed again (column copied_from)")
     lines += ["", f"runs ({len(summary.runs)})"]
     rows = [[r.run_id, (r.finished or "-") + (" (recovered)" if r.recovered else ""), _model_kind(r),
              _fmt(r.wall_s, ".1f"), _fmt(r.images_per_s, ".2f"), ", ".join(r.datasets)]

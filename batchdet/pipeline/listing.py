@@ -3,6 +3,7 @@ or one file, on any fsspec filesystem."""
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -27,12 +28,41 @@ LIST_DEPTH = 3
 
 @dataclass(frozen=True)
 class Listing:
-    """The images found under one URL, in a stable (sorted) order."""
+    """The images found under one URL, in a stable (sorted) order, with what
+    the store said of each when listed: its size and its version token
+    (:func:`version_token`), None where the listing does not tell (a list of
+    URIs). ``--resume`` skips an image whose size and token match its row's
+    without reading it."""
 
     url: str
     uris: list[str]
     skipped: int  # files that are not images by their extension
     seconds: float  # what listing cost, logged because large buckets are slow to list
+    sizes: list[int | None] | None = None  # parallel to uris; None: not told by the listing
+    versions: list[str | None] | None = None
+
+    def only(self, keep: list[bool]) -> "Listing":
+        """The same listing with only the images where ``keep`` is true."""
+        pick = lambda values: None if values is None else [v for v, k in zip(values, keep) if k]  # noqa: E731
+        return dataclasses.replace(self, uris=pick(self.uris), sizes=pick(self.sizes), versions=pick(self.versions))
+
+
+#: Keys of an fsspec info dict that identify an object's content version,
+#: by preference: S3's (and most object stores') ETag, GCS's generation,
+#: then a modification time (local files, and stores without an ETag).
+VERSION_KEYS = ("ETag", "etag", "generation", "mtime", "LastModified", "last_modified", "updated")
+
+
+def version_token(info: dict[str, Any]) -> str | None:
+    """The store's own token for the version of an object, as text: it changes
+    whenever the object is written (S3's ETag, a local file's mtime), so an
+    unchanged token with an unchanged size means unchanged bytes. None when
+    the filesystem gives none."""
+    for key in VERSION_KEYS:
+        value = info.get(key)
+        if value is not None and value != "":
+            return f"{key}:{str(value).strip(chr(34))}"
+    return None
 
 
 def is_image_name(path: str) -> bool:
@@ -56,30 +86,39 @@ def list_images(url: str, storage_options: dict[str, Any] | None = None,
         return Listing(url, uris, 0, time.perf_counter() - start)
     try:
         if GLOB_CHARS & set(path):
-            files = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") != "directory"]
+            files = {p: _identity(info) for p, info in fs.glob(path, detail=True).items()
+                     if info.get("type") != "directory"}
         elif fs.isdir(path):
             files = find_files(fs, path, on_progress=on_progress)
         elif fs.isfile(path):
-            files = [path]
+            files = {path: _identity(fs.info(path))}
         else:
             raise ValueError(f"{url}: no such folder, prefix or file")
     except ValueError:
         raise
     except Exception as e:  # s3fs/botocore raise many types; the message is what matters
         raise ValueError(f"cannot list {url}: {one_line(e)}") from None
-    images = sorted({full_uri(fs, p) for p in files if is_image_name(p)})
+    images = sorted((full_uri(fs, p), identity) for p, identity in files.items() if is_image_name(p))
     if not images:
         raise ValueError(f"no images under {url} ({len(files)} other file(s) skipped)")
-    return Listing(url, images, len(files) - len(images), time.perf_counter() - start)
+    return Listing(url, [uri for uri, _ in images], len(files) - len(images), time.perf_counter() - start,
+                   sizes=[size for _, (size, _) in images], versions=[version for _, (_, version) in images])
+
+
+def _identity(info: dict[str, Any]) -> tuple[int | None, str | None]:
+    """(size, version token) of a listed file: all a listing keeps of its info
+    (a million info dicts would hold gigabytes)."""
+    size = info.get("size")
+    return (None if size is None else int(size)), version_token(info)
 
 
 def find_files(fs, path: str, workers: int = LIST_WORKERS, depth: int = LIST_DEPTH,
-               on_progress: Callable[[int], None] | None = None) -> list[str]:
-    """Every file under folder ``path``, as ``fs.find`` gives them, found
-    ``workers`` sub-folders at a time: open folders level by level (up to
-    ``depth``) until there are ``workers`` of them, then ``find`` each whole.
-    A flat folder is one listing, as before."""
-    files: list[str] = []
+               on_progress: Callable[[int], None] | None = None) -> dict[str, tuple[int | None, str | None]]:
+    """Every file under folder ``path``, as ``fs.find`` gives them, with its
+    (size, version token), found ``workers`` sub-folders at a time: open
+    folders level by level (up to ``depth``) until there are ``workers`` of
+    them, then ``find`` each whole. A flat folder is one listing, as before."""
+    files: dict[str, tuple[int | None, str | None]] = {}
 
     def report() -> None:
         if on_progress is not None:
@@ -95,11 +134,14 @@ def find_files(fs, path: str, workers: int = LIST_WORKERS, depth: int = LIST_DEP
                 for entry in future.result():
                     if entry["name"].rstrip("/") in folders:  # a store's marker of the folder itself
                         continue
-                    (below if entry["type"] == "directory" else files).append(entry["name"])
+                    if entry["type"] == "directory":
+                        below.append(entry["name"])
+                    else:
+                        files[entry["name"]] = _identity(entry)
                 report()
             folders = below
-        for future in as_completed([pool.submit(fs.find, folder) for folder in folders]):
-            files.extend(future.result())
+        for future in as_completed([pool.submit(fs.find, folder, detail=True) for folder in folders]):
+            files.update((name, _identity(info)) for name, info in future.result().items())
             report()
     return files
 

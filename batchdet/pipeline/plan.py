@@ -8,7 +8,6 @@ bucket" surface now) and whether the output can be written.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.machinery
 import os
@@ -24,6 +23,7 @@ from batchdet.model.distribution import resolve_model
 from batchdet.model.spec import ModelInfo
 from batchdet.options import DetectOptions, option_names
 from batchdet.output.layout import RUNS_DIR, Output
+from batchdet.output.settings import ResultSettings, check_same_settings
 from batchdet.pipeline.listing import Listing, list_images
 from batchdet.storage import redact
 
@@ -51,18 +51,19 @@ class RunPlan:
     def num_images(self) -> int:
         return sum(len(listing.uris) for listing in self.listings.values())
 
-    def without(self, done: dict[str, set[str]]) -> "RunPlan":
-        """The same run minus images already done (``--resume``)."""
-        listings = {
-            name: dataclasses.replace(l, uris=[u for u in l.uris if u not in done.get(name, ())])
-            for name, l in self.listings.items()
-        }
-        return dataclasses.replace(self, listings=listings)
+    def settings(self) -> ResultSettings:
+        """What this run's rows depend on besides the images (recorded in its manifest)."""
+        return result_settings(self.options, self.model)
 
     def arguments(self) -> dict[str, Any]:
         """The run's arguments as a user would re-type them, secrets removed."""
         return {**self.options.to_spec(defaults=True), "model": self.model.path,
                 "storage_options": redact(self.options.storage_options)}
+
+
+def result_settings(options: DetectOptions, model: ModelInfo) -> ResultSettings:
+    """The result settings ``options`` give with ``model``."""
+    return ResultSettings(model.sha256, options.score_threshold, options.max_pixels)
 
 
 def new_run_id() -> str:
@@ -99,6 +100,8 @@ def plan_run(options: DetectOptions, on_listing: Callable[[str, int], None] | No
     check_working_directory()
     # A URL model is fetched into this node's cache and checked here; info.path keeps URL#sha256=<hex>.
     info = resolve_model(options.model, options.storage_options)
+    if options.resume:  # before a long listing; checked again once the output's lease is held
+        check_same_settings(Output(options.output, options.storage_options), result_settings(options, info))
     listings = {
         name: list_images(url, options.storage_options,
                           on_progress=on_listing and functools.partial(on_listing, name))

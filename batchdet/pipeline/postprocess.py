@@ -86,3 +86,19 @@ def select(bboxes, labels, scores, width: int, height: int, score_threshold: flo
     order = np.argsort(-scores[keep], kind="stable")
     size = np.array([width, height, width, height], dtype=np.float32)
     return np.clip(bboxes[keep][order] * size, 0, size), labels[keep][order], scores[keep][order]
+
+
+#: COCO category id → model class index: :data:`INDEX_TO_COCO_ID` inverted.
+_COCO_ID_TO_INDEX = np.zeros(int(INDEX_TO_COCO_ID.max()) + 1, np.int64)
+_COCO_ID_TO_INDEX[INDEX_TO_COCO_ID] = np.arange(NUM_CLASSES)
+
+
+def selected_from(detections: pa.ListScalar) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A stored row's ``detections`` back as :func:`select`'s arrays, so a copied
+    row is built by :func:`detections_column` exactly as a computed one."""
+    values = detections.values
+    if values is None or len(values) == 0:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    column = {name: values.field(name).to_numpy(zero_copy_only=False) for name in DETECTION_TYPE.names}
+    boxes = np.stack([column[k] for k in ("x_min", "y_min", "x_max", "y_max")], axis=1).astype(np.float32)
+    return boxes, _COCO_ID_TO_INDEX[column["label_id"]], column["score"].astype(np.float32)

@@ -8,6 +8,9 @@ import logging
 import os
 from typing import Callable, Iterator
 
+import pyarrow as pa
+
+from batchdet.output.content import ContentIndex
 from batchdet.pipeline.plan import RunPlan
 from batchdet.pipeline.stages import InferenceStage, read_batch
 from batchdet.progress import Progress, Reporter, Stalled
@@ -129,10 +132,12 @@ def images_per_block(images: int, actors: int, gpus: float = 0.0) -> int:
     return max(1, min(most, -(-images // (max(actors, 1) * BLOCKS_PER_ACTOR))))
 
 
-def run_pipeline(plan: RunPlan, local: bool = True, on_progress: Callable[[Progress], None] | None = None) -> None:
+def run_pipeline(plan: RunPlan, local: bool = True, on_progress: Callable[[Progress], None] | None = None,
+                 known: ContentIndex | None = None) -> None:
     """Stream every listed image through the model into staged Parquet
     (``local``: on an embedded Ray that no autoscaler will grow), telling
-    ``on_progress`` how far it is about once a second. Raises
+    ``on_progress`` how far it is about once a second; bytes ``known`` to
+    have an ``ok`` row in the output get it copied instead of a model run. Raises
     :class:`batchdet.progress.Stalled` when no image finishes for
     ``plan.stall_timeout`` seconds (or 4× the longest gap between blocks)."""
     threads, (low, high) = actor_layout(plan, local)
@@ -140,7 +145,7 @@ def run_pipeline(plan: RunPlan, local: bool = True, on_progress: Callable[[Progr
     reporter = Reporter(plan.num_images, on_progress, plan.stall_timeout)
     try:  # around the clean-up too: a stalled run may be interrupted again while it unwinds
         with object_store_capped(object_store_cap(high, block)), reporter:
-            _stream(plan, threads, low, high, block, reporter.counter)
+            _stream(plan, threads, low, high, block, reporter.counter, known)
     except KeyboardInterrupt:
         if reporter.stalled:
             raise Stalled(reporter.stalled) from None
@@ -182,14 +187,28 @@ def object_store_capped(cap: int) -> Iterator[None]:
         ctx.execution_options = saved
 
 
-def _stream(plan: RunPlan, threads: int, low: int, high: int, block: int, progress=None) -> None:
+def listed_items(plan: RunPlan) -> pa.Table:
+    """The images to process as the pipeline's first table: dataset, uri and
+    the version token the listing gave (carried into each row)."""
+    names, uris, versions = [], [], []
+    for name, listing in plan.listings.items():
+        names += [name] * len(listing.uris)
+        uris += listing.uris
+        versions += listing.versions if listing.versions is not None else [None] * len(listing.uris)
+    return pa.table({"dataset": pa.array(names, pa.string()), "uri": pa.array(uris, pa.string()),
+                     "version": pa.array(versions, pa.string())})
+
+
+def _stream(plan: RunPlan, threads: int, low: int, high: int, block: int, progress=None,
+            known: ContentIndex | None = None) -> None:
     """The job itself, read top to bottom."""
+    import ray
     import ray.data
 
     from batchdet.pipeline.sink import StagingSink
 
-    items = [{"dataset": name, "uri": uri} for name, listing in plan.listings.items() for uri in listing.uris]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // block)))
+    items = listed_items(plan)
+    ds = ray.data.from_arrow([items.slice(start, block) for start in range(0, items.num_rows, block)])
     ds = ds.map_batches(
         read_batch, fn_kwargs={"storage_options": plan.storage_options, "progress": progress},
         batch_format="pyarrow", batch_size=block, num_cpus=IO_CPUS, compute=read_compute(high),
@@ -203,6 +222,8 @@ def _stream(plan: RunPlan, threads: int, low: int, high: int, block: int, progre
             "prepare_threads": max(1, threads - 1) if plan.gpus_per_actor else 0,
             "storage_options": plan.storage_options,  # for a URL model: each node fetches its own copy
             "progress": progress,
+            # once in the object store for every actor; in a list, so that it reaches them unresolved
+            "known": None if known is None else [ray.put(known)], "output": plan.output,
         },
         batch_format="pyarrow", batch_size=block,
         # one block at a time per CPU actor: the first actor up cannot hoard

@@ -5,8 +5,8 @@ per-image failures along in the ``error`` column instead of raising, so one
 bad file becomes one error row and never a failed task.
 
 Columns along the way:
-  listing   → dataset, uri
-  read      → + data (the file's bytes, null on error), error
+  listing   → dataset, uri, version (the store's token, as listed)
+  read      → + data (the file's bytes, null on error), size, sha256, error
   inference → the contract's row (schema.SCHEMA)
 
 Only the encoded files cross Ray's object store (a JPEG is ~50–500 KB); the
@@ -19,6 +19,7 @@ inference (docs/notes/2026-12-02-fast-models.md).
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
@@ -28,9 +29,11 @@ import pyarrow as pa
 
 from batchdet.model.spec import INPUT_SIZE, NMS_SCORE_THRESHOLD
 from batchdet.options import DEFAULT_MAX_PIXELS
+from batchdet.output.content import ContentIndex, RowReader
+from batchdet.output.layout import Output
 from batchdet.output.schema import SCHEMA, STATUS_ERROR, STATUS_OK
 from batchdet.pipeline.detector import Detector
-from batchdet.pipeline.postprocess import detections_column, select
+from batchdet.pipeline.postprocess import detections_column, select, selected_from
 from batchdet.pipeline.preprocess import ImageError, Prepared, prepare
 from batchdet.pipeline.reading import read_many
 
@@ -40,22 +43,31 @@ def _errors(batch: pa.Table) -> list[str | None]:
 
 
 def read_batch(batch: pa.Table, storage_options: dict[str, Any] | None = None, progress: Any = None) -> pa.Table:
-    """Add each URI's bytes (``data``) or its read error; tell ``progress``
-    (a :class:`batchdet.progress.Counter` actor, or None) how many were read."""
+    """Add each URI's bytes (``data``), their ``size`` and ``sha256`` (hashed
+    here, where the bytes already are: the row's content identity), or its
+    read error; tell ``progress`` (a :class:`batchdet.progress.Counter` actor,
+    or None) how many were read."""
     results = read_many(batch.column("uri").to_pylist(), storage_options)
     if progress is not None:
         progress.add_read.remote(batch.num_rows)
     data = [r if isinstance(r, bytes) else None for r in results]
     errors = [str(r) if isinstance(r, ImageError) else None for r in results]
-    return batch.append_column("data", pa.array(data, pa.large_binary())).append_column(
-        "error", pa.array(errors, pa.string())
-    )
+    return (batch.append_column("data", pa.array(data, pa.large_binary()))
+            .append_column("size", pa.array([None if d is None else len(d) for d in data], pa.int64()))
+            .append_column("sha256", pa.array([None if d is None else hashlib.sha256(d).hexdigest() for d in data],
+                                              pa.string()))
+            .append_column("error", pa.array(errors, pa.string())))
 
 
 class InferenceStage:
     """One onnxruntime session per actor, loaded once; each block of files is
     decoded, resized, normalised, run image by image (the MLPerf file's batch
     axis is fixed to 1) and turned into output columns.
+
+    Bytes whose sha256 already has a result are not run again: those of an
+    ``ok`` row of the output (``known``, a :class:`ContentIndex` in Ray's object
+    store, rows read from ``output``), and those this actor ran lately
+    (:data:`RECENT`); the row is a copy, naming its source in ``copied_from``.
 
     A GPU actor decodes on ``prepare_threads`` threads ahead of the device
     (Pillow and OpenCV release the GIL), so the device does not wait for the
@@ -74,8 +86,13 @@ class InferenceStage:
         prepare_threads: int = 0,
         storage_options: dict[str, Any] | None = None,
         progress: Any = None,
+        known: Any = None,
+        output: str | None = None,
     ):
-        """``progress``: a :class:`batchdet.progress.Counter` actor told of each finished block, or None."""
+        """``progress``: a :class:`batchdet.progress.Counter` actor told of each finished block, or None.
+        ``known``: a :class:`ContentIndex`, or a one-element list holding its Ray object
+        reference (a list, so that Ray hands the reference over unresolved), with
+        ``output`` the output it indexes; None: nothing known yet."""
         from batchdet.model.distribution import local_model
 
         # A URL#sha256= model: this node's cached, verified copy (fetched once per node); a path: itself.
@@ -88,6 +105,13 @@ class InferenceStage:
         self.prepare_threads = prepare_threads
         self._pool = ThreadPoolExecutor(prepare_threads) if prepare_threads > 0 else None
         self.progress = progress
+        if isinstance(known, list):
+            import ray
+
+            known = ray.get(known[0])
+        self.known: ContentIndex | None = known if known is not None and len(known) else None
+        self.rows = RowReader(Output(output, storage_options)) if self.known is not None else None
+        self.recent: collections.OrderedDict[str, tuple[str, int, int, tuple]] = collections.OrderedDict()
 
     def _prepared(self, datas: list[bytes | None]) -> Iterator[Prepared | ImageError | None]:
         """Each file decoded and resized, in order: an ImageError in place of a bad one."""
@@ -104,26 +128,64 @@ class InferenceStage:
             return (one(d, self._planes) for d in datas)
         return _ahead(self._pool, one, datas, 2 * self.prepare_threads)
 
+    def _copy(self, sha256: str) -> tuple[str, int, int, tuple] | None:
+        """(source uri, width, height, selected) of a result for these bytes, or None."""
+        if sha256 in self.recent:
+            return self.recent[sha256]
+        where = self.known.find(sha256) if self.known is not None else None
+        if where is None:
+            return None
+        row = self.rows.row(*where)
+        return row["uri"], row["width"].as_py(), row["height"].as_py(), selected_from(row["detections"])
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = _errors(batch)
+        shas = batch.column("sha256").to_pylist()
         datas = [d if e is None else None for d, e in zip(batch.column("data").to_pylist(), errors)]
         widths: list[int | None] = [None] * batch.num_rows
         heights: list[int | None] = [None] * batch.num_rows
         selected: list[tuple | None] = [None] * batch.num_rows
+        copied: list[str | None] = [None] * batch.num_rows
+        for i, data in enumerate(datas):
+            source = self._copy(shas[i]) if data is not None else None
+            if source is not None:
+                copied[i], widths[i], heights[i], selected[i] = source
+                datas[i] = None  # not decoded, not run
+        uris = batch.column("uri").to_pylist()
         for i, p in enumerate(self._prepared(datas)):
             if isinstance(p, ImageError):
                 errors[i] = str(p)
             elif p is not None:
+                source = self._copy(shas[i])  # the same bytes twice in this block: the first one ran
+                if source is not None:
+                    copied[i], widths[i], heights[i], selected[i] = source
+                    continue
                 try:
                     raw = self.detector.backend.predict(p.image)
                     selected[i] = select(raw.bboxes, raw.labels, raw.scores, p.width, p.height,
                                          self.detector.score_threshold)
                     widths[i], heights[i] = p.width, p.height
+                    self._remember(shas[i], (uris[i], p.width, p.height, selected[i]))
                 except ValueError as e:  # a model emitting labels outside the contract
                     errors[i] = f"ModelOutputError: {e}"
         if self.progress is not None:
             self.progress.add.remote(batch.num_rows, sum(e is not None for e in errors))
-        return results_table(batch, widths, heights, errors, selected, self.run_id)
+        return results_table(batch, widths, heights, errors, selected, self.run_id, copied)
+
+    def _remember(self, sha256: str, result: tuple[str, int, int, tuple]) -> None:
+        self.recent[sha256] = result
+        if len(self.recent) > RECENT:
+            self.recent.popitem(last=False)
+
+
+#: Results an actor keeps by sha256, so the same bytes met again (a copied
+#: file in the same run) are copied rather than run: a few KB each.
+RECENT = 1024
+
+
+def _column(batch: pa.Table, name: str, kind: pa.DataType) -> pa.ChunkedArray | pa.Array:
+    """``batch``'s column ``name``, or nulls where an earlier stage did not add it."""
+    return batch.column(name) if name in batch.column_names else pa.nulls(batch.num_rows, kind)
 
 
 def _ahead(pool: ThreadPoolExecutor, fn, items: list, depth: int) -> Iterator:
@@ -139,9 +201,11 @@ def _ahead(pool: ThreadPoolExecutor, fn, items: list, depth: int) -> Iterator:
         yield pending.popleft().result()
 
 
-def results_table(batch: pa.Table, widths: list, heights: list, errors: list, selected: list, run_id: str) -> pa.Table:
+def results_table(batch: pa.Table, widths: list, heights: list, errors: list, selected: list, run_id: str,
+                  copied: list | None = None) -> pa.Table:
     """The contract's rows for a block, column by column (no per-row dicts)."""
     ok = [e is None for e in errors]
+    n = batch.num_rows
     return pa.table(
         {
             "uri": batch.column("uri"),
@@ -150,7 +214,11 @@ def results_table(batch: pa.Table, widths: list, heights: list, errors: list, se
             "status": pa.array([STATUS_OK if k else STATUS_ERROR for k in ok], pa.string()),
             "error": pa.array(errors, pa.string()),
             "detections": detections_column([s if k else None for s, k in zip(selected, ok)]),
-            "run_id": pa.array([run_id] * batch.num_rows, pa.string()),
+            "run_id": pa.array([run_id] * n, pa.string()),
+            "size": _column(batch, "size", pa.int64()),
+            "sha256": _column(batch, "sha256", pa.string()),
+            "version": _column(batch, "version", pa.string()),
+            "copied_from": pa.array(copied or [None] * n, pa.string()),
             "dataset": batch.column("dataset"),
         },
         schema=SCHEMA,

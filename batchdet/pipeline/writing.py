@@ -30,21 +30,28 @@ import pyarrow.parquet as pq
 
 from batchdet import __version__
 from batchdet.files import replace_bytes
-from batchdet.output.layout import RUNS_DIR, Output, committed_name, dataset_of, run_of
+from batchdet.output.layout import RUNS_DIR, Output, committed_name, dataset_of
 from batchdet.output.lease import Lease
-from batchdet.output.schema import STATUS_OK
+from batchdet.output.schema import STATUS_MISSING, STATUS_OK
 
 
 @dataclass
 class DatasetCounts:
+    """One dataset's part of a run: what its listing held, what was done, what was written."""
+
     url: str
-    images: int = 0
+    images: int = 0  # rows written for images processed (ok + error)
     images_ok: int = 0
     images_error: int = 0
     detections: int = 0
     skipped_files: int = 0  # files under the URL that are not images
-    already_done: int = 0  # images --resume found done and did not process again
+    already_done: int = 0  # images --resume found unchanged with an ok row, and did not read
     listing_seconds: float = 0.0
+    new: int = 0  # images without a current row (all of them in a fresh output)
+    changed: int = 0  # images with an ok row whose size/version differs or could not be told
+    retried: int = 0  # images whose current row was an error
+    gone: int = 0  # current rows no longer listed: a 'missing' row each
+    copied: int = 0  # rows whose detections were copied from a row of the same bytes
 
 
 @dataclass
@@ -63,6 +70,8 @@ class RunResult:
     versions: dict[str, str]
     files: list[str] = field(default_factory=list)
     recovered: bool = False  # committed by a later --resume after the run was killed
+    settings: dict[str, Any] = field(default_factory=dict)  # output.settings.ResultSettings
+    ran_twice: int = 0  # images whose bytes the model ran on more than once in this run (in different actors)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -70,13 +79,17 @@ class RunResult:
     def to_text(self) -> str:
         """The end-of-run summary a person reads."""
         lines = [f"run {self.run_id} -> {self.output}",
-                 f"  {'dataset':<20} {'images':>8} {'ok':>8} {'errors':>8} {'detections':>11} {'done before':>12}"]
+                 f"  {'dataset':<20} {'images':>8} {'ok':>8} {'errors':>8} {'detections':>11} {'unchanged':>10}"
+                 f" {'new':>8} {'changed':>8} {'gone':>8} {'copied':>8}"]
         for name, c in self.datasets.items():
             lines.append(f"  {name:<20} {c.images:>8} {c.images_ok:>8} {c.images_error:>8} {c.detections:>11}"
-                         f" {c.already_done:>12}")
+                         f" {c.already_done:>10} {c.new:>8} {c.changed:>8} {c.gone:>8} {c.copied:>8}")
         total = sum(c.images for c in self.datasets.values())
         if self.wall_s is not None:
             lines.append(f"  {total} images in {self.wall_s:.1f} s = {self.images_per_s:.2f} images/s")
+        if any(c.copied for c in self.datasets.values()) or self.ran_twice:
+            lines.append(f"  copied: detections of the same bytes (sha256) already computed, not run again; "
+                         f"ran twice in different actors: {self.ran_twice}")
         lines.append(f"  model: {self.model.get('kind', 'kind not recorded')}, sha256 {self.model['sha256'][:12]}")
         return "\n".join(lines)
 
@@ -102,16 +115,16 @@ IO_THREADS = 16
 
 
 def _read_keys(out: Output, path: str) -> pa.Table | None:
-    """A staged file's ``uri`` and ``status``, and ``detections`` cut down to one
-    int32 leaf (enough for the lists' lengths, never the detections themselves),
-    or None when the file is incomplete or unreadable (a half-written file has
-    no Parquet footer)."""
+    """A staged file's ``uri``, ``status``, ``sha256`` and ``copied_from``, and
+    ``detections`` cut down to one int32 leaf (enough for the lists' lengths,
+    never the detections themselves), or None when the file is incomplete or
+    unreadable (a half-written file has no Parquet footer)."""
     try:
         with out.fs.open(path, "rb") as f:
             parquet = pq.ParquetFile(f)
             leaf = next(parquet.schema.column(i).path for i in range(len(parquet.schema))
                         if parquet.schema.column(i).path.startswith("detections."))
-            table = parquet.read(columns=["uri", "status", leaf])
+            table = parquet.read(columns=["uri", "status", "sha256", "copied_from", leaf])
         table.column("detections")  # the leaf named a column this file has
         return table
     except Exception:
@@ -147,6 +160,7 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
     counts = {name: DatasetCounts(**d) for name, d in record["datasets"].items()}
     sources = out.staged_files(run_id)
     seen: dict[str, set[str]] = {}
+    ran: list[pa.ChunkedArray] = []  # sha256 of the rows the model ran for
     files, moves, rewrites = [], [], []
     for src, keys in zip(sources, _in_threads(lambda p: _read_keys(out, p), sources)):
         dataset = dataset_of(src)
@@ -164,7 +178,11 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
             rewrites.append((src, relative, fresh))
         files.append(relative)
         _count(counts[dataset], keys)
+        ran.append(keys.filter(pc.and_(pc.equal(keys.column("status"), STATUS_OK),
+                                       pc.is_null(keys.column("copied_from")))).column("sha256"))
     del seen
+    ran_sha = pa.chunked_array([c for r in ran for c in r.chunks], pa.string())
+    ran_twice = len(ran_sha) - (pc.count_distinct(ran_sha).as_py() if len(ran_sha) else 0)
     for partition in sorted({relative.partition("/")[0] for relative in files}):
         out.fs.makedirs(out.join(partition), exist_ok=True)
     for src, relative, fresh in rewrites:
@@ -183,6 +201,7 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
         images_per_s=None if not wall_s else round(images / wall_s, 4),
         datasets=counts, model=record["model"], arguments=record["arguments"],
         versions=record["versions"], files=files, recovered=recovered,
+        settings=record.get("settings", {}), ran_twice=ran_twice,
     )
     _write_manifest(out, result)
     out.fs.rm(out.staging(run_id), recursive=True)
@@ -191,10 +210,14 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
 
 def _count(c: DatasetCounts, table: pa.Table) -> None:
     """Add ``table``'s rows to ``c``; ``detections`` may be the whole column or one leaf of it."""
-    ok = pc.sum(pc.equal(table.column("status"), STATUS_OK)).as_py() or 0
-    c.images += table.num_rows
+    status = table.column("status")
+    ok = pc.sum(pc.equal(status, STATUS_OK)).as_py() or 0
+    gone = pc.sum(pc.equal(status, STATUS_MISSING)).as_py() or 0
+    c.images += table.num_rows - gone
     c.images_ok += ok
-    c.images_error += table.num_rows - ok
+    c.images_error += table.num_rows - gone - ok
+    c.gone += gone
+    c.copied += pc.sum(pc.is_valid(table.column("copied_from"))).as_py() or 0
     c.detections += pc.sum(pc.list_value_length(table.column("detections"))).as_py() or 0
 
 
@@ -214,24 +237,6 @@ def recover(out: Output, lease: Lease) -> list[RunResult]:
     lease.check()
     return [finish_run(out, run_id, recovered=True) for run_id in out.staged_runs()
             if run_id != lease.run_id and out.fs.exists(out.run_record(run_id))]
-
-
-def done_uris(out: Output, model_sha256: str) -> dict[str, set[str]]:
-    """Per dataset, the URIs that already have an ``ok`` row from a committed
-    run of the same model (``--resume`` skips them; error rows are retried).
-    Reads only the ``uri`` and ``status`` columns, IO_THREADS files at a time."""
-    runs = {run_id for run_id, m in out.manifests().items() if m["model"]["sha256"] == model_sha256}
-    paths = [p for p in out.data_files() if run_of(p) in runs]
-
-    def ok_uris(path: str) -> pa.ChunkedArray:
-        with out.fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["uri", "status"])
-        return table.filter(pc.equal(table.column("status"), STATUS_OK)).column("uri")
-
-    done: dict[str, set[str]] = {}
-    for path, uris in zip(paths, _in_threads(ok_uris, paths)):
-        done.setdefault(dataset_of(path), set()).update(uris.to_pylist())
-    return done
 
 
 def versions() -> dict[str, str]:

@@ -157,13 +157,14 @@ from batchdet.output.lease import LeaseLost, acquire
 from batchdet.output.schema import FILE_SCHEMA
 from batchdet.pipeline.plan import plan_run
 from batchdet.output.layout import STAGING_DIR, Output
+from batchdet.pipeline.update import fresh
 from batchdet.pipeline.writing import begin_run
 
 output, options, folder, model = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 plan = plan_run(DetectOptions({"x": folder}, output, model=model, storage_options=options))
 out = Output(output, plan.storage_options)
 with acquire(out, plan.run_id) as lease:
-    begin_run(out, _record(plan, plan, {}))
+    begin_run(out, _record(plan, fresh(plan.listings)))
     row = {"uri": [plan.listings["x"].uris[0]], "width": [1], "height": [1], "status": ["ok"], "error": [None],
            "detections": [[]], "run_id": [plan.run_id]}
     out.fs.makedirs(out.join(STAGING_DIR, plan.run_id, "dataset=x"), exist_ok=True)

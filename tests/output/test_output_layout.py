@@ -21,7 +21,9 @@ from batchdet.output.query import open_output, query
 from batchdet.output.schema import SCHEMA
 from batchdet.output.summary import summarize
 from batchdet.pipeline.sink import StagingSink
-from batchdet.pipeline.writing import begin_run, done_uris, finish_run
+from batchdet.pipeline.listing import Listing
+from batchdet.pipeline.update import plan_update
+from batchdet.pipeline.writing import begin_run, finish_run
 from batchdet.storage import full_uri
 from helpers.outputs import error_row, ok_row
 
@@ -58,7 +60,7 @@ def test_writer_and_readers_see_exactly_the_committed_files(store) -> None:
     with acquire(out, KILLED):  # a live lease: a file at the output's root
         committed = _stage(out, options, COMMITTED)
         result = finish_run(out, COMMITTED)
-        _stage(out, options, KILLED)  # killed: its files stay in _staging/
+        killed = _stage(out, options, KILLED)  # killed: its files stay in _staging/
         out.fs.makedirs(out.join("dataset=a", "_tmp"), exist_ok=True)
         for name in ("dataset=a/.part-9.parquet", "dataset=a/_tmp/part-9.parquet", "dataset=b/_hidden.parquet"):
             with out.fs.open(out.join(name), "wb") as f:  # temporary or hidden: valid rows nobody may see
@@ -80,5 +82,8 @@ def test_writer_and_readers_see_exactly_the_committed_files(store) -> None:
         assert [r.run_id for r in summary.runs] == [COMMITTED]
         assert summary.runs_without_manifest == [] and summary.unreadable_runs == {}
 
-        ok = {name: {uri for n, uri in committed if n == name} - {f"/in/a/{COMMITTED}-2.jpg"} for name in "ab"}
-        assert done_uris(out, SHA) == ok
+        # --resume's plan: the committed rows (no content identity: ok ones redone), the killed run's images new
+        listed = {name: [uri for n, uri in committed + killed if n == name] for name in "ab"}
+        update = plan_update(out, {name: Listing(name, uris, 0, 0.0) for name, uris in listed.items()})
+        assert {name: (c.new, c.retried, c.changed, c.gone) for name, c in update.counts.items()} == \
+            {"a": (3, 1, 2, 0), "b": (1, 0, 1, 0)}

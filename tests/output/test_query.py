@@ -21,8 +21,10 @@ DETECTION_COLUMNS = ["dataset", "uri", "width", "height", "run_id",
 
 def test_images_view_holds_every_row(sample_output: WrittenOutput) -> None:
     got = query(sample_output.url, "SELECT * FROM images ORDER BY uri", sample_output.storage_options)
-    assert got.column_names == ["uri", "width", "height", "status", "error", "detections", "run_id", "dataset"]
-    expected = sorted((dict(r, dataset=name) for name, rows in sample_output.rows.items() for r in rows),
+    assert got.column_names == ["uri", "width", "height", "status", "error", "detections", "run_id",
+                                "size", "sha256", "version", "copied_from", "dataset"]
+    identity = {"size": None, "sha256": None, "version": None, "copied_from": None}
+    expected = sorted((dict(identity, **r, dataset=name) for name, rows in sample_output.rows.items() for r in rows),
                       key=lambda r: r["uri"])
     for row in expected:  # float32 columns read back as float32
         for d in row["detections"] or []:
@@ -165,7 +167,7 @@ def test_cli_without_sql_shows_views_and_examples(sample_output: WrittenOutput, 
     assert main(["query", sample_output.url, *sample_output.cli_storage]) == 0
     out = capsys.readouterr().out
     assert "view images:" in out and "view detections:" in out and "all_images: like images" in out
-    assert "  detections  STRUCT(label_id INTEGER" in out and "  score     FLOAT" in out
+    assert "  detections   STRUCT(label_id INTEGER" in out and "  copied_from  VARCHAR" in out and "  score     FLOAT" in out
     assert all(sql in out for _, sql in EXAMPLES)
 
 
@@ -190,5 +192,5 @@ def test_s3_output_is_read_in_place(s3) -> None:
     con = connect(f"s3://{bucket}/o", s3.storage_options)
     assert con.sql("SELECT count(*) FROM images").fetchall() == [(1,)]
     assert "s3" in con.list_filesystems()
-    (view_sql,) = con.sql("SELECT sql FROM duckdb_views() WHERE view_name = 'all_images'").fetchall()[0]
+    (view_sql,) = con.sql("SELECT sql FROM duckdb_views() WHERE view_name = '_files'").fetchall()[0]
     assert f"s3://{bucket}/o/dataset=a/" in view_sql

@@ -84,10 +84,10 @@ def test_cli_prints_the_numbers(sample_output: WrittenOutput, capsys) -> None:
     assert main(["summary", sample_output.url, *sample_output.cli_storage]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"output {sample_output.url}"
-    assert lines[2] == "dataset  images  ok  errors  detections  top classes (score >= 0.5)"
-    assert lines[3].split() == ["2017", "2", "2", "0", "2", "car", "1,", "chair", "1"]
-    assert lines[4].split() == ["nothing", "2", "2", "0", "0", "-"]
-    assert lines[5].split() == ["street", "4", "3", "1", "7", "person", "3,", "car", "1,", "dog", "1"]
+    assert lines[2] == "dataset  images  ok  errors  gone  copied  detections  top classes (score >= 0.5)"
+    assert lines[3].split() == ["2017", "2", "2", "0", "0", "0", "2", "car", "1,", "chair", "1"]
+    assert lines[4].split() == ["nothing", "2", "2", "0", "0", "0", "0", "-"]
+    assert lines[5].split() == ["street", "4", "3", "1", "0", "0", "7", "person", "3,", "car", "1,", "dog", "1"]
     assert lines[7] == "runs (2)"
     assert lines[9].split() == [RUN_A, "2025-01-01T00:00:12+00:00", "official", "12.0", "0.50", "nothing,", "street"]
     # run B's manifest says only "official": false, not which model: no stand-in note for it
