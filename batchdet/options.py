@@ -227,7 +227,9 @@ class DetectOptions:
                       "(or 4x the longest gap between blocks, if longer; the first block may take "
                       "15 minutes at least: start-up); 0: never", "SECONDS"))
     resume: bool = field(default=False, metadata=_option(
-        _SWITCH, "continue an output: commit what killed runs left, skip images already ok with this model"))
+        _SWITCH, "bring an output up to date: commit what killed runs left, skip images unchanged since their ok "
+                 "row (same size and version), redo new, changed and failed ones, mark vanished ones missing; "
+                 "refused if the result settings (model, --score-threshold, --max-pixels) differ"))
     overwrite: bool = field(default=False, metadata=_option(_SWITCH, "delete the output's earlier results first"))
     address: str | None = field(default=None, metadata=_option(
         _TEXT, "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)", "ADDR"))

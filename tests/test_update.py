@@ -96,7 +96,7 @@ def test_rows_record_the_bytes_and_resume_brings_the_output_up_to_date(narrow_mo
     assert gone["status"] == "missing" and gone["run_id"] == second.run_id and gone["detections"] is None
     summary = summarize(out)
     (d,) = summary.datasets
-    assert (d.images, d.ok, d.errors, d.gone, d.copied) == (6, 5, 1, 1, 2)
+    assert (d.images, d.ok, d.errors, d.gone, d.copied) == (7, 6, 1, 1, 2)
     n_detections = query(out, "SELECT count(*) AS n FROM detections").column("n")[0].as_py()
     assert n_detections == sum(len(r["detections"] or []) for r in rows.values())
 
@@ -118,9 +118,9 @@ def test_resume_refuses_other_result_settings_before_any_work(narrow_model, tmp_
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     argv = ["detect", "--dataset", f"x={folder}", "--output", str(out), "--resume"]
 
+    capsys.readouterr()
     assert main([*argv, "--model", str(narrow_model), "--score-threshold", "0.5", "--max-pixels", "1000"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("batchdet: error:")]
     assert "--score-threshold 0.5 (the output's: 0.05)" in err and "--max-pixels 1,000 (the output's: 100,000,000)" in err
     assert "--overwrite" in err and "new output" in err
 
@@ -147,7 +147,7 @@ def test_same_bytes_run_once_in_a_run(narrow_model, tmp_path, ray_local):
     rows = _rows(out)
     assert [rows[str(folder / f"same-{i}.jpg")]["copied_from"] for i in range(4)] == \
         [None, *[str(folder / "same-0.jpg")] * 3]
-    assert len({str(r["detections"]) for uri, r in rows.items() if "same" in uri}) == 1
+    assert len({str(r["detections"]) for uri, r in rows.items() if Path(uri).name.startswith("same")}) == 1
 
 
 def test_a_list_of_uris_is_checked_by_its_bytes(narrow_model, inputs, tmp_path, ray_local):

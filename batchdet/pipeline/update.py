@@ -16,6 +16,9 @@ Each listed image is compared with its current row (the latest run's,
 
 The comparison is one DuckDB join over the output's light columns and the
 listing, so a million rows plan in seconds without a Python object per row.
+Every ``ok`` row with a sha256, superseded ones too (an image deleted and
+later restored), goes into the :class:`ContentIndex` the actors copy from:
+all of an output's rows share one set of result settings.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ def plan_update(out: Output, listings: dict[str, Listing]) -> Update:
           AND NOT EXISTS (SELECT 1 FROM listed l WHERE l.dataset = c.dataset AND l.uri = c.uri)
         ORDER BY c.dataset, c.uri""").fetchall()
     known = con.sql(f"""
-        SELECT sha256, filename AS file, file_row_number AS row FROM latest_rows
+        SELECT sha256, filename AS file, file_row_number AS row FROM all_images
         WHERE status = '{STATUS_OK}' AND sha256 IS NOT NULL""").to_arrow_table()
     update = Update({}, {}, {}, ContentIndex.from_rows(known) if known.num_rows else None)
     start = 0

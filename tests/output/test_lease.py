@@ -149,7 +149,7 @@ def test_holder_age_is_never_negative():
 #: first image, prints its run id, then waits for a line on stdin (the test
 #: may freeze it meanwhile) and reports whether it still holds the lease.
 HOLDER = r"""
-import json, sys
+import hashlib, json, sys
 import pyarrow as pa, pyarrow.parquet as pq
 from batchdet.api import _record
 from batchdet.options import DetectOptions
@@ -166,7 +166,9 @@ out = Output(output, plan.storage_options)
 with acquire(out, plan.run_id) as lease:
     begin_run(out, _record(plan, fresh(plan.listings)))
     row = {"uri": [plan.listings["x"].uris[0]], "width": [1], "height": [1], "status": ["ok"], "error": [None],
-           "detections": [[]], "run_id": [plan.run_id]}
+           "detections": [[]], "run_id": [plan.run_id], "size": [plan.listings["x"].sizes[0]],
+           "sha256": [hashlib.sha256(open(plan.listings["x"].uris[0], "rb").read()).hexdigest()],
+           "version": [plan.listings["x"].versions[0]], "copied_from": [None]}
     out.fs.makedirs(out.join(STAGING_DIR, plan.run_id, "dataset=x"), exist_ok=True)
     with out.fs.open(out.join(STAGING_DIR, plan.run_id, "dataset=x", "0.parquet"), "wb") as f:
         pq.write_table(pa.table(row, schema=FILE_SCHEMA), f)
