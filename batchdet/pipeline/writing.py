@@ -114,6 +114,10 @@ def _read_whole(out: Output, path: str) -> pa.Table | None:
 IO_THREADS = 16
 
 
+#: The content identity columns the commit reads (null in files staged before them).
+IDENTITY_KEYS = ("sha256", "copied_from")
+
+
 def _read_keys(out: Output, path: str) -> pa.Table | None:
     """A staged file's ``uri``, ``status``, ``sha256`` and ``copied_from``, and
     ``detections`` cut down to one int32 leaf (enough for the lists' lengths,
@@ -124,8 +128,12 @@ def _read_keys(out: Output, path: str) -> pa.Table | None:
             parquet = pq.ParquetFile(f)
             leaf = next(parquet.schema.column(i).path for i in range(len(parquet.schema))
                         if parquet.schema.column(i).path.startswith("detections."))
-            table = parquet.read(columns=["uri", "status", "sha256", "copied_from", leaf])
+            names = parquet.schema_arrow.names
+            table = parquet.read(columns=["uri", "status", *(c for c in IDENTITY_KEYS if c in names), leaf])
         table.column("detections")  # the leaf named a column this file has
+        for name in IDENTITY_KEYS:  # staged by a batchdet from before content identity
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
         return table
     except Exception:
         return None
@@ -181,7 +189,7 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
         ran.append(keys.filter(pc.and_(pc.equal(keys.column("status"), STATUS_OK),
                                        pc.is_null(keys.column("copied_from")))).column("sha256"))
     del seen
-    ran_sha = pa.chunked_array([c for r in ran for c in r.chunks], pa.string())
+    ran_sha = pa.chunked_array([c for r in ran for c in r.chunks], pa.string()).drop_null()
     ran_twice = len(ran_sha) - (pc.count_distinct(ran_sha).as_py() if len(ran_sha) else 0)
     for partition in sorted({relative.partition("/")[0] for relative in files}):
         out.fs.makedirs(out.join(partition), exist_ok=True)

@@ -197,3 +197,27 @@ def test_scale_figures_follow_from_the_record(scale_run):
     assert cells == [str(N), str(r["staged_files"]), f"{s['commit']['seconds']:.2f}", f"{s['commit']['rss_mb']:.0f}",
                      f"{s['resume']['seconds']:.2f}", f"{s['resume']['rss_mb']:.0f}",
                      f"{s['listing']['seconds']:.2f}", f"{s['listing']['rss_mb']:.0f}", f"{s['baseline']['rss_mb']:.0f}"]
+
+
+def test_a_file_staged_before_content_identity_is_committed(tmp_path):
+    """A run killed before an upgrade: its staged files lack sha256/copied_from, and still commit."""
+    old = _rows([f"/in/a/{i}.jpg" for i in range(5)], errors={"/in/a/3.jpg"}).drop_columns(
+        ["size", "sha256", "version", "copied_from"])
+    out = tmp_path / "out"
+    _stage(out, {"dataset=a/00old.parquet": old})
+    result = finish_run(Output(str(out)), RUN)
+    c = result.datasets["a"]
+    assert (c.images, c.images_ok, c.images_error, c.copied) == (5, 4, 1, 0) and result.ran_twice == 0
+    assert result.files == [f"dataset=a/{RUN}_00old.parquet"]
+
+
+def test_commit_counts_copies_and_bytes_that_ran_twice(tmp_path):
+    """Two actors met copies of one file at once: both ran (ran_twice 1); a third row was a copy."""
+    rows = _rows([f"/in/a/{i}.jpg" for i in range(4)], errors={"/in/a/3.jpg"})
+    rows = rows.set_column(rows.schema.get_field_index("sha256"), "sha256", pa.array(["x" * 64] * 3 + [None]))
+    rows = rows.set_column(rows.schema.get_field_index("copied_from"), "copied_from",
+                           pa.array([None, None, "/in/a/0.jpg", None]))
+    out = tmp_path / "out"
+    _stage(out, {"dataset=a/00first.parquet": rows.slice(0, 1), "dataset=a/10second.parquet": rows.slice(1)})
+    result = finish_run(Output(str(out)), RUN)
+    assert (result.datasets["a"].copied, result.ran_twice) == (1, 1)
