@@ -1,8 +1,8 @@
 """onnxruntime behind a small interface: load once, predict one image.
 
-The backend takes the planar uint8 RGB image [3, 1200, 1200] — what crosses
-Ray's object store — and makes the model's normalised float32 input from it
-where that is cheapest:
+The backend takes the planar uint8 RGB image [3, 1200, 1200] that
+:func:`batchdet.pipeline.preprocess.prepare` makes in the same actor, and
+makes the model's normalised float32 input from it where that is cheapest:
 
 * on the CPU, with :func:`batchdet.pipeline.preprocess.normalize` (a table lookup,
   ~1.6 ms) into one buffer the session reads from; the model runs as given.

@@ -2,10 +2,11 @@
 
 MLPerf (``dataset.py: pre_process_coco_resnet34``): decode, RGB, stretch-resize
 to 1200×1200 with OpenCV ``INTER_LINEAR`` (no letterbox), then
-``(x/255 - mean)/std`` and HWC→CHW. The work is split in two so that images
-cross Ray's object store as compact uint8: :func:`prepare` (decode + orient +
-resize, in preprocessing tasks) and :func:`normalize` (float maths, in the
-inference actor, into a buffer the session reads from).
+``(x/255 - mean)/std`` and HWC→CHW. The work is split in two, both done by
+the inference actor (only the encoded files cross Ray's object store:
+stages.py): :func:`prepare` (decode + orient + resize into compact uint8
+planes) and :func:`normalize` (float maths, into a buffer the session reads
+from).
 
 Both halves are arranged around the 17 MB float32 tensor the model reads,
 the one costly thing to produce (benchmarks/preprocessing.py):
@@ -29,9 +30,14 @@ from batchdet.errors import one_line
 from batchdet.model.spec import INPUT_SIZE, MEAN, STD
 from batchdet.options import DEFAULT_MAX_PIXELS
 
-#: batchdet refuses images over ``max_pixels`` itself (:data:`batchdet.options.DEFAULT_MAX_PIXELS`),
-#: so Pillow's own bomb guard (a warning at 89 MP, an error at 179 MP) is switched off in favour of it.
-Image.MAX_IMAGE_PIXELS = None
+
+
+def own_pixel_limit() -> None:
+    """In a process batchdet owns (an inference actor): ``max_pixels`` alone
+    bounds an image, so Pillow's process-wide bomb guard (a warning at 89 MP,
+    an error at 179 MP) is switched off there. A library never changes it in
+    its caller's process, where both limits apply and the lower one wins."""
+    Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageError(ValueError):
@@ -62,6 +68,8 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         raise ImageError("EmptyFile", "the file has 0 bytes")
     try:
         im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # Pillow's guard, where it is on (see own_pixel_limit)
+        raise ImageError("ImageTooLarge", _reason(e)) from None
     except Exception as e:  # Pillow raises UnidentifiedImageError, SyntaxError, ...
         raise ImageError("DecodeError", _reason(e)) from None
     width, height = im.size

@@ -34,7 +34,7 @@ from batchdet.output.layout import Output
 from batchdet.output.schema import SCHEMA, STATUS_ERROR, STATUS_OK
 from batchdet.pipeline.detector import Detector
 from batchdet.pipeline.postprocess import detections_column, select, selected_from
-from batchdet.pipeline.preprocess import ImageError, Prepared, prepare
+from batchdet.pipeline.preprocess import ImageError, Prepared, own_pixel_limit, prepare
 from batchdet.pipeline.reading import read_many
 
 
@@ -95,6 +95,7 @@ class InferenceStage:
         ``output`` the output it indexes; None: nothing known yet."""
         from batchdet.model.distribution import local_model
 
+        own_pixel_limit()  # this actor's process is batchdet's: max_pixels is the one limit
         # A URL#sha256= model: this node's cached, verified copy (fetched once per node); a path: itself.
         model_path = local_model(model_path, storage_options=storage_options)
         # the driver checked the model before the run (plan_run); a URL model was verified by its sha256
