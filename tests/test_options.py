@@ -142,7 +142,7 @@ def test_run_plan_reads_its_options_through():
     options = DetectOptions({"a": "s3://b/x"}, "s3://b/o", batch_size=4, storage_options={"secret": "s"})
     model = ModelInfo(path="/m.onnx", size=0, sha256="0" * 64, parameters=0, opset=0, input_shape=())
     plan = RunPlan(run_id="r", options=options, listings={}, model=model)
-    assert plan.batch_size == 4 and plan.output == "s3://b/o" and plan.model is model
+    assert plan.options.batch_size == 4 and plan.options.output == "s3://b/o" and plan.model is model
     assert pickle.loads(pickle.dumps(plan)) == plan
     with pytest.raises(AttributeError, match="nothing"):
         plan.nothing

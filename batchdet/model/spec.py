@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batchdet.files import sha256_of_file as sha256_file  # also imported from here, its old home
+from batchdet.files import sha256_of_file
 
 # --- the official file ------------------------------------------------------
 OFFICIAL_NAME = "resnet34-ssd1200.onnx"
@@ -186,7 +186,7 @@ def check_model(path: str | os.PathLike) -> ModelInfo:
     return ModelInfo(
         path=str(p.resolve()),
         size=p.stat().st_size,
-        sha256=sha256_file(p),
+        sha256=sha256_of_file(p),
         parameters=int(sum(int(np.prod(t.dims)) for t in graph.initializer)),
         opset=opset,
         input_shape=dims,

@@ -32,21 +32,11 @@ from onnx import TensorProto, helper
 from batchdet.files import atomic_write
 from batchdet.model.labels import NUM_CLASSES
 from batchdet.model.spec import INPUT_NAME, INPUT_SIZE, KIND_KEY, MEAN, STANDIN, STANDIN_KEY, STD
-from batchdet.model.standin_graph import (  # noqa: F401  (the rest re-exported: callers import them from here)
-    ASPECT_RATIOS,
-    BOX_SCALES,
+from batchdet.model.standin_graph import (
     BOXES_PER_CELL,
     FEAT_SIZES,
-    IOU_THRESHOLD,
-    NUM_BOXES,
-    OPSET,
-    SCALE_WH,
-    SCALE_XY,
-    STEPS,
     Graph,
     build_postprocess,
-    build_postprocess_model,
-    default_boxes,
     finish_model,
 )
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from batchdet.errors import one_line
 from batchdet.model.distribution import resolve_model
 from batchdet.model.spec import ModelInfo
-from batchdet.options import DetectOptions, option_names
+from batchdet.options import DetectOptions
 from batchdet.output.layout import RUNS_DIR, Output
 from batchdet.output.settings import ResultSettings, check_same_settings
 from batchdet.pipeline.listing import Listing, list_images
@@ -30,22 +30,13 @@ from batchdet.storage import redact
 
 @dataclass(frozen=True)
 class RunPlan:
-    """A validated run: its options, what they list, and the model they resolve to.
-
-    The options read through (``plan.batch_size``), except ``plan.model``: the
-    resolved :class:`ModelInfo`, where ``plan.options.model`` is what was asked for.
-    """
+    """A validated run: its options, what they list, and the model they resolve to
+    (``plan.model``, where ``plan.options.model`` is what was asked for)."""
 
     run_id: str
     options: DetectOptions
     listings: dict[str, Listing]
     model: ModelInfo
-
-    def __getattr__(self, name: str) -> Any:
-        """``plan.batch_size`` is ``plan.options.batch_size``: the pipeline reads options without a copy of each."""
-        if name not in option_names():  # also keeps unpickling (no ``options`` yet) from recursing
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(self.options, name)
 
     @property
     def num_images(self) -> int:

@@ -104,24 +104,25 @@ def actor_layout(plan: RunPlan, local: bool) -> tuple[int, tuple[int, int]]:
     """
     import ray
 
+    o = plan.options
     cpus = int(ray.cluster_resources().get("CPU", 1))
     per_node = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]) or 1
-    threads = plan.threads_per_actor or (min(per_node, 4) if plan.gpus_per_actor else 1)
+    threads = o.threads_per_actor or (min(per_node, 4) if o.gpus_per_actor else 1)
     gpus = ray.cluster_resources().get("GPU", 0)
     # Ray would wait forever for an actor no node can hold. On the embedded
     # Ray nothing will ever add a node, so refuse; on a cluster an autoscaler
     # may still bring one (a GPU group scaled to zero), so only warn.
     problems = [f"--threads-per-actor {threads} exceeds the largest node's {per_node} CPUs"] * (threads > per_node)
-    problems += [f"--gpus-per-actor {plan.gpus_per_actor} but the cluster has {gpus:g} GPUs now"] * (
-        plan.gpus_per_actor > gpus)
+    problems += [f"--gpus-per-actor {o.gpus_per_actor} but the cluster has {gpus:g} GPUs now"] * (
+        o.gpus_per_actor > gpus)
     for problem in problems:
         if local:
             raise ValueError(problem)
         log.warning("%s; waiting for the autoscaler to add a node that fits", problem)
     high = max(1, cpus // threads)
-    if plan.gpus_per_actor:
-        high = min(high, max(1, int(gpus / plan.gpus_per_actor)))
-    return threads, plan.actors or (high if local else 1, high)
+    if o.gpus_per_actor:
+        high = min(high, max(1, int(gpus / o.gpus_per_actor)))
+    return threads, o.actors or (high if local else 1, high)
 
 
 def images_per_block(images: int, actors: int, gpus: float = 0.0) -> int:
@@ -139,10 +140,10 @@ def run_pipeline(plan: RunPlan, local: bool = True, on_progress: Callable[[Progr
     ``on_progress`` how far it is about once a second; bytes ``known`` to
     have an ``ok`` row in the output get it copied instead of a model run. Raises
     :class:`batchdet.progress.Stalled` when no image finishes for
-    ``plan.stall_timeout`` seconds (or 4× the longest gap between blocks)."""
+    ``plan.options.stall_timeout`` seconds (or 4× the longest gap between blocks)."""
     threads, (low, high) = actor_layout(plan, local)
-    block = plan.batch_size or images_per_block(plan.num_images, high, plan.gpus_per_actor)
-    reporter = Reporter(plan.num_images, on_progress, plan.stall_timeout)
+    block = plan.options.batch_size or images_per_block(plan.num_images, high, plan.options.gpus_per_actor)
+    reporter = Reporter(plan.num_images, on_progress, plan.options.stall_timeout)
     try:  # around the clean-up too: a stalled run may be interrupted again while it unwinds
         with object_store_capped(object_store_cap(high, block)), reporter:
             _stream(plan, threads, low, high, block, reporter.counter, known)
@@ -207,33 +208,34 @@ def _stream(plan: RunPlan, threads: int, low: int, high: int, block: int, progre
 
     from batchdet.pipeline.sink import StagingSink
 
+    o = plan.options
     items = listed_items(plan)
     ds = ray.data.from_arrow([items.slice(start, block) for start in range(0, items.num_rows, block)])
     ds = ds.map_batches(
-        read_batch, fn_kwargs={"storage_options": plan.storage_options, "progress": progress},
+        read_batch, fn_kwargs={"storage_options": o.storage_options, "progress": progress},
         batch_format="pyarrow", batch_size=block, num_cpus=IO_CPUS, compute=read_compute(high),
     )
     ds = ds.map_batches(
         InferenceStage,
         fn_constructor_kwargs={
             "model_path": plan.model.path, "run_id": plan.run_id, "threads": threads,
-            "gpus": plan.gpus_per_actor, "score_threshold": plan.score_threshold, "max_pixels": plan.max_pixels,
+            "gpus": o.gpus_per_actor, "score_threshold": o.score_threshold, "max_pixels": o.max_pixels,
             # a GPU actor decodes on its other CPUs while the device runs
-            "prepare_threads": max(1, threads - 1) if plan.gpus_per_actor else 0,
-            "storage_options": plan.storage_options,  # for a URL model: each node fetches its own copy
+            "prepare_threads": max(1, threads - 1) if o.gpus_per_actor else 0,
+            "storage_options": o.storage_options,  # for a URL model: each node fetches its own copy
             "progress": progress,
             # once in the object store for every actor; in a list, so that it reaches them unresolved
-            "known": None if known is None else [ray.put(known)], "output": plan.output,
+            "known": None if known is None else [ray.put(known)], "output": o.output,
         },
         batch_format="pyarrow", batch_size=block,
         # one block at a time per CPU actor: the first actor up cannot hoard
         # blocks its peers then wait for; a GPU actor keeps a second one queued
         compute=ray.data.ActorPoolStrategy(
-            min_size=low, max_size=high, max_tasks_in_flight_per_actor=2 if plan.gpus_per_actor else 1),
-        num_cpus=threads - IO_CPUS, num_gpus=plan.gpus_per_actor or None,
+            min_size=low, max_size=high, max_tasks_in_flight_per_actor=2 if o.gpus_per_actor else 1),
+        num_cpus=threads - IO_CPUS, num_gpus=o.gpus_per_actor or None,
     )
     ds.write_datasink(
-        StagingSink(plan.output, plan.storage_options, plan.run_id, plan.rows_per_file),
+        StagingSink(o.output, o.storage_options, plan.run_id, o.rows_per_file),
         # no CPU of its own: with any, Ray Data's budget lets reads and actors
         # take it and the finished rows wait unwritten (lost to a kill, a stall)
         ray_remote_args={"num_cpus": 0}, concurrency=WRITE_TASKS,

@@ -23,7 +23,7 @@ import yaml
 from batchdet.cluster.submit import (
     ENTRYPOINT, JOB_CONFIG_NAME, SubmitError, check_address, job_config, require_auth, resolve_token, runtime_env,
 )
-from batchdet.model.spec import sha256_file
+from batchdet.files import sha256_of_file
 from helpers.photos import photo
 from helpers.ray_cluster import client_env, ray_cli, running_cluster, submit_cli
 
@@ -169,7 +169,7 @@ def test_submit_runs_detect_on_two_nodes_with_the_model_from_s3(cluster, s3, nar
             fs.pipe(f"{bucket}/images/{dataset}/{name}", data)
             expected[f"s3://{bucket}/images/{dataset}/{name}"] = (dataset, data)
     fs.put(str(narrow_model), f"{bucket}/models/narrow.onnx")
-    sha = sha256_file(narrow_model)
+    sha = sha256_of_file(narrow_model)
 
     spec = tmp_path / "job.yaml"  # part of the job in a spec file, the rest as flags (which win)
     spec.write_text(yaml.safe_dump({
@@ -216,7 +216,7 @@ def test_submit_runs_detect_on_two_nodes_with_the_model_from_s3(cluster, s3, nar
     assert manifest["model"]["sha256"] == sha and "testing" not in json.dumps(manifest)
     for node in cluster.nodes:  # head: the driver's check; worker: the only node an actor fits on
         cached = node.cache / f"{sha}.onnx"
-        assert cached.is_file() and sha256_file(cached) == sha, node.name
+        assert cached.is_file() and sha256_of_file(cached) == sha, node.name
         assert not [p for p in node.cache.iterdir() if p.name.endswith(".part")]
 
 

@@ -159,13 +159,13 @@ def test_concurrent_processes_share_one_download(remote, tmp_path):
 
 
 def test_resolve_model_pins_the_url_for_the_actors(s3, narrow_model, tmp_path, monkeypatch):
-    from batchdet.model.spec import sha256_file
+    from batchdet.files import sha256_of_file
 
     monkeypatch.setenv("BATCHDET_MODEL_CACHE", str(tmp_path / "driver-cache"))
     fs = s3.filesystem()
     bucket = s3.new_bucket()
     fs.put(str(narrow_model), f"{bucket}/narrow.onnx")
-    sha = sha256_file(narrow_model)
+    sha = sha256_of_file(narrow_model)
     info = resolve_model(f"s3://{bucket}/narrow.onnx", s3.storage_options)
     assert info.path == f"s3://{bucket}/narrow.onnx#sha256={sha}" and info.sha256 == sha
     assert (tmp_path / "driver-cache" / f"{sha}.onnx").is_file()
@@ -182,7 +182,7 @@ def test_resolve_model_pins_the_url_for_the_actors(s3, narrow_model, tmp_path, m
 
 def test_plan_and_actor_stage_use_the_url(s3, narrow_model, tmp_path, monkeypatch):
     """plan_run resolves the URL on the driver; InferenceStage fetches its own copy."""
-    from batchdet.model.spec import sha256_file
+    from batchdet.files import sha256_of_file
     from batchdet.options import DetectOptions
     from batchdet.pipeline.plan import plan_run
     from batchdet.pipeline.stages import InferenceStage
@@ -196,8 +196,8 @@ def test_plan_and_actor_stage_use_the_url(s3, narrow_model, tmp_path, monkeypatc
     monkeypatch.setenv("BATCHDET_MODEL_CACHE", str(tmp_path / "driver"))
     plan = plan_run(DetectOptions({"a": str(tmp_path / "imgs")}, str(tmp_path / "out"),
                                   model=f"s3://{bucket}/m/narrow.onnx", storage_options=s3.storage_options))
-    sha = sha256_file(narrow_model)
+    sha = sha256_of_file(narrow_model)
     assert plan.model.path == f"s3://{bucket}/m/narrow.onnx#sha256={sha}" and plan.model.sha256 == sha
     monkeypatch.setenv("BATCHDET_MODEL_CACHE", str(tmp_path / "actor-node"))
-    InferenceStage(plan.model.path, plan.run_id, threads=1, storage_options=plan.storage_options)
+    InferenceStage(plan.model.path, plan.run_id, threads=1, storage_options=plan.options.storage_options)
     assert (tmp_path / "actor-node" / f"{sha}.onnx").is_file()

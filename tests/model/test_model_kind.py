@@ -10,6 +10,7 @@ import onnx
 import pytest
 
 from batchdet.cli import STANDIN_WARNING, _print_result, main
+from batchdet.files import sha256_of_file
 from batchdet.model import spec
 from batchdet.model.spec import KIND_KEY, OFFICIAL_SHA256, QUANTIZED_KEY, SOURCE_SHA_KEY, STANDIN_KEY, check_model
 from batchdet.model.spec import kind_id_from_text
@@ -69,7 +70,7 @@ def test_each_kind_is_told_by_model_info(name, tmp_path, capsys):
 @pytest.mark.parametrize("metadata", [{}, {KIND_KEY: "standin", STANDIN_KEY: "true"}])
 def test_the_official_file_is_told_by_its_sha256_alone(metadata, tmp_path, monkeypatch, capsys):
     path = _tiny(tmp_path / "official.onnx", metadata)
-    monkeypatch.setattr(spec, "OFFICIAL_SHA256", spec.sha256_file(path))
+    monkeypatch.setattr(spec, "OFFICIAL_SHA256", sha256_of_file(path))
     info = check_model(path)
     assert (info.kind_id, info.kind, info.official) == ("official", "official MLPerf weights", True)
     assert main(["model", "info", str(path)]) == 0

@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 from batchdet.cli import main
+from batchdet.files import sha256_of_file
 from batchdet.model import spec
 from batchdet.model.quantize import (
     CALIBRATION_KEY,
@@ -160,7 +161,7 @@ def test_quantized_official_is_an_int8_copy_of_the_official(calibration_folder, 
     the official file (played by the tiny oracle, whose sha256 is made the official one)
     is told apart from a stand-in's copy, without a banner. --no-measure skips timing."""
     source = tiny_model.write(tmp_path / "official.onnx")
-    monkeypatch.setattr(spec, "OFFICIAL_SHA256", spec.sha256_file(source))
+    monkeypatch.setattr(spec, "OFFICIAL_SHA256", sha256_of_file(source))
     assert check_model(source).kind_id == "official"
     assert main(["model", "quantize", str(source), "--calibrate", str(calibration_folder), "--images", "1",
                  "--no-measure"]) == 0

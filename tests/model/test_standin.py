@@ -29,12 +29,8 @@ from batchdet.model.spec import (
     STD,
     check_model,
 )
-from batchdet.model.standin import (
-    build_postprocess_model,
-    build_standin,
-    default_boxes,
-    write_standin,
-)
+from batchdet.model.standin import build_standin, write_standin
+from batchdet.model.standin_graph import build_postprocess_model, default_boxes
 
 NUM_BOXES = 15130
 NARROW = 8

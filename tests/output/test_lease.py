@@ -162,7 +162,7 @@ from batchdet.pipeline.writing import begin_run
 
 output, options, folder, model = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
 plan = plan_run(DetectOptions({"x": folder}, output, model=model, storage_options=options))
-out = Output(output, plan.storage_options)
+out = Output(output, plan.options.storage_options)
 with acquire(out, plan.run_id) as lease:
     begin_run(out, _record(plan, fresh(plan.listings)))
     row = {"uri": [plan.listings["x"].uris[0]], "width": [1], "height": [1], "status": ["ok"], "error": [None],
