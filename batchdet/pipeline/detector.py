@@ -1,5 +1,6 @@
-"""Single-process detection: the API the Ray actors reuse, and the reference
-the pipeline's output is tested against."""
+"""Single-process detection: the model and its post-processing, which the
+Ray actors run through :meth:`Detector.select` and users through
+:meth:`Detector.detect` (the reference the pipeline's output is tested against)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from batchdet.model.fetch import resolve_model_path
 from batchdet.model.spec import NMS_SCORE_THRESHOLD
 from batchdet.options import DEFAULT_MAX_PIXELS
 from batchdet.pipeline.inference import OnnxBackend
-from batchdet.pipeline.postprocess import to_detections
+from batchdet.pipeline.postprocess import as_dicts, select
 from batchdet.pipeline.preprocess import prepare
 
 
@@ -54,6 +55,10 @@ class Detector:
 
     def detect_prepared(self, image: np.ndarray, width: int, height: int) -> ImageDetections:
         """Resized uint8 RGB planes [3, 1200, 1200] and the original size → detections."""
+        return ImageDetections(width, height, as_dicts(*self.select(image, width, height)))
+
+    def select(self, image: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The model on one prepared image → :func:`batchdet.pipeline.postprocess.select`'s
+        arrays: what the Ray actors turn into output columns, and :meth:`detect_prepared` into dicts."""
         raw = self.backend.predict(image)
-        dets = to_detections(raw.bboxes, raw.labels, raw.scores, width, height, self.score_threshold)
-        return ImageDetections(width, height, dets)
+        return select(raw.bboxes, raw.labels, raw.scores, width, height, self.score_threshold)

@@ -29,7 +29,11 @@ def to_detections(
     """One image's raw outputs (``[N,4]``, ``[N]``, ``[N]``, batch axis removed)
     → detection dicts sorted by score, high first (:func:`select`, as dicts).
     """
-    pixels, labels, scores = select(bboxes, labels, scores, width, height, score_threshold)
+    return as_dicts(*select(bboxes, labels, scores, width, height, score_threshold))
+
+
+def as_dicts(pixels: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> list[dict]:
+    """:func:`select`'s arrays → one dict per detection, in the contract's terms."""
     return [
         {
             "label_id": int(INDEX_TO_COCO_ID[c]),

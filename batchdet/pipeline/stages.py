@@ -33,7 +33,7 @@ from batchdet.output.content import ContentIndex, RowReader
 from batchdet.output.layout import Output
 from batchdet.output.schema import SCHEMA, STATUS_ERROR, STATUS_OK
 from batchdet.pipeline.detector import Detector
-from batchdet.pipeline.postprocess import detections_column, select, selected_from
+from batchdet.pipeline.postprocess import detections_column, selected_from
 from batchdet.pipeline.preprocess import ImageError, Prepared, own_pixel_limit, prepare
 from batchdet.pipeline.reading import read_many
 
@@ -99,9 +99,9 @@ class InferenceStage:
         # A URL#sha256= model: this node's cached, verified copy (fetched once per node); a path: itself.
         model_path = local_model(model_path, storage_options=storage_options)
         # the driver checked the model before the run (plan_run); a URL model was verified by its sha256
-        self.detector = Detector(model_path, threads=threads, gpus=gpus, score_threshold=score_threshold, checked=True)
+        self.detector = Detector(model_path, threads=threads, gpus=gpus, score_threshold=score_threshold,
+                                 max_pixels=max_pixels, checked=True)
         self.run_id = run_id
-        self.max_pixels = max_pixels
         self._planes = np.empty((3, INPUT_SIZE, INPUT_SIZE), np.uint8)  # the sequential path's reused image
         self.prepare_threads = prepare_threads
         self._pool = ThreadPoolExecutor(prepare_threads) if prepare_threads > 0 else None
@@ -121,7 +121,7 @@ class InferenceStage:
             if data is None:
                 return None
             try:
-                return prepare(data, self.max_pixels, out=out)
+                return prepare(data, self.detector.max_pixels, out=out)
             except ImageError as e:
                 return e
 
@@ -162,9 +162,7 @@ class InferenceStage:
                     copied[i], widths[i], heights[i], selected[i] = source
                     continue
                 try:
-                    raw = self.detector.backend.predict(p.image)
-                    selected[i] = select(raw.bboxes, raw.labels, raw.scores, p.width, p.height,
-                                         self.detector.score_threshold)
+                    selected[i] = self.detector.select(p.image, p.width, p.height)
                     widths[i], heights[i] = p.width, p.height
                     self._remember(shas[i], (uris[i], p.width, p.height, selected[i]))
                 except ValueError as e:  # a model emitting labels outside the contract
