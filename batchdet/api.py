@@ -15,7 +15,8 @@ from batchdet.output.settings import check_same_settings
 from batchdet.pipeline.plan import RunPlan, plan_run
 from batchdet.pipeline.run import ray_session, run_pipeline
 from batchdet.pipeline.update import Update, UpdateCounts, fresh, plan_update, stage_gone
-from batchdet.pipeline.writing import RunResult, begin_run, finish_run, recover, versions
+from batchdet.output.manifest import RunResult
+from batchdet.pipeline.writing import begin_run, finish_run, recover, versions
 from batchdet.progress import Progress
 
 log = logging.getLogger("batchdet")

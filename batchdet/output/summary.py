@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 from batchdet.errors import one_line
-from batchdet.model.spec import OFFICIAL, OFFICIAL_INT8, OTHER, STANDIN, kind_id_from_text
+from batchdet.model.spec import OFFICIAL, OFFICIAL_INT8, OTHER, STANDIN
 from batchdet.output.layout import manifest_run
+from batchdet.output.manifest import RunResult
 from batchdet.output.query import aligned_lines, open_output, run_sql
 from batchdet.output.schema import STATUS_MISSING
 
@@ -36,29 +36,11 @@ class DatasetSummary:
 
 
 @dataclass
-class RunSummary:
-    run_id: str
-    started: str | None
-    finished: str | None
-    #: True for the official MLPerf file, False for any other, None if not recorded.
-    official: bool | None
-    model_path: str | None
-    datasets: list[str]
-    wall_s: float | None
-    images_per_s: float | None
-    #: Committed by a later ``detect --resume`` after the run itself was killed.
-    recovered: bool = False
-    #: ``spec.ModelInfo.kind_id`` of the model (official, official-int8, standin,
-    #: other), read from the manifest's kind; None if not recorded.
-    kind: str | None = None
-
-
-@dataclass
 class Summary:
     output: str
     min_score: float
     datasets: list[DatasetSummary]
-    runs: list[RunSummary]
+    runs: list[RunResult]  # from the manifests, oldest first
     #: Rows a later run replaced for the same image (kept in the ``all_images`` view).
     superseded_rows: int = 0
     #: Run ids that have rows but no manifest: running now, or killed before committing.
@@ -105,41 +87,12 @@ def summarize(output: str, storage_options: dict[str, Any] | None = None,
         name = path.rsplit("/", 1)[-1]
         try:
             with snapshot.output.fs.open(path, "r") as f:
-                runs.append(_run_summary(json.load(f), manifest_run(path)))
+                runs.append(RunResult.from_dict(json.load(f), manifest_run(path)))
         except (ValueError, TypeError, AttributeError, KeyError) as e:
             unreadable[name] = one_line(e)
     runs.sort(key=lambda r: (r.finished or r.started or "", r.run_id))
     recorded = {r.run_id for r in runs} | {manifest_run(name) for name in unreadable}
     return Summary(output, min_score, datasets, runs, superseded, sorted(row_runs - recorded), unreadable)
-
-
-def _run_summary(manifest: dict[str, Any], run_id: str) -> RunSummary:
-    model = manifest.get("model") or {}
-    official = model.get("official")
-    return RunSummary(
-        run_id=str(manifest.get("run_id") or run_id),
-        started=_time_text(manifest.get("started")),
-        finished=_time_text(manifest.get("finished")),
-        official=None if official is None else bool(official),
-        model_path=model.get("path"),
-        datasets=sorted(manifest.get("datasets") or {}),
-        wall_s=_number(manifest.get("wall_s")),
-        images_per_s=_number(manifest.get("images_per_s")),
-        recovered=bool(manifest.get("recovered")),
-        # manifests since kind_id carry it; older ones only the text
-        kind=model.get("kind_id") or (OFFICIAL if official else kind_id_from_text(model.get("kind"))),
-    )
-
-
-def _time_text(value: Any) -> str | None:
-    """Manifest times as ISO text, whether recorded as text or as epoch seconds."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="seconds")
-    return None if value is None else str(value)
-
-
-def _number(value: Any) -> float | None:
-    return None if value is None else float(value)
 
 
 def render_summary(summary: Summary) -> str:
@@ -163,7 +116,7 @@ def render_summary(summary: Summary) -> str:
                      "not computed again (column copied_from)")
     lines += ["", f"runs ({len(summary.runs)})"]
     rows = [[r.run_id, (r.finished or "-") + (" (recovered)" if r.recovered else ""), _model_kind(r),
-             _fmt(r.wall_s, ".1f"), _fmt(r.images_per_s, ".2f"), ", ".join(r.datasets)]
+             _fmt(r.wall_s, ".1f"), _fmt(r.images_per_s, ".2f"), ", ".join(sorted(r.datasets))]
             for r in summary.runs]
     lines += aligned_lines(["run id", "finished", "model", "wall s", "images/s", "datasets"], rows, right={3, 4})
     if summary.runs_without_manifest:
@@ -190,7 +143,7 @@ _NOTES = {
 }
 
 
-def _model_kind(run: RunSummary) -> str:
+def _model_kind(run: RunResult) -> str:
     if run.kind in _LABELS:
         return _LABELS[run.kind]
     return "unknown" if run.official is None else "official" if run.official else "unofficial"

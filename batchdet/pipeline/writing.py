@@ -20,7 +20,6 @@ import json
 import platform
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator
 
@@ -32,66 +31,8 @@ from batchdet import __version__
 from batchdet.files import replace_bytes
 from batchdet.output.layout import RUNS_DIR, Output, committed_name, dataset_of
 from batchdet.output.lease import Lease
+from batchdet.output.manifest import DatasetCounts, RunResult
 from batchdet.output.schema import STATUS_MISSING, STATUS_OK
-
-
-@dataclass
-class DatasetCounts:
-    """One dataset's part of a run: what its listing held, what was done, what was written."""
-
-    url: str
-    images: int = 0  # rows written for images processed (ok + error)
-    images_ok: int = 0
-    images_error: int = 0
-    detections: int = 0
-    skipped_files: int = 0  # files under the URL that are not images
-    already_done: int = 0  # images --resume found unchanged with an ok row, and did not read
-    listing_seconds: float = 0.0
-    new: int = 0  # images without a current row (all of them in a fresh output)
-    changed: int = 0  # images with an ok row whose size/version differs or could not be told
-    retried: int = 0  # images whose current row was an error
-    gone: int = 0  # current rows no longer listed: a 'missing' row each
-    copied: int = 0  # rows whose detections were copied from a row of the same bytes
-
-
-@dataclass
-class RunResult:
-    """A committed run: exactly what its manifest says."""
-
-    run_id: str
-    output: str
-    started: str
-    finished: str
-    wall_s: float | None
-    images_per_s: float | None
-    datasets: dict[str, DatasetCounts]
-    model: dict[str, Any]
-    arguments: dict[str, Any]
-    versions: dict[str, str]
-    files: list[str] = field(default_factory=list)
-    recovered: bool = False  # committed by a later --resume after the run was killed
-    settings: dict[str, Any] = field(default_factory=dict)  # output.settings.ResultSettings
-    ran_twice: int = 0  # images whose bytes the model ran on more than once in this run (in different actors)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    def to_text(self) -> str:
-        """The end-of-run summary a person reads."""
-        lines = [f"run {self.run_id} -> {self.output}",
-                 f"  {'dataset':<20} {'images':>8} {'ok':>8} {'errors':>8} {'detections':>11} {'unchanged':>10}"
-                 f" {'new':>8} {'changed':>8} {'gone':>8} {'copied':>8}"]
-        for name, c in self.datasets.items():
-            lines.append(f"  {name:<20} {c.images:>8} {c.images_ok:>8} {c.images_error:>8} {c.detections:>11}"
-                         f" {c.already_done:>10} {c.new:>8} {c.changed:>8} {c.gone:>8} {c.copied:>8}")
-        total = sum(c.images for c in self.datasets.values())
-        if self.wall_s is not None:
-            lines.append(f"  {total} images in {self.wall_s:.1f} s = {self.images_per_s:.2f} images/s")
-        if any(c.copied for c in self.datasets.values()) or self.ran_twice:
-            lines.append(f"  copied: detections of the same bytes (sha256) already computed, not run again; "
-                         f"ran twice in different actors: {self.ran_twice}")
-        lines.append(f"  model: {self.model.get('kind', 'kind not recorded')}, sha256 {self.model['sha256'][:12]}")
-        return "\n".join(lines)
 
 
 def begin_run(out: Output, record: dict[str, Any]) -> None:
@@ -165,7 +106,7 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
     every URI committed so far, per dataset, is kept as a Python string.
     """
     record = json.loads(out.fs.cat_file(out.run_record(run_id)))
-    counts = {name: DatasetCounts(**d) for name, d in record["datasets"].items()}
+    counts = {name: DatasetCounts.from_dict(d) for name, d in record["datasets"].items()}
     sources = out.staged_files(run_id)
     seen: dict[str, set[str]] = {}
     ran: list[pa.ChunkedArray] = []  # sha256 of the rows the model ran for

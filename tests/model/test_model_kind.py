@@ -14,7 +14,7 @@ from batchdet.files import sha256_of_file
 from batchdet.model import spec
 from batchdet.model.spec import KIND_KEY, OFFICIAL_SHA256, QUANTIZED_KEY, SOURCE_SHA_KEY, STANDIN_KEY, check_model
 from batchdet.model.spec import kind_id_from_text
-from batchdet.pipeline.writing import DatasetCounts, RunResult
+from batchdet.output.manifest import DatasetCounts, RunResult
 from helpers import tiny_model
 
 OTHER_TEXT = "other conforming model (unofficial file: meets the interface, accuracy unknown)"
