@@ -294,9 +294,8 @@ class OnnxBackend:
     def _load_cached(self, sha256: str, cache_dir: Path):
         """Session from the cached optimized graph, building and storing it on a miss.
 
-        A hit skips onnx.load and onnxruntime's graph optimisation: OnnxBackend.load of the full
-        stand-in took 0.17 s from the cache against 0.57 s uncached (x0.30,
-        benchmarks/session_options.py); the miss that writes the file 0.62 s.
+        A hit skips onnx.load and onnxruntime's graph optimisation (the time it
+        saves: docs/performance.md, measured by benchmarks/session_options.py).
         The cached graph is already optimised, so it is loaded with
         optimisation disabled (re-running ORT_ENABLE_ALL on it finds nothing
         to do but costs time). A file that does not load is rebuilt.
