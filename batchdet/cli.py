@@ -374,9 +374,11 @@ def main(argv: list[str] | None = None) -> int:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
     func: Callable[[argparse.Namespace], int] = args.func
+    from batchdet.errors import TaskFailed
+
     try:
         return func(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, TaskFailed) as e:
         if os.environ.get("BATCHDET_DEBUG"):
             raise
         from batchdet.errors import one_line

@@ -13,6 +13,7 @@ import pyarrow as pa
 from batchdet.output.content import ContentIndex
 from batchdet.pipeline.plan import RunPlan
 from batchdet.pipeline.stages import InferenceStage, read_batch
+from batchdet.errors import TaskFailed
 from batchdet.progress import Progress, Reporter, Stalled
 
 log = logging.getLogger("batchdet")
@@ -151,6 +152,28 @@ def run_pipeline(plan: RunPlan, local: bool = True, on_progress: Callable[[Progr
         if reporter.stalled:
             raise Stalled(reporter.stalled) from None
         raise
+    except Exception as e:
+        cause = root_cause(e)
+        if cause is e:
+            raise
+        raise TaskFailed(cause) from cause
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """What a Ray task or actor raised, out of the wrappers Ray and Ray Data put
+    around it on the way to the driver (``RayTaskError``, ``UserCodeException``,
+    ``RayActorError``); ``error`` itself when it is no such wrapper."""
+    from ray.data.exceptions import UserCodeException
+    from ray.exceptions import RayError, RayTaskError
+
+    seen: set[int] = set()
+    while id(error) not in seen and isinstance(error, (RayError, UserCodeException)):
+        seen.add(id(error))
+        inner = error.cause if isinstance(error, RayTaskError) else error.__cause__
+        if inner is None or inner is error:
+            break
+        error = inner
+    return error
 
 
 def read_compute(actors: int):

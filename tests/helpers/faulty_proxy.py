@@ -2,8 +2,9 @@
 
 Every ``every``-th request gets, in turn, HTTP 503 SlowDown, HTTP 500
 InternalError, or a connection reset with no response at all; keys
-containing ``forbidden`` always get 403 AccessDenied. The rest go to the real
-S3 endpoint behind it unchanged.
+containing ``forbidden`` always get 403 AccessDenied, and requests that
+``refuse(method, path)`` answers with (status, code, message) get that S3
+error. The rest go to the real S3 endpoint behind it unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 import struct
 import threading
 from collections import Counter
+from typing import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -22,9 +24,11 @@ _XML = '<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message
 
 
 class FaultyProxy:
-    def __init__(self, upstream: str, every: int = 5):
+    def __init__(self, upstream: str, every: int = 5,
+                 refuse: Callable[[str, str], tuple[int, str, str] | None] | None = None):
         self.upstream = urlsplit(upstream)
         self.every = every
+        self.refuse = refuse
         self.counter = itertools.count(1)
         self.lock = threading.Lock()
         self.faults: Counter[tuple[str, str]] = Counter()  # (kind, method)
@@ -43,6 +47,9 @@ class FaultyProxy:
                     n = next(proxy.counter)
                 if "forbidden" in self.path:
                     return self._error(403, "AccessDenied", "Access Denied")
+                refusal = proxy.refuse(self.command, self.path) if proxy.refuse else None
+                if refusal:
+                    return self._error(*refusal)
                 if n % proxy.every == 0:
                     kind = FAULTS[(n // proxy.every) % len(FAULTS)]
                     with proxy.lock:
