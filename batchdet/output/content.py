@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchdet.output.layout import Output
@@ -40,9 +41,10 @@ class ContentIndex:
     def from_rows(cls, table: pa.Table) -> "ContentIndex":
         """From columns ``sha256`` (hex), ``file`` and ``row``; one source kept per digest."""
         digests = np.array(table.column("sha256").to_pylist(), dtype="S64")
-        files, file_ids = np.unique(np.array(table.column("file").to_pylist(), dtype=object), return_inverse=True)
+        files = pc.dictionary_encode(table.column("file")).combine_chunks()
         digests, first = np.unique(digests, return_index=True)  # sorted, one each
-        return cls(digests, tuple(files), file_ids[first].astype(np.int32),
+        return cls(digests, tuple(files.dictionary.to_pylist()),
+                   files.indices.to_numpy().astype(np.int32)[first],
                    np.asarray(table.column("row"), dtype=np.int32)[first])
 
     def __len__(self) -> int:
