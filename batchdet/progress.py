@@ -1,16 +1,17 @@
 """How far a run is, and whether it still moves.
 
 The read tasks and the inference actors report each block they finish to one
-small counter actor; a thread in the driver polls it, hands a
-:class:`Progress` to the caller's callback (the CLI draws one line from it;
-a Python user can feed tqdm or a log), and stops a run in which nothing has
-moved for too long, saying which stage stalled (:class:`Watchdog`).
+small counter actor; the driver runs the job in a thread of its own and, while
+it waits for it, polls the counter, hands a :class:`Progress` to the caller's
+callback (the CLI draws one line from it; a Python user can feed tqdm or a
+log), and stops a run in which nothing has moved for too long, saying which
+stage stalled (:class:`Watchdog`). Nothing here touches the caller's signal
+handlers or threads: a library leaves its caller's process as it found it.
 """
 
 from __future__ import annotations
 
 import ctypes
-import signal
 import sys
 import threading
 import time
@@ -79,7 +80,7 @@ DEFAULT_STALL_S = 900.0
 #: says: start-up (Ray, nodes an autoscaler adds, the model's download and
 #: load) is no block's pace, and a short timeout must not cut it.
 STARTUP_S = 900.0
-#: Seconds between interrupts of a stalled run that has not unwound yet.
+#: Seconds between halts of a stalled run's pipeline thread that has not unwound yet.
 REPEAT_INTERRUPT_S = 5.0
 #: Once blocks finish, a run is stalled only after this many times the
 #: longest gap seen between two of them, if that is longer than the timeout
@@ -124,63 +125,75 @@ class Watchdog:
 
 
 class Reporter:
-    """Driver side: start the counter actor, poll it every ``interval``
-    seconds, call ``callback`` (if any) with each new :class:`Progress`, and
-    interrupt the driver's main thread when the :class:`Watchdog` says the
-    run stalled (:attr:`stalled` then holds the reason)."""
+    """Driver side of a run: :meth:`run` does the job in a thread of its own,
+    polls the counter actor every ``interval`` seconds, calls ``callback`` (if
+    any) with each new :class:`Progress`, and halts that thread — never its
+    caller's, and with no signal — when the :class:`Watchdog` says the run
+    stalled or the caller presses Ctrl-C."""
 
     def __init__(self, total: int, callback: Callable[[Progress], None] | None = None,
                  stall_timeout_s: float = DEFAULT_STALL_S, interval: float = 1.0, startup_s: float = STARTUP_S):
-        import ray
-
         self.total, self.callback, self.interval = total, callback, interval
-        # no CPU of its own: it must never wait for a slot behind the actors;
         # none at all when nobody watches (no callback, no stall timeout)
-        watched = callback is not None or stall_timeout_s > 0
-        self.counter = ray.remote(num_cpus=0)(Counter).remote() if watched else None
+        self.watched = callback is not None or stall_timeout_s > 0
+        self.counter = None
         self._started = time.time()
         self.watchdog = Watchdog(stall_timeout_s, self._started, startup_s)
         self.stalled: str | None = None
-        self._halt = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._caller = threading.current_thread()  # the thread to stop when the run stalls
-        self._interrupted = 0.0  # when it was last interrupted (time.monotonic())
-        self._saved_sigint = None  # SIGINT's handler before the run, when this run replaced it
+        self._halted: float | None = None  # when the job's thread was last halted (time.monotonic())
 
-    def __enter__(self) -> "Reporter":
-        if self.counter is not None:
-            if self._caller is threading.main_thread():
-                # the stall's interrupt is a SIGINT: it must raise KeyboardInterrupt
-                # here even where the process started with SIGINT ignored (a
-                # shell's background job, nohup, some CI runners)
-                self._saved_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
-            self._thread.start()
-        return self
+    def run(self, work: Callable[[object], None]) -> None:
+        """``work(counter)`` — the counter actor, or None when nobody watches —
+        in a thread of its own; the caller waits in timed joins, so its Ctrl-C
+        lands here and halts the job (again every REPEAT_INTERRUPT_S seconds
+        until it unwinds) before KeyboardInterrupt is raised on. Raises
+        :class:`Stalled` for a stall, and ``work``'s own error as it is."""
+        failure: list[BaseException] = []
+        # an Event, not Thread.join: a join that Ctrl-C interrupts marks the
+        # thread stopped while it still runs (CPython 3.11, bpo-45274's fix)
+        finished = threading.Event()
 
-    def __exit__(self, *exc) -> None:
-        import ray
+        def job() -> None:
+            try:
+                work(self.counter)
+            except BaseException as e:  # noqa: B036 - handed over to the caller's thread
+                failure.append(e)
+            finally:
+                finished.set()
 
-        if self.counter is None:
-            return
-        self._halt.set()
-        self._thread.join()
-        if self._saved_sigint is not None:
-            signal.signal(signal.SIGINT, self._saved_sigint)
-        self._poll(watch=False)  # the final count; the run is over, stalled or not
-        ray.kill(self.counter)
+        if self.watched:  # no CPU of its own: it must never wait for a slot behind the actors
+            import ray
 
-    def _run(self) -> None:
-        while not self._halt.wait(self.interval):
-            self._poll()
+            self.counter = ray.remote(num_cpus=0)(Counter).remote()
+        thread = threading.Thread(target=job, name="batchdet-pipeline", daemon=True)
+        thread.start()
+        try:
+            while not finished.wait(self.interval):  # a timed wait: the caller's Ctrl-C lands here
+                if self.counter is not None:
+                    self._poll(thread)
+        except KeyboardInterrupt:
+            while not finished.is_set():
+                halt(thread)
+                finished.wait(REPEAT_INTERRUPT_S)
+            raise
+        finally:
+            if self.counter is not None:
+                self._poll(None)  # the final count; the run is over, stalled or not
+                ray.kill(self.counter)
+        if self.stalled:
+            raise Stalled(self.stalled)
+        if failure and not isinstance(failure[0], Halt):
+            raise failure[0]
 
-    def _poll(self, watch: bool = True) -> None:
+    def _poll(self, thread: threading.Thread | None) -> None:
+        """Report, and halt ``thread`` if the run stalled (None: report only)."""
         import ray
 
         if self.stalled:
-            # Ray Data may catch the interrupt in its clean-up, or block there
-            # on the stalled task: interrupt again until the run unwinds
-            if watch and not self._halt.is_set() and time.monotonic() - self._interrupted >= REPEAT_INTERRUPT_S:
-                self._interrupt()
+            # Ray Data may catch the halt in its clean-up, or block there on
+            # the stalled task: halt again until the job's thread unwinds
+            if thread is not None and time.monotonic() - self._halted >= REPEAT_INTERRUPT_S:
+                self._halt(thread)
             return
         try:
             done, errors, first, first_done, last, now, files_read = ray.get(self.counter.read.remote(), timeout=10)
@@ -190,25 +203,28 @@ class Reporter:
         if self.callback:
             self.callback(Progress(done, errors, self.total, time.time() - self._started, rate,
                                    now - last if last is not None else 0.0))
-        reason = self.watchdog.check(done, self.total, last, files_read, now) if watch else None
+        reason = self.watchdog.check(done, self.total, last, files_read, now) if thread is not None else None
         if reason:
             self.stalled = reason
-            self._interrupt()
+            self._halt(thread)
 
-    def _interrupt(self) -> None:
-        self._interrupted = time.monotonic()
-        _interrupt(self._caller)  # the caller waits inside Ray Data: stop it there
+    def _halt(self, thread: threading.Thread) -> None:
+        self._halted = time.monotonic()
+        halt(thread)
 
 
-def _interrupt(thread: threading.Thread) -> None:
-    """Raise KeyboardInterrupt in ``thread``: in the main thread by a real
-    SIGINT, which also wakes a blocking wait (``_thread.interrupt_main`` only
-    sets a flag that a thread blocked in a lock never reads), else
-    asynchronously at its next Python instruction."""
-    if thread is threading.main_thread():
-        signal.pthread_kill(thread.ident, signal.SIGINT)
-    else:
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt))
+class Halt(BaseException):
+    """Raised in a run's own thread to stop it (a stall, the caller's Ctrl-C).
+    A BaseException, so that no ``except Exception`` on the way (Ray Data's
+    among them) takes it for the job's own error."""
+
+
+def halt(thread: threading.Thread) -> None:
+    """Raise :class:`Halt` in ``thread`` at its next Python instruction. Only
+    for the thread :meth:`Reporter.run` started: Ray Data's driver waits in a
+    Python loop (10 ms sleeps between looks at its output queue), so the halt
+    lands at once, and no signal handler or caller's thread is touched."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(Halt))
 
 
 class ProgressLine:

@@ -13,7 +13,8 @@ import time
 import pytest
 
 from batchdet.console import quiet
-from batchdet.progress import REPEAT_INTERRUPT_S, Counter, Progress, ProgressLine, Reporter, Watchdog, _interrupt
+from batchdet.progress import (REPEAT_INTERRUPT_S, Counter, Halt, Progress, ProgressLine, Reporter, Stalled,
+                               Watchdog, halt)
 
 
 def test_progress_line_counts_rate_and_time_left():
@@ -53,61 +54,89 @@ def test_watchdog_names_the_stage_and_waits_longer_for_slow_blocks():
     assert Watchdog(timeout_s=0, started=0).check(0, 10, None, 0, 1e9) is None  # 0: never
 
 
-def test_a_stall_stops_detect_called_from_another_thread():
-    """detect() run from a worker thread (a notebook, a service) must stop
-    there, not interrupt the main thread that never called it."""
+def test_halt_stops_a_thread_waiting_in_a_python_loop():
+    """Ray Data's driver waits for its output in a Python loop of 10 ms sleeps:
+    a halt raised in the job's own thread lands there at once."""
     caught = threading.Event()
 
     def busy() -> None:  # stands in for Ray Data's driver loop
         try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                time.sleep(0.01)
-        except KeyboardInterrupt:
+            _wait_in_python(30)
+        except Halt:
             caught.set()
 
     worker = threading.Thread(target=busy)
     worker.start()
-    _interrupt(worker)
+    start = time.monotonic()
+    halt(worker)
     worker.join(10)
-    assert caught.is_set() and not worker.is_alive()
+    assert caught.is_set() and not worker.is_alive() and time.monotonic() - start < 5
 
 
-def test_a_stall_wakes_a_main_thread_blocked_in_a_lock():
-    """Ray Data's driver waits in a lock: the interrupt must be a real signal
-    (``_thread.interrupt_main`` only sets a flag such a wait never reads)."""
-    held = threading.Lock()
-    held.acquire()
-    saved = signal.signal(signal.SIGINT, signal.default_int_handler)  # as the Reporter sets it for a run
+def _sentinel_handler(signum, frame) -> None:  # a caller's own SIGINT handler
+    raise AssertionError("batchdet touched the caller's SIGINT")
+
+
+def _wait_in_python(seconds: float) -> None:
+    """As Ray Data's driver waits for output: short sleeps in a Python loop
+    (a halt lands between two; a single C-level wait would hold it up)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_stalled_job_is_halted_again_until_it_unwinds_and_the_caller_is_left_alone(ray_local):
+    """A clean-up that swallows the first halt (Ray Data's may) gets another,
+    every REPEAT_INTERRUPT_S seconds; the caller's thread is never
+    interrupted and its SIGINT handler is the one it set."""
+    halts = []
+
+    def work(counter) -> None:
+        start = time.monotonic()
+        while len(halts) < 2:
+            try:
+                _wait_in_python(60)  # the counter actor may take ~10 s to start under load
+            except Halt:
+                halts.append(time.monotonic() - start)
+
+    saved = signal.signal(signal.SIGINT, _sentinel_handler)
     try:
-        threading.Timer(0.2, _interrupt, [threading.main_thread()]).start()
+        with pytest.raises(Stalled, match="reading stalled: 0 of 5 files read"):
+            Reporter(total=5, stall_timeout_s=1.0, interval=0.2, startup_s=0).run(work)
+        assert signal.getsignal(signal.SIGINT) is _sentinel_handler
+    finally:
+        signal.signal(signal.SIGINT, saved)
+    assert len(halts) == 2 and halts[0] < 25 and halts[1] - halts[0] >= REPEAT_INTERRUPT_S - 0.5, halts
+    assert not [t for t in threading.enumerate() if t.name == "batchdet-pipeline"]
+
+
+def test_ctrl_c_in_the_caller_halts_the_job_and_is_raised_on():
+    """The caller's Ctrl-C (a real SIGINT, handled by Python's default handler)
+    lands in the caller's timed wait, halts the job's thread, and goes on."""
+    seen = []
+    started = threading.Event()
+
+    def work(counter) -> None:
+        started.set()
+        try:
+            _wait_in_python(60)
+        except Halt:
+            seen.append("halted")
+
+    def press_ctrl_c() -> None:
+        started.wait(30)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=press_ctrl_c).start()
         start = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
-            held.acquire(timeout=20)
+            Reporter(total=5, stall_timeout_s=0).run(work)  # nobody watches: no counter actor, no Ray
         assert time.monotonic() - start < 10
     finally:
         signal.signal(signal.SIGINT, saved)
-
-
-def test_a_stalled_run_is_interrupted_again_until_it_unwinds(ray_local):
-    """A clean-up that swallows the first KeyboardInterrupt (Ray Data's may)
-    gets another, every REPEAT_INTERRUPT_S seconds, with the reason kept."""
-    caught = []
-    # as in a shell's background job: the run must be stoppable all the same
-    saved = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        with Reporter(total=5, stall_timeout_s=1.0, interval=0.2, startup_s=0) as reporter:
-            start = time.monotonic()
-            for _ in range(2):
-                try:
-                    threading.Event().wait(60)  # the counter actor may take ~10 s to start under load
-                except KeyboardInterrupt:
-                    caught.append(time.monotonic() - start)
-        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # given back as it was
-    finally:
-        signal.signal(signal.SIGINT, saved)
-    assert len(caught) == 2 and caught[0] < 25 and caught[1] - caught[0] >= REPEAT_INTERRUPT_S - 0.5, caught
-    assert reporter.stalled.startswith("no image finished in ") and "reading stalled: 0 of 5 files read" in reporter.stalled
+    assert seen == ["halted"]
 
 
 class _Terminal(io.StringIO):
@@ -229,3 +258,29 @@ def test_a_stuck_read_fails_the_run_naming_the_stage_and_resume_finishes_it(narr
     assert ok == sorted(str(f) for f in folder.glob("img*.jpg")) and len(ok) == 7  # each once, across both runs
     broken = [r for r in rows if r["status"] == "error"]  # an error row from each run: resume retries errors
     assert {r["uri"] for r in broken} == {str(folder / "broken.jpg")} and len({r["run_id"] for r in broken}) == 2
+
+
+def test_a_stall_in_detect_leaves_the_callers_process_alone(narrow_model, many_images, tmp_path, ray_local):
+    """The API stops a stalled run without touching its caller: the SIGINT
+    handler is the caller's throughout, no thread of batchdet's is left, and
+    Pillow's bomb guard is as it was."""
+    from PIL import Image
+
+    from batchdet.api import detect
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in sorted(many_images.glob("img*.jpg"))[:3]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    os.mkfifo(folder / "zz-stuck.jpg")  # the second block: stuck in its read
+    pixels = Image.MAX_IMAGE_PIXELS
+    saved = signal.signal(signal.SIGINT, _sentinel_handler)
+    try:
+        with pytest.raises(Stalled, match="reading stalled: 3 of 4 files read"):
+            detect({"d": str(folder)}, str(tmp_path / "out"), model=narrow_model, batch_size=3, stall_timeout=8)
+        assert signal.getsignal(signal.SIGINT) is _sentinel_handler
+    finally:
+        signal.signal(signal.SIGINT, saved)
+        _release(folder / "zz-stuck.jpg")
+    assert Image.MAX_IMAGE_PIXELS == pixels
+    assert not [t for t in threading.enumerate() if t.name.startswith("batchdet-")]

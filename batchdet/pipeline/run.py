@@ -14,7 +14,7 @@ from batchdet.output.content import ContentIndex
 from batchdet.pipeline.plan import RunPlan
 from batchdet.pipeline.stages import InferenceStage, read_batch
 from batchdet.errors import TaskFailed
-from batchdet.progress import Progress, Reporter, Stalled
+from batchdet.progress import Progress, Reporter
 
 log = logging.getLogger("batchdet")
 
@@ -145,13 +145,9 @@ def run_pipeline(plan: RunPlan, local: bool = True, on_progress: Callable[[Progr
     threads, (low, high) = actor_layout(plan, local)
     block = plan.options.batch_size or images_per_block(plan.num_images, high, plan.options.gpus_per_actor)
     reporter = Reporter(plan.num_images, on_progress, plan.options.stall_timeout)
-    try:  # around the clean-up too: a stalled run may be interrupted again while it unwinds
-        with object_store_capped(object_store_cap(high, block)), reporter:
-            _stream(plan, threads, low, high, block, reporter.counter, known)
-    except KeyboardInterrupt:
-        if reporter.stalled:
-            raise Stalled(reporter.stalled) from None
-        raise
+    try:
+        with object_store_capped(object_store_cap(high, block)):
+            reporter.run(lambda counter: _stream(plan, threads, low, high, block, counter, known))
     except Exception as e:
         cause = root_cause(e)
         if cause is e:
@@ -248,7 +244,7 @@ def _stream(plan: RunPlan, threads: int, low: int, high: int, block: int, progre
             "storage_options": o.storage_options,  # for a URL model: each node fetches its own copy
             "progress": progress,
             # once in the object store for every actor; in a list, so that it reaches them unresolved
-            "known": None if known is None else [ray.put(known)], "output": o.output,
+            "known": None if known is None else [ray.put(known)], "output": o.output, "own_process": True,
         },
         batch_format="pyarrow", batch_size=block,
         # one block at a time per CPU actor: the first actor up cannot hoard

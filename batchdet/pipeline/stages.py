@@ -88,14 +88,18 @@ class InferenceStage:
         progress: Any = None,
         known: Any = None,
         output: str | None = None,
+        own_process: bool = False,
     ):
         """``progress``: a :class:`batchdet.progress.Counter` actor told of each finished block, or None.
         ``known``: a :class:`ContentIndex`, or a one-element list holding its Ray object
         reference (a list, so that Ray hands the reference over unresolved), with
-        ``output`` the output it indexes; None: nothing known yet."""
+        ``output`` the output it indexes; None: nothing known yet. ``own_process``:
+        the actor's process is batchdet's alone (a Ray actor), so Pillow's
+        process-wide bomb guard may give way to ``max_pixels``."""
         from batchdet.model.distribution import local_model
 
-        own_pixel_limit()  # this actor's process is batchdet's: max_pixels is the one limit
+        if own_process:
+            own_pixel_limit()
         # A URL#sha256= model: this node's cached, verified copy (fetched once per node); a path: itself.
         model_path = local_model(model_path, storage_options=storage_options)
         # the driver checked the model before the run (plan_run); a URL model was verified by its sha256
