@@ -49,7 +49,7 @@ SCORE_TOLERANCE = 1e-3
 #: A re-detected box corner matches a stored one this close, in pixels of the
 #: original image, for the same reason (boxes are fractions times the image size).
 BOX_TOLERANCE_PX = 1.0
-#: Current rows re-detected by default: a few seconds with the full model on one CPU.
+#: Current rows re-detected by default: under a minute with the full model on two CPU threads.
 DEFAULT_SAMPLE = 20
 #: Mismatch lines :meth:`Verification.to_text` prints; the rest are counted.
 MAX_SHOWN = 20
@@ -372,34 +372,37 @@ class _Sampler:
     def _detector(self, run_id: str, record: dict, settings: ResultSettings) -> Detector | None:
         """The recorded model (or ``--model``) with the run's settings, or None when its
         sha256 is not the recorded one or it cannot be read (a mismatch, reported once)."""
-        info = self.override or self._model(str((record.get("model") or {}).get("path")), run_id)
+        info = self.override or self._model((record.get("model") or {}).get("path"), run_id)
         if info is None:
-            return None
-        if info.sha256 != settings.model_sha256:
-            where = split_ref(info.path)[0]
-            if where not in {m.where for m in self.report.mismatches if m.check == MODEL}:
-                self.checker.mismatch(MODEL, where, f"model at {where} has sha256 {info.sha256}, "
-                                                    f"rows were made with {settings.model_sha256}")
             return None
         threshold = NMS_SCORE_THRESHOLD if settings.score_threshold is None else settings.score_threshold
         max_pixels = DEFAULT_MAX_PIXELS if settings.max_pixels is None else settings.max_pixels
-        key = (info.path, threshold, max_pixels)
+        key = (info.path, settings.model_sha256, threshold, max_pixels)
         if key not in self.detectors:
-            local = local_model(info.path, storage_options=self.checker.storage_options)  # a URL's cached copy
-            self.detectors[key] = Detector(local, score_threshold=threshold, max_pixels=max_pixels, checked=True)
+            if info.sha256 != settings.model_sha256:
+                where = split_ref(info.path)[0]
+                self.checker.mismatch(MODEL, where, f"model at {where} has sha256 {info.sha256}, "
+                                                    f"rows were made with {settings.model_sha256}")
+                self.detectors[key] = None
+            else:
+                local = local_model(info.path, storage_options=self.checker.storage_options)  # a URL's cached copy
+                self.detectors[key] = Detector(local, score_threshold=threshold, max_pixels=max_pixels, checked=True)
         return self.detectors[key]
 
-    def _model(self, recorded: str, run_id: str) -> Any:
+    def _model(self, recorded: str | None, run_id: str) -> Any:
         """The ModelInfo of the file now at a run's recorded model path (a URL's
-        ``#sha256=`` pin dropped: what is there now is what is checked)."""
-        location = split_ref(recorded)[0]
+        ``#sha256=`` pin dropped: what is there now is what is checked), or None."""
+        location = split_ref(recorded)[0] if recorded else f"{RUNS_DIR}/{run_id}.json"
         if location not in self.models:
-            try:
-                self.models[location] = resolve_model(location, self.checker.storage_options)
-            except (ValueError, OSError) as e:
-                self.models[location] = None
-                self.checker.mismatch(MODEL, location, f"run {run_id}'s model cannot be used: {one_line(e)}; "
-                                                       "pass --model PATH to a copy of it")
+            self.models[location] = None
+            if not recorded:
+                self.checker.mismatch(MODEL, location, "records no model path: pass --model PATH")
+            else:
+                try:
+                    self.models[location] = resolve_model(location, self.checker.storage_options)
+                except (ValueError, OSError) as e:
+                    self.checker.mismatch(MODEL, location, f"run {run_id}'s model cannot be used: {one_line(e)}; "
+                                                           "pass --model PATH to a copy of it")
         return self.models[location]
 
 

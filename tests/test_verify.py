@@ -196,6 +196,11 @@ def test_a_model_swapped_on_disk_is_caught_and_a_copy_can_stand_in(made, capsys,
         # --model with other weights is refused the same way as the recorded path
         code, _, mismatches, _ = run_verify(capsys, made.out, "--model", str(made.model))
         assert code == 1 and mismatches[0].startswith(f"MISMATCH {path}: model at {path} has sha256 ")
+    with replaced(made.model, None):  # gone: named, with the way out
+        code, checks, mismatches, _ = run_verify(capsys, made.out, "--sample", "1")
+    assert (code, checks[REDETECT]) == (1, (0, 0))
+    assert mismatches == [f"MISMATCH {path}: run {made.run_id}'s model cannot be used: ModelError: model file not "
+                          f"found: {path}; pass --model PATH to a copy of it"]
 
 
 def test_a_file_no_committed_run_wrote_is_caught(made, output, capsys):
@@ -239,23 +244,32 @@ def test_rows_without_content_identity_are_unverifiable(made, output, capsys):
             "batchdet") in text
 
 
-def test_an_s3_output_passes(s3, narrow_model, ray_local, capsys):
-    """Images and output on S3: the rows' bytes are read back through the storage options."""
+def test_an_s3_output_passes(s3, narrow_model, ray_local, capsys, tmp_path):
+    """Images, model and output on S3: the rows' bytes and the model are read
+    back through the storage options; a changed object and a swapped model are caught there too."""
     fs = s3.filesystem()
     bucket = s3.new_bucket()
     for name in PHOTOS[:2]:
         fs.pipe_file(f"{bucket}/in/{name}", photo(name))
     fs.pipe_file(f"{bucket}/in/broken.jpg", b"not an image")
-    detect({"x": f"s3://{bucket}/in"}, f"s3://{bucket}/out", model=narrow_model, storage_options=s3.storage_options)
+    fs.put_file(str(narrow_model), f"{bucket}/models/narrow.onnx")
+    model, out = f"s3://{bucket}/models/narrow.onnx", f"s3://{bucket}/out"
+    detect({"x": f"s3://{bucket}/in"}, out, model=model, storage_options=s3.storage_options)
     flags = [f for k, v in s3.storage_options.items() for f in ("--storage-option", f"{k}={v}")]
-    code, checks, mismatches, _ = run_verify(capsys, f"s3://{bucket}/out", "--sample", "100", *flags)
+    code, checks, mismatches, _ = run_verify(capsys, out, "--sample", "100", *flags)
     assert (code, mismatches) == (0, [])
     assert checks["sampled bytes unchanged"] == (3, 0) and checks[REDETECT] == (3, 0)
-    # and a changed object is caught there too
+
     fs.pipe_file(f"{bucket}/in/{PHOTOS[0]}", photo("camera.png"))
-    code, _, mismatches, _ = run_verify(capsys, f"s3://{bucket}/out", "--sample", "100", *flags)
+    code, _, mismatches, _ = run_verify(capsys, out, "--sample", "100", *flags)
     assert code == 1 and len(mismatches) == 1
     assert mismatches[0].startswith(f"MISMATCH s3://{bucket}/in/{PHOTOS[0]}: bytes changed since run ")
+
+    other = write_standin(tmp_path / "other.onnx", seed=1, channels_divisor=8).read_bytes()
+    fs.pipe_file(f"{bucket}/models/narrow.onnx", other)
+    code, _, mismatches, _ = run_verify(capsys, out, "--sample", "100", *flags)
+    assert code == 1 and f"MISMATCH {model}: model at {model} has sha256 {hashlib.sha256(other).hexdigest()}, " \
+                          f"rows were made with {hashlib.sha256(narrow_model.read_bytes()).hexdigest()}" in mismatches
 
 
 def _det(label_id: int, score: float, box: tuple[float, float, float, float]) -> dict:
