@@ -203,6 +203,32 @@ def test_a_model_swapped_on_disk_is_caught_and_a_copy_can_stand_in(made, capsys,
                           f"found: {path}; pass --model PATH to a copy of it"]
 
 
+def test_an_output_brought_up_to_date_passes(narrow_model, ray_local, tmp_path, capsys):
+    """The issue's user: change, delete and copy inputs, ``--resume``, verify. A
+    second run with a ``missing`` row and a copied row adds up, and every
+    current row matches the bytes now at its URI."""
+    images = tmp_path / "in"
+    images.mkdir()
+    for name in PHOTOS[:3]:
+        (images / name).write_bytes(photo(name))
+    (images / "broken.jpg").write_bytes(b"not an image")
+    out = str(tmp_path / "out")
+    detect({"x": str(images)}, out, model=narrow_model)
+    (images / PHOTOS[0]).write_bytes(photo("camera.png"))
+    (images / PHOTOS[1]).unlink()
+    (images / "copy.png").write_bytes(photo(PHOTOS[2]))
+    second = detect({"x": str(images)}, out, model=narrow_model, resume=True)
+    assert (second.datasets["x"].gone, second.datasets["x"].copied) == (1, 1)
+    code, checks, mismatches, _ = run_verify(capsys, out, "--sample", "100")
+    assert (code, mismatches) == (0, [])
+    now = len(list(images.iterdir()))
+    files = len(list((tmp_path / "out" / "dataset=x").glob("*.parquet")))  # the second run's: its missing row's too
+    assert checks == {"manifests readable": (2, 0), "data files committed": (files, 0),
+                      "row counts (run, dataset)": (2, 0), "one current row per image": (now, 0),
+                      "one set of result settings": (2, 0), "sampled bytes unchanged": (now, 0),
+                      "recorded model (sha256)": (1, 0), "sampled rows re-detected": (now, 0)}
+
+
 def test_a_file_no_committed_run_wrote_is_caught(made, output, capsys):
     """A run's file copied under another run's name: no manifest lists it, its rows
     are not that run's, and every image in it now has two current rows."""
