@@ -221,7 +221,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_model_quantize)
 
 
-# --- output commands (query, summary, eval, draw) ----------------------------
+# --- output commands (query, summary, eval, draw, verify) --------------------
 def _cmd_query(args: argparse.Namespace) -> int:
     from batchdet.output.query import connect, render_overview, run_sql, view_columns, write_result
     from batchdet.storage import parse_storage_options
@@ -272,6 +272,16 @@ def _cmd_draw(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from batchdet.storage import parse_storage_options
+    from batchdet.verify import verify
+
+    report = verify(args.output, parse_storage_options(args.storage_option), sample=args.sample,
+                    seed=args.seed, model=args.model)
+    print(report.to_text(), end="")
+    return 0 if report.ok else 1
+
+
 def _add_output_commands(sub: argparse._SubParsersAction) -> None:
     """Commands that read a finished output directory."""
     output_help = "the output of detect: a local path or any fsspec URL (s3://bucket/prefix)"
@@ -311,6 +321,23 @@ def _add_output_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-score", type=float, default=0.5, help="draw boxes at this score or above (default 0.5)")
     _storage_flag(p)
     p.set_defaults(func=_cmd_draw)
+
+    from batchdet.verify import DEFAULT_SAMPLE
+
+    p = sub.add_parser("verify", help="check an output's files and counts, and re-detect a sample of its rows",
+                       description="Check that every committed run's files are there, readable and add up to its "
+                                   "manifest, that each image has one current row under one set of result "
+                                   "settings; then re-read a random sample of rows' images (same sha256?) and "
+                                   "re-detect them with the recorded model. Exit 1 naming each mismatch.")
+    p.add_argument("output", help=output_help)
+    p.add_argument("--sample", type=int, default=DEFAULT_SAMPLE, metavar="N",
+                   help=f"current rows to re-read and re-detect (default {DEFAULT_SAMPLE}; 0: structure only)")
+    p.add_argument("--seed", type=int, metavar="N", help="pick the same sample again (default: a random seed, printed)")
+    p.add_argument("--model", metavar="PATH",
+                   help="a copy of the recorded model to use (default: the path each run's manifest records); "
+                        "its sha256 must be the recorded one")
+    _storage_flag(p)
+    p.set_defaults(func=_cmd_verify)
 
 
 # --- cluster commands (submit) ------------------------------------------------

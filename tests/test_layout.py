@@ -24,8 +24,10 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("options", ("batchdet.options", "batchdet.config")),
     ("pipeline", ("batchdet.pipeline",)),
     # what composes the pipeline: the Python API, `batchdet demo`, quantization
-    # (calibrates on images read and prepared as a run does) and `submit`
-    ("commands", ("batchdet.api", "batchdet.demo", "batchdet.model.quantize", "batchdet.cluster")),
+    # (calibrates on images read and prepared as a run does), `submit` and
+    # `verify` (re-detects rows of an output)
+    ("commands", ("batchdet.api", "batchdet.demo", "batchdet.model.quantize", "batchdet.cluster",
+                  "batchdet.verify")),
     ("cli", ("batchdet.cli",)),
     ("job", ("batchdet.cluster.job",)),  # the cluster's entrypoint wraps the CLI
 )
