@@ -35,6 +35,7 @@ from batchdet.model.distribution import local_model, resolve_model, split_ref
 from batchdet.model.spec import NMS_SCORE_THRESHOLD, PREPROCESSING_VERSION
 from batchdet.options import DEFAULT_MAX_PIXELS
 from batchdet.output.layout import RUNS_DIR, STAGING_DIR, Output, manifest_run, run_of
+from batchdet.output.manifest import RunResult
 from batchdet.output.query import Snapshot, aligned_lines, open_output, run_sql
 from batchdet.output.schema import STATUS_OK
 from batchdet.output.settings import ResultSettings
@@ -180,7 +181,7 @@ class _Checker:
         """A path of the output's filesystem as users name it: relative to the output."""
         return path[len(self.out.root) + 1:] if path.startswith(self.out.root + "/") else path
 
-    def manifests(self) -> dict[str, dict]:
+    def manifests(self) -> dict[str, RunResult]:
         """Readable manifests by run id; an unreadable one is a mismatch."""
         found = {}
         paths = self.out.manifest_files()
@@ -189,13 +190,13 @@ class _Checker:
                 record = json.loads(self.out.fs.cat_file(path))
                 if not isinstance(record, dict):
                     raise ValueError("not a JSON object")
-                found[manifest_run(path)] = record
-            except (ValueError, OSError) as e:
+                found[manifest_run(path)] = RunResult.from_dict(record, manifest_run(path))
+            except (ValueError, TypeError, AttributeError, OSError) as e:
                 self.mismatch(MANIFESTS, self.relative(path), f"unreadable manifest: {one_line(e)}")
         self.report.checked[MANIFESTS] = len(paths)
         return found
 
-    def structure(self, snapshot: Snapshot, manifests: dict[str, dict]) -> Snapshot:
+    def structure(self, snapshot: Snapshot, manifests: dict[str, RunResult]) -> Snapshot:
         """Run every structure check; return the snapshot of the readable data files."""
         listed = self._files(manifests)
         snapshot, groups = self._readable(snapshot)
@@ -205,12 +206,12 @@ class _Checker:
         self._notes()
         return snapshot
 
-    def _files(self, manifests: dict[str, dict]) -> dict[str, str]:
+    def _files(self, manifests: dict[str, RunResult]) -> dict[str, str]:
         """Listed files against the data files there are; returns {listed file: its run}."""
         present = set(self.names.values())
         listed: dict[str, str] = {}
         for run_id, record in sorted(manifests.items()):
-            for name in record.get("files") or []:
+            for name in record.files:
                 listed[name] = run_id
                 if name not in present:
                     self.mismatch(FILES, name, f"listed in run {run_id}'s manifest but not there (deleted or moved)")
@@ -241,7 +242,7 @@ class _Checker:
         snapshot = Snapshot(snapshot.output, tuple(readable))
         return snapshot, _file_counts(snapshot)
 
-    def _counts(self, manifests: dict[str, dict], listed: dict[str, str], groups: list[dict]) -> None:
+    def _counts(self, manifests: dict[str, RunResult], listed: dict[str, str], groups: list[dict]) -> None:
         """Each run's rows per dataset, in the files its manifest lists, against its counts."""
         held: dict[tuple[str, str], Counter] = defaultdict(Counter)
         for group in groups:
@@ -253,16 +254,16 @@ class _Checker:
                 counts = held[(listed[name], group["dataset"])]
                 counts.update({k: group[k] for k in COUNT_KEYS if k in group})
                 counts["images"] += group["images_ok"] + group["images_error"]
-        pairs = {(run_id, d) for run_id, record in manifests.items() for d in record.get("datasets") or {}}
+        pairs = {(run_id, d) for run_id, record in manifests.items() for d in record.datasets}
         for run_id, dataset in sorted(pairs | set(held)):
-            recorded = (manifests[run_id].get("datasets") or {}).get(dataset)
+            recorded = manifests[run_id].datasets.get(dataset)
             where = f"{RUNS_DIR}/{run_id}.json"
             if recorded is None:
                 self.mismatch(COUNTS, where, f"its files hold rows of dataset {dataset}, which it does not count")
                 continue
             got = held[(run_id, dataset)]
-            differ = [f"{k} {recorded[k]:,} in the manifest, {got[k]:,} in its files"
-                      for k in COUNT_KEYS if isinstance(recorded.get(k), int) and recorded[k] != got[k]]
+            differ = [f"{k} {getattr(recorded, k):,} in the manifest, {got[k]:,} in its files"
+                      for k in COUNT_KEYS if getattr(recorded, k) != got[k]]
             if differ:
                 self.mismatch(COUNTS, where, f"dataset {dataset}: {'; '.join(differ)}")
         self.report.checked[COUNTS] = len(pairs | set(held))
@@ -278,12 +279,12 @@ class _Checker:
         (images,) = con.execute("SELECT count(DISTINCT (dataset, uri)) FROM images").fetchone()
         self.report.checked[CURRENT] = images
 
-    def _settings(self, manifests: dict[str, dict]) -> None:
+    def _settings(self, manifests: dict[str, RunResult]) -> None:
         """Every run's result settings equal the first run's."""
         settings = {}
         for run_id, record in sorted(manifests.items()):
             try:
-                settings[run_id] = ResultSettings.from_record(record)
+                settings[run_id] = ResultSettings.of_run(record.settings, record.model, record.arguments)
             except (TypeError, ValueError) as e:
                 self.mismatch(SETTINGS, f"{RUNS_DIR}/{run_id}.json", f"no readable result settings: {one_line(e)}")
         if settings:
@@ -314,7 +315,7 @@ def _file_counts(snapshot: Snapshot) -> list[dict]:
 class _Sampler:
     """Re-detects a random sample of current rows and compares, adding to the checker's report."""
 
-    def __init__(self, checker: _Checker, manifests: dict[str, dict], override: Any):
+    def __init__(self, checker: _Checker, manifests: dict[str, RunResult], override: Any):
         """``override``: the ModelInfo of ``--model``, or None to use each run's recorded model."""
         self.checker, self.manifests, self.override = checker, manifests, override
         self.report = checker.report
@@ -356,7 +357,7 @@ class _Sampler:
         if record is None:
             self.report.unverifiable.append((uri, f"run {run_id} has no manifest: its model is not known"))
             return
-        settings = ResultSettings.from_record(record)
+        settings = ResultSettings.of_run(record.settings, record.model, record.arguments)
         if settings.preprocessing != PREPROCESSING_VERSION:
             self.report.unverifiable.append((uri, f"made with preprocessing version {settings.preprocessing}, "
                                                   f"this batchdet's is {PREPROCESSING_VERSION}"))
@@ -369,10 +370,10 @@ class _Sampler:
         if differs:
             self.checker.mismatch(REDETECT, uri, f"{differs} (run {run_id})")
 
-    def _detector(self, run_id: str, record: dict, settings: ResultSettings) -> Detector | None:
+    def _detector(self, run_id: str, record: RunResult, settings: ResultSettings) -> Detector | None:
         """The recorded model (or ``--model``) with the run's settings, or None when its
         sha256 is not the recorded one or it cannot be read (a mismatch, reported once)."""
-        info = self.override or self._model((record.get("model") or {}).get("path"), run_id)
+        info = self.override or self._model(record.model.get("path"), run_id)
         if info is None:
             return None
         threshold = NMS_SCORE_THRESHOLD if settings.score_threshold is None else settings.score_threshold

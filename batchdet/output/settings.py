@@ -34,10 +34,15 @@ class ResultSettings:
         """The settings of a manifest or staged run record. Records written before
         batchdet kept ``settings`` give what they can through their model and
         arguments, and were made with preprocessing version 1."""
-        if isinstance(record.get("settings"), dict):
-            return cls(**{f.name: record["settings"][f.name] for f in fields(cls) if f.name in record["settings"]})
-        arguments = record.get("arguments") if isinstance(record.get("arguments"), dict) else {}
-        return cls(model_sha256=str((record.get("model") or {}).get("sha256")),
+        return cls.of_run(record.get("settings"), record.get("model"), record.get("arguments"))
+
+    @classmethod
+    def of_run(cls, settings: Any, model: Any, arguments: Any) -> "ResultSettings":
+        """From a run's recorded ``settings``, else (older runs) its ``model`` and ``arguments``."""
+        if isinstance(settings, dict) and settings:
+            return cls(**{f.name: settings[f.name] for f in fields(cls) if f.name in settings})
+        arguments = arguments if isinstance(arguments, dict) else {}
+        return cls(model_sha256=str((model or {}).get("sha256")),
                    score_threshold=arguments.get("score_threshold"), max_pixels=arguments.get("max_pixels"),
                    preprocessing=1)
 
