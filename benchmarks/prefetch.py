@@ -1,5 +1,5 @@
 """How far Ray Data reads ahead of inference, with and without batchdet's
-object-store cap (``batchdet.pipeline.run.object_store_capped``), at growing dataset sizes.
+object-store cap (``batchdet.pipeline.run.job_context``), at growing dataset sizes.
 
 Reading a file takes milliseconds, inference up to seconds, so an uncapped job
 reads files far faster than the actors take them and holds the difference
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from batchdet.pipeline.run import IO_CPUS, images_per_block, object_store_cap, object_store_capped, read_compute
+from batchdet.pipeline.run import IO_CPUS, images_per_block, job_context, object_store_cap, read_compute
 
 
 def produce(batch: pa.Table, kb: int) -> pa.Table:
@@ -52,7 +52,7 @@ def run(images: int, seconds: float, kb: int, capped: bool) -> dict:
 
     block = images_per_block(images, 1)
     cap = object_store_cap(1, block)
-    with object_store_capped(cap) if capped else contextlib.nullcontext():
+    with job_context(cap) if capped else contextlib.nullcontext():
         ds = ray.data.from_items([{"id": i} for i in range(images)], override_num_blocks=-(-images // block))
         ds = ds.map_batches(produce, fn_kwargs={"kb": kb}, batch_format="pyarrow", batch_size=block, num_cpus=IO_CPUS,
                             compute=read_compute(1))

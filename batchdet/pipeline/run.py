@@ -144,9 +144,12 @@ def run_pipeline(plan: RunPlan, local: bool = True, on_progress: Callable[[Progr
     ``plan.options.stall_timeout`` seconds (or 4× the longest gap between blocks)."""
     threads, (low, high) = actor_layout(plan, local)
     block = plan.options.batch_size or images_per_block(plan.num_images, high, plan.options.gpus_per_actor)
+    # no more actors than blocks: an actor with nothing to do still loads the model
+    high = min(high, -(-plan.num_images // block))
+    low = min(low, high)
     reporter = Reporter(plan.num_images, on_progress, plan.options.stall_timeout)
     try:
-        with object_store_capped(object_store_cap(high, block)):
+        with job_context(object_store_cap(high, block)):
             reporter.run(lambda counter: _stream(plan, threads, low, high, block, counter, known))
     except Exception as e:
         cause = root_cause(e)
@@ -172,14 +175,15 @@ def root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def read_compute(actors: int):
-    """Read tasks at once: two per actor. Ray Data checks the object-store
-    cap before it starts a task, not while the task runs, so every running
-    read may land one more block on top of the cap; bounding them bounds that
-    (each reads its block's files concurrently on object storage)."""
+def read_compute(actors: int, blocks: int | None = None):
+    """Read tasks at once: two per actor, no more than there are ``blocks``.
+    Ray Data checks the object-store cap before it starts a task, not while
+    the task runs, so every running read may land one more block on top of
+    the cap; bounding them bounds that (each reads its block's files
+    concurrently on object storage)."""
     import ray.data
 
-    return ray.data.TaskPoolStrategy(size=2 * max(actors, 1))
+    return ray.data.TaskPoolStrategy(size=max(1, min(2 * max(actors, 1), blocks or 2 * max(actors, 1))))
 
 
 def object_store_cap(actors: int, block: int) -> int:
@@ -187,24 +191,36 @@ def object_store_cap(actors: int, block: int) -> int:
     return max(actors, 2) * PREFETCH_BLOCKS_PER_ACTOR * block * BYTES_PER_IMAGE
 
 
+#: Ray Data's own reports, off while batchdet's job runs: its progress bars
+#: (or, off a terminal, a progress log line every few seconds) and the plan
+#: printed as execution starts would flood the caller's stderr; batchdet
+#: reports progress itself (``on_progress``).
+QUIET = {"enable_progress_bars": False, "print_on_execution_start": False}
+
+
 @contextlib.contextmanager
-def object_store_capped(cap: int) -> Iterator[None]:
-    """Ray Data's object-store limit at most ``cap`` bytes while the job
-    runs; the process-global context is given back as it was. (Not
-    ``DataContext.copy()``: its deepcopy sets Ray's deprecated fields again
-    and warns about each.)"""
+def job_context(cap: int) -> Iterator[None]:
+    """Ray Data's process-global context as the job needs it while it runs —
+    the object-store limit at most ``cap`` bytes, its reports :data:`QUIET` —
+    and given back as it was. (Not ``DataContext.copy()``: its deepcopy sets
+    Ray's deprecated fields again and warns about each.)"""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options
+    saved_quiet = {name: getattr(ctx, name) for name in QUIET}
     options = copy.copy(saved)
     options.resource_limits = saved.resource_limits.copy(
         object_store_memory=min(saved.resource_limits.object_store_memory, cap))
     ctx.execution_options = options
+    for name, value in QUIET.items():
+        setattr(ctx, name, value)
     try:
         yield
     finally:
         ctx.execution_options = saved
+        for name, value in saved_quiet.items():
+            setattr(ctx, name, value)
 
 
 def listed_items(plan: RunPlan) -> pa.Table:
@@ -229,10 +245,11 @@ def _stream(plan: RunPlan, threads: int, low: int, high: int, block: int, progre
 
     o = plan.options
     items = listed_items(plan)
-    ds = ray.data.from_arrow([items.slice(start, block) for start in range(0, items.num_rows, block)])
+    blocks = [items.slice(start, block) for start in range(0, items.num_rows, block)]
+    ds = ray.data.from_arrow(blocks)
     ds = ds.map_batches(
         read_batch, fn_kwargs={"storage_options": o.storage_options, "progress": progress},
-        batch_format="pyarrow", batch_size=block, num_cpus=IO_CPUS, compute=read_compute(high),
+        batch_format="pyarrow", batch_size=block, num_cpus=IO_CPUS, compute=read_compute(high, len(blocks)),
     )
     ds = ds.map_batches(
         InferenceStage,
@@ -257,5 +274,5 @@ def _stream(plan: RunPlan, threads: int, low: int, high: int, block: int, progre
         StagingSink(o.output, o.storage_options, plan.run_id, o.rows_per_file),
         # no CPU of its own: with any, Ray Data's budget lets reads and actors
         # take it and the finished rows wait unwritten (lost to a kill, a stall)
-        ray_remote_args={"num_cpus": 0}, concurrency=WRITE_TASKS,
+        ray_remote_args={"num_cpus": 0}, concurrency=min(WRITE_TASKS, len(blocks)),
     )

@@ -266,26 +266,30 @@ def test_actor_layout(ray_local, narrow_model, local_inputs, tmp_path):
     assert actor_layout(setting(plan, gpus_per_actor=1.0), local=False) == (2, (1, 1))
 
 
-def test_object_store_cap_is_the_jobs_own():
+def test_object_store_cap_and_quiet_reports_are_the_jobs_own():
     """The cap grows with the actors (never below two actors' worth) and the
-    block, holds while the job runs, and the caller's (process-global)
-    DataContext is given back as it was."""
+    block, holds while the job runs with Ray Data's own reports off, and the
+    caller's (process-global) DataContext is given back as it was."""
     import ray.data
 
-    from batchdet.pipeline.run import PREFETCH_BLOCKS_PER_ACTOR, object_store_cap, object_store_capped
+    from batchdet.pipeline.run import PREFETCH_BLOCKS_PER_ACTOR, object_store_cap
+    from batchdet.pipeline.run import job_context
 
     mib = 1 << 20  # a large photograph's bytes, written out independently of the code
     assert object_store_cap(1, 8) == 2 * PREFETCH_BLOCKS_PER_ACTOR * 8 * mib
     assert object_store_cap(5, 64) == 5 * PREFETCH_BLOCKS_PER_ACTOR * 64 * mib
     caller = ray.data.DataContext.get_current()
     before = caller.execution_options
-    with object_store_capped(123 * mib):
+    bars, plan = caller.enable_progress_bars, caller.print_on_execution_start
+    with job_context(123 * mib):
         assert caller.execution_options.resource_limits.object_store_memory == 123 * mib
+        assert (caller.enable_progress_bars, caller.print_on_execution_start) == (False, False)
     assert caller.execution_options is before
+    assert (caller.enable_progress_bars, caller.print_on_execution_start) == (bars, plan) == (True, True)
     # a tighter limit the caller set is kept
     caller.execution_options.resource_limits = before.resource_limits.copy(object_store_memory=1e6)
     try:
-        with object_store_capped(123 * mib):
+        with job_context(123 * mib):
             assert caller.execution_options.resource_limits.object_store_memory == 1e6
     finally:
         caller.execution_options.resource_limits = before.resource_limits.copy(object_store_memory=None)
