@@ -208,7 +208,7 @@ def test_detect_prints_progress_and_summary_and_keeps_ray_in_its_log(narrow_mode
     assert any(x.split()[:2] == ["many", "31"] for x in lines)  # the summary's row
     log = next(x.split("Ray's log: ", 1)[1] for x in lines if "Ray's log: " in x)
     text = open(log).read()
-    assert "Started a local Ray instance" in text and "Starting execution of Dataset" in text
+    assert "Started a local Ray instance" in text and "Data sink WriteStaging finished" in text
 
 
 def _release(fifo) -> None:
