@@ -17,7 +17,39 @@ For each model, in one run, on the same synthesized 640×480 JPEGs:
             the CPU milliseconds per image the pipeline adds over the bare
             path, split by process role (driver, inference actors, read and
             write tasks, Ray's own daemons) from /proc samples: the profile
-            of where the overhead goes.
+            of where the overhead goes;
+  identity  what content identity (issue 21: each row's size, sha256,
+            version token and copied_from) costs per image, as a share of the
+            pipeline's marginal CPU per image (see below).
+
+Content identity's cost is measured in this process, on the larger run's own
+files and rows, because a whole-run A/B cannot resolve it: its ~2 % would be
+inside the drift of two marginal rates on a shared machine (two bare segments
+of one run differ by up to 8 %), and the library has no switch to run without
+it (nor should it). The work identity adds is timed against the same work
+without it, in passes that alternate, in CPU time (``time.process_time``):
+
+  read      ``stages.read_batch`` (reads a block's files, hashes each with
+            sha256, adds ``size`` and ``sha256``) against
+            :func:`read_before_identity`, read_batch as it was before (the
+            same read, ``data`` and ``error`` only), block by block at the
+            pipeline's block size;
+  write     each data file of the larger run's output encoded as the staging
+            sink does (``pq.write_table``) with its rows as written, against
+            the same rows without the four identity columns.
+
+The median over passes of each difference, summed, is identity's CPU per
+image; divided by the pipeline's marginal CPU per image (all processes of the
+run, between the two sizes) it is the share of the machine it takes, which is
+the marginal rate's slowdown while the run is CPU-bound (the near-free model's
+is: both cores busy). Left out as too small to time: the inference actor's
+lookup of each digest in a dict of the last results (no index is loaded on a
+fresh run), the four columns through the object store (~100 bytes against a
+file's ~100 kB) and the listing's version column. With ``--compare`` set to a
+checkout without content identity (its parent commit, 01907a9), the whole
+pipeline of both is also run in this run, interleaved: the ratio of their
+marginal rates (``compared.this_vs_compared``) is the end-to-end check, within
+that drift.
 
 Models: ``nearfree`` (a conforming graph of a few reductions, ~1 ms: what is
 left is the pipeline's own cost), ``narrow`` (the stand-in at
@@ -26,6 +58,8 @@ a ratio within this run (the machine is shared; ``others_cores`` says how busy).
 
     python benchmarks/overhead.py --out bench-out/overhead.json
     python benchmarks/overhead.py --models nearfree --sizes nearfree=200,800 --out bench-out/o.json
+    git archive 01907a9 | tar -x -C /tmp/before-identity   # content identity against its parent, in one run:
+    python benchmarks/overhead.py --models nearfree --compare /tmp/before-identity --out bench-out/identity.json
 """
 
 from __future__ import annotations
@@ -43,6 +77,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -57,12 +93,16 @@ SIZES = {"nearfree": (400, 1600), "narrow": (96, 480), "full": (8, 24)}
 BARE_IMAGES = {"nearfree": 200, "narrow": 48, "full": 4}
 #: The issue's targets on a 2-core machine, as ratios to the bare path.
 TARGETS = {
-    "nearfree": {"marginal_vs_bare": (">=", 0.5)},
+    "nearfree": {"marginal_vs_bare": (">=", 0.5), "identity_cost": ("<=", 0.02)},
     "narrow": {"marginal_vs_bare": (">=", 0.9)},
     "full": {"marginal_vs_bare": (">=", 0.93), "whole_run_vs_bare": (">=", 0.85), "memory_growth": ("<=", 0.10),
              "object_store_mb_per_image": ("<=", 4.5)},
 }
 DISTINCT_IMAGES = 48  # distinct JPEGs; bigger datasets link them under new names
+#: Passes over the larger dataset's files and rows timing content identity, with and without, alternating.
+IDENTITY_PASSES = 7
+#: The columns content identity added to a row (schema.FILE_SCHEMA).
+IDENTITY_COLUMNS = ["size", "sha256", "version", "copied_from"]
 
 
 # --- models -------------------------------------------------------------------------------
@@ -288,7 +328,63 @@ def pipeline_run(model: Path, folder: Path, workdir: Path, source: str | None = 
     return {"images": images, "wall_s": child["wall_s"], "images_per_s": images / child["wall_s"],
             "ray_start_s": child["ray_start_s"], "first_done_s": child["first_done_s"],
             "cpu_s": cpu, "cpu_s_by_role": by_role, "cpu_s_by_name": child["cpu_s_by_name"], "others_cores": others,
-            "peak_memory_bytes": memory.peak_pss, "bytes_read_per_image": child["bytes_read"] / images}
+            "peak_memory_bytes": memory.peak_pss, "bytes_read_per_image": child["bytes_read"] / images,
+            "output": str(out)}
+
+
+# --- content identity --------------------------------------------------------------------------
+def read_before_identity(batch: pa.Table) -> pa.Table:
+    """``stages.read_batch`` as it was before content identity (commit 01907a9),
+    for local files: each URI's bytes and its read error, no size, no sha256."""
+    from batchdet.pipeline.preprocess import ImageError
+    from batchdet.pipeline.reading import read_many
+
+    results = read_many(batch.column("uri").to_pylist())
+    return (batch.append_column("data", pa.array([r if isinstance(r, bytes) else None for r in results],
+                                                 pa.large_binary()))
+            .append_column("error", pa.array([str(r) if isinstance(r, ImageError) else None for r in results],
+                                             pa.string())))
+
+
+def _encode(table: pa.Table) -> None:
+    """What the staging sink does with a file's rows, into memory."""
+    pq.write_table(table, pa.BufferOutputStream())
+
+
+def _cpu_ms_per_image(fn, tables: list[pa.Table]) -> float:
+    c = time.process_time()
+    for t in tables:
+        fn(t)
+    return 1e3 * (time.process_time() - c) / sum(t.num_rows for t in tables)
+
+
+def identity_cost(folder: Path, output: Path, marginal_cpu_ms: float) -> dict:
+    """Content identity's CPU per image (module docstring, "Content identity's
+    cost"): the read stage over ``folder``'s files and the sink's encoding of
+    ``output``'s rows, each with and without it, in alternating passes."""
+    from batchdet.pipeline.run import images_per_block
+    from batchdet.pipeline.stages import read_batch
+
+    files = sorted(str(p) for p in folder.iterdir())
+    block = images_per_block(len(files), os.cpu_count() or 1)
+    blocks = [pa.table({"uri": files[i:i + block]}) for i in range(0, len(files), block)]
+    written = [pq.read_table(p, partitioning=None) for p in sorted(output.glob("dataset=*/*.parquet"))]
+    unwritten = [t.drop_columns(IDENTITY_COLUMNS) for t in written]
+    passes: dict[str, list[float]] = {"read": [], "read_before": [], "write": [], "write_before": []}
+    with measure.Phase(measure.own_cpu) as ph:
+        for _ in range(IDENTITY_PASSES):
+            passes["read"].append(_cpu_ms_per_image(read_batch, blocks))
+            passes["read_before"].append(_cpu_ms_per_image(read_before_identity, blocks))
+            passes["write"].append(_cpu_ms_per_image(_encode, written))
+            passes["write_before"].append(_cpu_ms_per_image(_encode, unwritten))
+    added = {stage: statistics.median(a - b for a, b in zip(passes[stage], passes[f"{stage}_before"]))
+             for stage in ("read", "write")}
+    cpu_ms = added["read"] + added["write"]
+    return {"images": len(files), "block": block, "rows_written": sum(t.num_rows for t in written),
+            "passes": passes, "read_ms_per_image": added["read"], "write_ms_per_image": added["write"],
+            "cpu_ms_per_image": cpu_ms, "share_of_marginal_cpu": cpu_ms / marginal_cpu_ms,
+            "others_cores": ph.foreign_cores}
+
 
 
 # --- one model --------------------------------------------------------------------------------
@@ -318,7 +414,8 @@ def measure_model(name: str, sizes: tuple[int, int], workdir: Path, compare: str
         compared = {"source": compare, "pipeline": others, "marginal_images_per_s": rate,
                     "marginal_vs_bare": rate / statistics.fmean(s["images_per_s"] for s in segments),
                     "whole_run_vs_bare": cb["images_per_s"] / statistics.fmean(s["images_per_s"] for s in segments),
-                    "marginal_cpu_ms_per_image": 1e3 * (cb["cpu_s"] - ca["cpu_s"]) / extra_images}
+                    "marginal_cpu_ms_per_image": 1e3 * (cb["cpu_s"] - ca["cpu_s"]) / extra_images,
+                    "this_vs_compared": marginal / rate}
     marginal_cpu_ms = 1e3 * (b["cpu_s"] - a["cpu_s"]) / extra_images
     roles = sorted(set(a["cpu_s_by_role"]) | set(b["cpu_s_by_role"]))
     by_role = {r: 1e3 * (b["cpu_s_by_role"].get(r, 0.0) - a["cpu_s_by_role"].get(r, 0.0)) / extra_images
@@ -345,6 +442,9 @@ def measure_model(name: str, sizes: tuple[int, int], workdir: Path, compare: str
         "compared": compared,
     }
     res["whole_run_vs_bare_with_start_up"] = res["start_up"]["bare_whole_s"] / b["wall_s"]
+    print(f"{name}: content identity's own cost ...", flush=True)
+    res["identity"] = identity_cost(large, Path(b["output"]), marginal_cpu_ms)
+    res["identity_cost"] = res["identity"]["share_of_marginal_cpu"]
     res["targets"] = {k: {"target": f"{op} {bound}", "value": res[k], "met": res[k] >= bound if op == ">=" else res[k] <= bound}
                       for k, (op, bound) in TARGETS[name].items()}
     return res
@@ -364,13 +464,20 @@ def table(results: dict) -> str:
             c = r["compared"]
             lines.append(f"{name + ' (' + c['source'] + ')':<30} pipeline marginal {c['marginal_images_per_s']:.3f} img/s = "
                          f"{c['marginal_vs_bare']:.3f} x bare, whole run {c['whole_run_vs_bare']:.3f}, "
-                         f"{c['marginal_cpu_ms_per_image']:.1f} CPU ms/img")
+                         f"{c['marginal_cpu_ms_per_image']:.1f} CPU ms/img; this / that marginal "
+                         f"{c['this_vs_compared']:.3f}")
     lines.append("\nstart-up of the larger run (s): Ray's start, first images done, whole run; a bare loop's own start-up:")
     for name, r in results["models"].items():
         u, big = r["start_up"], r["pipeline"][1]
         lines.append(f"  {name:<9} ray {u['ray_start_s']:.1f}, first done {u['first_done_s'] or float('nan'):.1f}, "
                      f"whole {big['wall_s']:.1f} for {big['images']} images; bare start-up {u['bare_start_up_s']:.1f}: "
                      f"whole run / bare loop with its start-up {r['whole_run_vs_bare_with_start_up']:.3f}")
+    lines.append("\ncontent identity, CPU ms per image (median over passes of with - without):")
+    for name, r in results["models"].items():
+        i = r["identity"]
+        lines.append(f"  {name:<9} read {i['read_ms_per_image']:.3f} + write {i['write_ms_per_image']:.3f} = "
+                     f"{i['cpu_ms_per_image']:.3f} of {r['marginal_cpu_ms_per_image']:.1f} marginal: "
+                     f"{100 * i['share_of_marginal_cpu']:.2f} % (others used {i['others_cores']:.2f} cores)")
     lines.append("\nmarginal CPU ms per image by process role:")
     for name, r in results["models"].items():
         parts = sorted(r["marginal_cpu_ms_by_role"].items(), key=lambda kv: -kv[1])

@@ -225,10 +225,11 @@ STEPS = {"baseline": _step_baseline, "commit": _step_commit, "listing": _step_li
 
 
 def _child(step: str, out: str) -> None:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     figures = STEPS[step](Path(out))
     seconds = time.perf_counter() - start
-    print(json.dumps({"step": step, "seconds": round(seconds, 3), "rss_mb": round(peak_rss_kb() / 1024, 1), **figures}))
+    print(json.dumps({"step": step, "seconds": round(seconds, 3), "cpu_s": round(time.process_time() - cpu, 3),
+                      "rss_mb": round(peak_rss_kb() / 1024, 1), **figures}))
 
 
 def peak_rss_kb() -> int:
@@ -245,8 +246,10 @@ def peak_rss_kb() -> int:
 
 
 def run_step(step: str, out: Path) -> dict:
-    """``step`` in a fresh interpreter; its own time and peak RSS, and the
-    cores other processes than it and this one used meanwhile."""
+    """``step`` in a fresh interpreter; its own wall time, CPU time (all its
+    threads: DuckDB's too) and peak RSS, and the cores other processes than
+    it and this one used meanwhile (on a shared machine, wall time is what
+    the CPU left by others allowed)."""
     with measure.Phase(lambda: sum(os.times()[:4])) as phase:  # this process and its reaped children
         proc = subprocess.run([sys.executable, __file__, "--child", step, str(out)],
                               capture_output=True, text=True, check=False)
@@ -280,11 +283,11 @@ def measure_size(n: int, rows_per_file: int, workdir: Path) -> dict:
 
 def table(results: list[dict]) -> str:
     lines = [f"{'N':>9} {'files':>7} | {'commit s':>9} {'MB':>6} | {'update s':>9} {'MB':>6} | "
-             f"{'listing s':>9} {'MB':>6} | {'baseline MB':>11} | {'others':>6}"]
+             f"{'CPU s':>6} | {'listing s':>9} {'MB':>6} | {'baseline MB':>11} | {'others':>6}"]
     for r in results:
         s = r["steps"]
         lines.append(f"{r['n']:>9} {r['staged_files']:>7} | {s['commit']['seconds']:>9.2f} {s['commit']['rss_mb']:>6.0f} | "
-                     f"{s['resume']['seconds']:>9.2f} {s['resume']['rss_mb']:>6.0f} | "
+                     f"{s['resume']['seconds']:>9.2f} {s['resume']['rss_mb']:>6.0f} {s['resume']['cpu_s']:>6.1f} | "
                      f"{s['listing']['seconds']:>9.2f} {s['listing']['rss_mb']:>6.0f} | {s['baseline']['rss_mb']:>11.0f} | "
                      f"{r['others_cores']:>6.2f}")
     return "\n".join(lines)

@@ -191,7 +191,7 @@ def test_scale_figures_follow_from_the_record(scale_run):
     assert s["resume"]["todo"] == e["images_error"] + 2  # the changed, the new and the error rows
     assert s["resume"]["known"] == e["images_ok"]  # every ok row's sha256 (all distinct), the re-uploaded one's too
     for step in s.values():
-        assert step["seconds"] >= 0 and step["rss_mb"] > 0 and step["others_cores"] >= 0
+        assert step["seconds"] >= 0 and step["rss_mb"] > 0 and step["cpu_s"] > 0 and step["others_cores"] >= 0
     assert s["resume"]["plan_update_s"] <= s["resume"]["seconds"]
     assert r["peak_rss_mb"] == max(s[k]["rss_mb"] for k in ("commit", "resume", "listing"))
     assert r["others_cores"] == max(step["others_cores"] for step in s.values())
@@ -203,6 +203,6 @@ def test_scale_figures_follow_from_the_record(scale_run):
     row = next(line for line in stdout.splitlines() if line.split() and line.split()[0] == str(N))
     cells = row.replace("|", " ").split()
     assert cells == [str(N), str(r["staged_files"]), f"{s['commit']['seconds']:.2f}", f"{s['commit']['rss_mb']:.0f}",
-                     f"{s['resume']['seconds']:.2f}", f"{s['resume']['rss_mb']:.0f}",
+                     f"{s['resume']['seconds']:.2f}", f"{s['resume']['rss_mb']:.0f}", f"{s['resume']['cpu_s']:.1f}",
                      f"{s['listing']['seconds']:.2f}", f"{s['listing']['rss_mb']:.0f}", f"{s['baseline']['rss_mb']:.0f}",
                      f"{r['others_cores']:.2f}"]
