@@ -39,10 +39,15 @@ without it, in passes that alternate, in CPU time (``time.process_time``):
             the same rows without the four identity columns.
 
 The median over passes of each difference, summed, is identity's CPU per
-image; divided by the pipeline's marginal CPU per image (all processes of the
-run, between the two sizes) it is the share of the machine it takes, which is
-the marginal rate's slowdown while the run is CPU-bound (the near-free model's
-is: both cores busy). Left out as too small to time: the inference actor's
+image. While a run is CPU-bound (the near-free model's is: both cores busy),
+the marginal rate slows by identity's share of the CPU each image takes in
+the pipeline. The target is judged on ``identity_cost``, identity's CPU over
+the bare path's CPU per image (measured in this run too): an upper bound of
+that share, since the pipeline does at least the bare path's work for each
+image, and one that does not rest on the whole-run CPU accounting, which a
+loaded machine disturbs. Its share of the pipeline's marginal CPU per image
+(all processes of the run, between the two sizes) is recorded beside it.
+Left out as too small to time: the inference actor's
 lookup of each digest in a dict of the last results (no index is loaded on a
 fresh run), the four columns through the object store (~100 bytes against a
 file's ~100 kB) and the listing's version column. With ``--compare`` set to a
@@ -358,7 +363,7 @@ def _cpu_ms_per_image(fn, tables: list[pa.Table]) -> float:
     return 1e3 * (time.process_time() - c) / sum(t.num_rows for t in tables)
 
 
-def identity_cost(folder: Path, output: Path, marginal_cpu_ms: float) -> dict:
+def identity_cost(folder: Path, output: Path, bare_cpu_ms: float, marginal_cpu_ms: float) -> dict:
     """Content identity's CPU per image (module docstring, "Content identity's
     cost"): the read stage over ``folder``'s files and the sink's encoding of
     ``output``'s rows, each with and without it, in alternating passes."""
@@ -382,7 +387,8 @@ def identity_cost(folder: Path, output: Path, marginal_cpu_ms: float) -> dict:
     cpu_ms = added["read"] + added["write"]
     return {"images": len(files), "block": block, "rows_written": sum(t.num_rows for t in written),
             "passes": passes, "read_ms_per_image": added["read"], "write_ms_per_image": added["write"],
-            "cpu_ms_per_image": cpu_ms, "share_of_marginal_cpu": cpu_ms / marginal_cpu_ms,
+            "cpu_ms_per_image": cpu_ms, "share_of_bare_cpu": cpu_ms / bare_cpu_ms,
+            "share_of_marginal_cpu": cpu_ms / marginal_cpu_ms,
             "others_cores": ph.foreign_cores}
 
 
@@ -443,8 +449,8 @@ def measure_model(name: str, sizes: tuple[int, int], workdir: Path, compare: str
     }
     res["whole_run_vs_bare_with_start_up"] = res["start_up"]["bare_whole_s"] / b["wall_s"]
     print(f"{name}: content identity's own cost ...", flush=True)
-    res["identity"] = identity_cost(large, Path(b["output"]), marginal_cpu_ms)
-    res["identity_cost"] = res["identity"]["share_of_marginal_cpu"]
+    res["identity"] = identity_cost(large, Path(b["output"]), bare_cpu_ms, marginal_cpu_ms)
+    res["identity_cost"] = res["identity"]["share_of_bare_cpu"]
     res["targets"] = {k: {"target": f"{op} {bound}", "value": res[k], "met": res[k] >= bound if op == ">=" else res[k] <= bound}
                       for k, (op, bound) in TARGETS[name].items()}
     return res
@@ -476,8 +482,9 @@ def table(results: dict) -> str:
     for name, r in results["models"].items():
         i = r["identity"]
         lines.append(f"  {name:<9} read {i['read_ms_per_image']:.3f} + write {i['write_ms_per_image']:.3f} = "
-                     f"{i['cpu_ms_per_image']:.3f} of {r['marginal_cpu_ms_per_image']:.1f} marginal: "
-                     f"{100 * i['share_of_marginal_cpu']:.2f} % (others used {i['others_cores']:.2f} cores)")
+                     f"{i['cpu_ms_per_image']:.3f}: {100 * i['share_of_bare_cpu']:.2f} % of the bare path's "
+                     f"{r['bare']['cpu_ms_per_image']:.1f}, {100 * i['share_of_marginal_cpu']:.2f} % of the pipeline's "
+                     f"marginal {r['marginal_cpu_ms_per_image']:.1f} (others used {i['others_cores']:.2f} cores)")
     lines.append("\nmarginal CPU ms per image by process role:")
     for name, r in results["models"].items():
         parts = sorted(r["marginal_cpu_ms_by_role"].items(), key=lambda kv: -kv[1])
