@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """What the pipeline itself costs per image: batchdet against the bare per-image path.
 
-For each model, in one run, on the same synthesized 640×480 JPEGs:
+For each model, in one run, on the same synthesized 640×480 JPEGs (48
+pictures repeated, every file's bytes distinct):
 
   bare      the per-image path with no Ray: read the file → ``prepare``
             (decode, orient, resize) → ``normalize`` → ``session.run``, in one
@@ -103,7 +104,7 @@ TARGETS = {
     "full": {"marginal_vs_bare": (">=", 0.93), "whole_run_vs_bare": (">=", 0.85), "memory_growth": ("<=", 0.10),
              "object_store_mb_per_image": ("<=", 4.5)},
 }
-DISTINCT_IMAGES = 48  # distinct JPEGs; bigger datasets link them under new names
+DISTINCT_IMAGES = 48  # distinct pictures; bigger datasets repeat them, each file's bytes its own
 #: Passes over the larger dataset's files and rows timing content identity, with and without, alternating.
 IDENTITY_PASSES = 7
 #: The columns content identity added to a row (schema.FILE_SCHEMA).
@@ -160,16 +161,25 @@ def model_path(name: str, workdir: Path) -> Path:
 
 # --- images -------------------------------------------------------------------------------
 def dataset(workdir: Path, count: int) -> Path:
-    """A folder of ``count`` JPEGs: the distinct images, linked again under new names."""
-    distinct = measure.synthesize(workdir / "images", DISTINCT_IMAGES)
-    folder = workdir / f"dataset-{count}"
+    """A folder of ``count`` JPEGs: the distinct pictures again and again, each
+    file with a comment of its own, so that no two have the same bytes:
+    batchdet runs the model once per content and copies the result for the
+    same bytes again (issue 21), so linked copies would time copies, not inference."""
+    distinct = [p.read_bytes() for p in measure.synthesize(workdir / "images", DISTINCT_IMAGES)]
+    folder = workdir / f"distinct-{count}"
     if folder.exists() and len(list(folder.iterdir())) == count:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for i in range(count):
-        os.link(distinct[i % len(distinct)], folder / f"img-{i:06d}.jpg")
+        (folder / f"img-{i:06d}.jpg").write_bytes(with_comment(distinct[i % len(distinct)], f"copy {i}"))
     return folder
+
+
+def with_comment(jpeg: bytes, text: str) -> bytes:
+    """The same picture with a JPEG comment (COM segment) after its start marker."""
+    comment = text.encode()
+    return jpeg[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + jpeg[2:]
 
 
 # --- the bare per-image path ------------------------------------------------------------------

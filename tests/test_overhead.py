@@ -68,7 +68,7 @@ def test_figures_follow_from_the_raw_measurements(run):
     assert math.isclose(r["marginal_cpu_ms_per_image"], 1e3 * (b["cpu_s"] - a["cpu_s"]) / 6)
     assert math.isclose(r["added_cpu_ms_per_image"], r["marginal_cpu_ms_per_image"] - r["bare"]["cpu_ms_per_image"])
     work = out.parent / "overhead-work"
-    per_image = [sum(f.stat().st_size for f in (work / f"dataset-{n}").iterdir()) / n for n in (6, 12)]
+    per_image = [sum(f.stat().st_size for f in (work / f"distinct-{n}").iterdir()) / n for n in (6, 12)]
     assert math.isclose(r["object_store_mb_per_image"], max(per_image) / 1e6)
     assert r["targets"]["marginal_vs_bare"]["met"] == (r["marginal_vs_bare"] >= 0.5)
 
@@ -106,7 +106,7 @@ def test_the_read_without_identity_is_the_same_read_less_its_columns(run, tmp_pa
     sys.path.insert(0, str(BENCH.parent))
     from overhead import read_before_identity
 
-    work = run[1].parent / "overhead-work" / "dataset-12"
+    work = run[1].parent / "overhead-work" / "distinct-12"
     uris = [str(p) for p in sorted(work.iterdir())][:3] + [str(tmp_path / "absent.jpg")]
     batch = pa.table({"uri": uris})
     with_identity = read_batch(batch)
@@ -114,3 +114,23 @@ def test_the_read_without_identity_is_the_same_read_less_its_columns(run, tmp_pa
     data = [Path(u).read_bytes() for u in uris[:3]]
     assert with_identity.column("sha256").to_pylist() == [hashlib.sha256(d).hexdigest() for d in data] + [None]
     assert with_identity.column("error").to_pylist()[:3] == [None] * 3 and with_identity.column("error")[3].as_py()
+
+
+def test_every_image_is_inferred_not_copied(run):
+    """The datasets repeat 48 pictures, every file with bytes of its own: the same
+    picture decodes to the same pixels, and no row of a run is a copy of another's."""
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(BENCH.parent))
+    from overhead import with_comment
+
+    from batchdet.pipeline.preprocess import prepare
+
+    work = run[1].parent / "overhead-work"
+    data = sorted((work / "images").iterdir())[0].read_bytes()
+    assert with_comment(data, "copy 1") != data
+    assert np.array_equal(prepare(with_comment(data, "copy 1")).image, prepare(data).image)
+    for n in (6, 12):
+        rows = pq.read_table(sorted((work / f"out-{n}").glob("dataset=*/*.parquet")), partitioning=None)
+        assert rows.num_rows == n and rows.column("status").to_pylist() == ["ok"] * n
+        assert rows.column("copied_from").null_count == n and len(set(rows.column("sha256").to_pylist())) == n
