@@ -21,7 +21,8 @@ pictures repeated, every file's bytes distinct):
             of where the overhead goes;
   identity  what content identity (issue 21: each row's size, sha256,
             version token and copied_from) costs per image, as a share of the
-            pipeline's marginal CPU per image (see below).
+            bare path's CPU per image, an upper bound of its share of the
+            pipeline's (see below).
 
 Content identity's cost is measured in this process, on the larger run's own
 files and rows, because a whole-run A/B cannot resolve it: its ~2 % would be
@@ -48,14 +49,14 @@ that share, since the pipeline does at least the bare path's work for each
 image, and one that does not rest on the whole-run CPU accounting, which a
 loaded machine disturbs. Its share of the pipeline's marginal CPU per image
 (all processes of the run, between the two sizes) is recorded beside it.
-Left out as too small to time: the inference actor's
-lookup of each digest in a dict of the last results (no index is loaded on a
-fresh run), the four columns through the object store (~100 bytes against a
-file's ~100 kB) and the listing's version column. With ``--compare`` set to a
+Left out as too small to time: the inference
+actor's lookup of each digest in a dict of the last results (no index is
+loaded on a fresh run), the four columns through the object store (~100
+bytes against a file's ~100 kB) and the listing's version column. With ``--compare`` set to a
 checkout without content identity (its parent commit, 01907a9), the whole
 pipeline of both is also run in this run, interleaved: the ratio of their
-marginal rates (``compared.this_vs_compared``) is the end-to-end check, within
-that drift.
+marginal rates (``compared.this_vs_compared``) and their marginal CPU per
+image are the end-to-end check, within that drift.
 
 Models: ``nearfree`` (a conforming graph of a few reductions, ~1 ms: what is
 left is the pipeline's own cost), ``narrow`` (the stand-in at

@@ -282,7 +282,7 @@ def measure_size(n: int, rows_per_file: int, workdir: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = [f"{'N':>9} {'files':>7} | {'commit s':>9} {'MB':>6} | {'update s':>9} {'MB':>6} | "
+    lines = [f"{'N':>9} {'files':>7} | {'commit s':>9} {'MB':>6} | {'update s':>9} {'MB':>6} "
              f"{'CPU s':>6} | {'listing s':>9} {'MB':>6} | {'baseline MB':>11} | {'others':>6}"]
     for r in results:
         s = r["steps"]
