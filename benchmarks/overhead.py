@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """What the pipeline itself costs per image: batchdet against the bare per-image path.
 
-For each model, in one run, on the same synthesized 640×480 JPEGs:
+For each model, in one run, on the same synthesized 640×480 JPEGs (48
+pictures repeated, every file's bytes distinct):
 
   bare      the per-image path with no Ray: read the file → ``prepare``
             (decode, orient, resize) → ``normalize`` → ``session.run``, in one
@@ -17,7 +18,45 @@ For each model, in one run, on the same synthesized 640×480 JPEGs:
             the CPU milliseconds per image the pipeline adds over the bare
             path, split by process role (driver, inference actors, read and
             write tasks, Ray's own daemons) from /proc samples: the profile
-            of where the overhead goes.
+            of where the overhead goes;
+  identity  what content identity (issue 21: each row's size, sha256,
+            version token and copied_from) costs per image, as a share of the
+            bare path's CPU per image, an upper bound of its share of the
+            pipeline's (see below).
+
+Content identity's cost is measured in this process, on the larger run's own
+files and rows, because a whole-run A/B cannot resolve it: its ~2 % would be
+inside the drift of two marginal rates on a shared machine (two bare segments
+of one run differ by up to 8 %), and the library has no switch to run without
+it (nor should it). The work identity adds is timed against the same work
+without it, in passes that alternate, in CPU time (``time.process_time``):
+
+  read      ``stages.read_batch`` (reads a block's files, hashes each with
+            sha256, adds ``size`` and ``sha256``) against
+            :func:`read_before_identity`, read_batch as it was before (the
+            same read, ``data`` and ``error`` only), block by block at the
+            pipeline's block size;
+  write     each data file of the larger run's output encoded as the staging
+            sink does (``pq.write_table``) with its rows as written, against
+            the same rows without the four identity columns.
+
+The median over passes of each difference, summed, is identity's CPU per
+image. While a run is CPU-bound (the near-free model's is: both cores busy),
+the marginal rate slows by identity's share of the CPU each image takes in
+the pipeline. The target is judged on ``identity_cost``, identity's CPU over
+the bare path's CPU per image (measured in this run too): an upper bound of
+that share, since the pipeline does at least the bare path's work for each
+image, and one that does not rest on the whole-run CPU accounting, which a
+loaded machine disturbs. Its share of the pipeline's marginal CPU per image
+(all processes of the run, between the two sizes) is recorded beside it.
+Left out as too small to time: the inference
+actor's lookup of each digest in a dict of the last results (no index is
+loaded on a fresh run), the four columns through the object store (~100
+bytes against a file's ~100 kB) and the listing's version column. With ``--compare`` set to a
+checkout without content identity (its parent commit, 01907a9), the whole
+pipeline of both is also run in this run, interleaved: the ratio of their
+marginal rates (``compared.this_vs_compared``) and their marginal CPU per
+image are the end-to-end check, within that drift.
 
 Models: ``nearfree`` (a conforming graph of a few reductions, ~1 ms: what is
 left is the pipeline's own cost), ``narrow`` (the stand-in at
@@ -26,6 +65,8 @@ a ratio within this run (the machine is shared; ``others_cores`` says how busy).
 
     python benchmarks/overhead.py --out bench-out/overhead.json
     python benchmarks/overhead.py --models nearfree --sizes nearfree=200,800 --out bench-out/o.json
+    git archive 01907a9 | tar -x -C /tmp/before-identity   # content identity against its parent, in one run:
+    python benchmarks/overhead.py --models nearfree --compare /tmp/before-identity --out bench-out/identity.json
 """
 
 from __future__ import annotations
@@ -43,6 +84,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -57,12 +100,16 @@ SIZES = {"nearfree": (400, 1600), "narrow": (96, 480), "full": (8, 24)}
 BARE_IMAGES = {"nearfree": 200, "narrow": 48, "full": 4}
 #: The issue's targets on a 2-core machine, as ratios to the bare path.
 TARGETS = {
-    "nearfree": {"marginal_vs_bare": (">=", 0.5)},
+    "nearfree": {"marginal_vs_bare": (">=", 0.5), "identity_cost": ("<=", 0.02)},
     "narrow": {"marginal_vs_bare": (">=", 0.9)},
     "full": {"marginal_vs_bare": (">=", 0.93), "whole_run_vs_bare": (">=", 0.85), "memory_growth": ("<=", 0.10),
              "object_store_mb_per_image": ("<=", 4.5)},
 }
-DISTINCT_IMAGES = 48  # distinct JPEGs; bigger datasets link them under new names
+DISTINCT_IMAGES = 48  # distinct pictures; bigger datasets repeat them, each file's bytes its own
+#: Passes over the larger dataset's files and rows timing content identity, with and without, alternating.
+IDENTITY_PASSES = 7
+#: The columns content identity added to a row (schema.FILE_SCHEMA).
+IDENTITY_COLUMNS = ["size", "sha256", "version", "copied_from"]
 
 
 # --- models -------------------------------------------------------------------------------
@@ -115,16 +162,25 @@ def model_path(name: str, workdir: Path) -> Path:
 
 # --- images -------------------------------------------------------------------------------
 def dataset(workdir: Path, count: int) -> Path:
-    """A folder of ``count`` JPEGs: the distinct images, linked again under new names."""
-    distinct = measure.synthesize(workdir / "images", DISTINCT_IMAGES)
-    folder = workdir / f"dataset-{count}"
+    """A folder of ``count`` JPEGs: the distinct pictures again and again, each
+    file with a comment of its own, so that no two have the same bytes:
+    batchdet runs the model once per content and copies the result for the
+    same bytes again (issue 21), so linked copies would time copies, not inference."""
+    distinct = [p.read_bytes() for p in measure.synthesize(workdir / "images", DISTINCT_IMAGES)]
+    folder = workdir / f"distinct-{count}"
     if folder.exists() and len(list(folder.iterdir())) == count:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     for i in range(count):
-        os.link(distinct[i % len(distinct)], folder / f"img-{i:06d}.jpg")
+        (folder / f"img-{i:06d}.jpg").write_bytes(with_comment(distinct[i % len(distinct)], f"copy {i}"))
     return folder
+
+
+def with_comment(jpeg: bytes, text: str) -> bytes:
+    """The same picture with a JPEG comment (COM segment) after its start marker."""
+    comment = text.encode()
+    return jpeg[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + jpeg[2:]
 
 
 # --- the bare per-image path ------------------------------------------------------------------
@@ -288,7 +344,64 @@ def pipeline_run(model: Path, folder: Path, workdir: Path, source: str | None = 
     return {"images": images, "wall_s": child["wall_s"], "images_per_s": images / child["wall_s"],
             "ray_start_s": child["ray_start_s"], "first_done_s": child["first_done_s"],
             "cpu_s": cpu, "cpu_s_by_role": by_role, "cpu_s_by_name": child["cpu_s_by_name"], "others_cores": others,
-            "peak_memory_bytes": memory.peak_pss, "bytes_read_per_image": child["bytes_read"] / images}
+            "peak_memory_bytes": memory.peak_pss, "bytes_read_per_image": child["bytes_read"] / images,
+            "output": str(out)}
+
+
+# --- content identity --------------------------------------------------------------------------
+def read_before_identity(batch: pa.Table) -> pa.Table:
+    """``stages.read_batch`` as it was before content identity (commit 01907a9),
+    for local files: each URI's bytes and its read error, no size, no sha256."""
+    from batchdet.pipeline.preprocess import ImageError
+    from batchdet.pipeline.reading import read_many
+
+    results = read_many(batch.column("uri").to_pylist())
+    return (batch.append_column("data", pa.array([r if isinstance(r, bytes) else None for r in results],
+                                                 pa.large_binary()))
+            .append_column("error", pa.array([str(r) if isinstance(r, ImageError) else None for r in results],
+                                             pa.string())))
+
+
+def _encode(table: pa.Table) -> None:
+    """What the staging sink does with a file's rows, into memory."""
+    pq.write_table(table, pa.BufferOutputStream())
+
+
+def _cpu_ms_per_image(fn, tables: list[pa.Table]) -> float:
+    c = time.process_time()
+    for t in tables:
+        fn(t)
+    return 1e3 * (time.process_time() - c) / sum(t.num_rows for t in tables)
+
+
+def identity_cost(folder: Path, output: Path, bare_cpu_ms: float, marginal_cpu_ms: float) -> dict:
+    """Content identity's CPU per image (module docstring, "Content identity's
+    cost"): the read stage over ``folder``'s files and the sink's encoding of
+    ``output``'s rows, each with and without it, in alternating passes."""
+    from batchdet.pipeline.run import images_per_block
+    from batchdet.pipeline.stages import read_batch
+
+    files = sorted(str(p) for p in folder.iterdir())
+    block = images_per_block(len(files), os.cpu_count() or 1)
+    blocks = [pa.table({"uri": files[i:i + block]}) for i in range(0, len(files), block)]
+    written = [pq.read_table(p, partitioning=None) for p in sorted(output.glob("dataset=*/*.parquet"))]
+    unwritten = [t.drop_columns(IDENTITY_COLUMNS) for t in written]
+    passes: dict[str, list[float]] = {"read": [], "read_before": [], "write": [], "write_before": []}
+    with measure.Phase(measure.own_cpu) as ph:
+        for _ in range(IDENTITY_PASSES):
+            passes["read"].append(_cpu_ms_per_image(read_batch, blocks))
+            passes["read_before"].append(_cpu_ms_per_image(read_before_identity, blocks))
+            passes["write"].append(_cpu_ms_per_image(_encode, written))
+            passes["write_before"].append(_cpu_ms_per_image(_encode, unwritten))
+    added = {stage: statistics.median(a - b for a, b in zip(passes[stage], passes[f"{stage}_before"]))
+             for stage in ("read", "write")}
+    cpu_ms = added["read"] + added["write"]
+    return {"images": len(files), "block": block, "rows_written": sum(t.num_rows for t in written),
+            "passes": passes, "read_ms_per_image": added["read"], "write_ms_per_image": added["write"],
+            "cpu_ms_per_image": cpu_ms, "share_of_bare_cpu": cpu_ms / bare_cpu_ms,
+            "share_of_marginal_cpu": cpu_ms / marginal_cpu_ms,
+            "others_cores": ph.foreign_cores}
+
 
 
 # --- one model --------------------------------------------------------------------------------
@@ -318,7 +431,8 @@ def measure_model(name: str, sizes: tuple[int, int], workdir: Path, compare: str
         compared = {"source": compare, "pipeline": others, "marginal_images_per_s": rate,
                     "marginal_vs_bare": rate / statistics.fmean(s["images_per_s"] for s in segments),
                     "whole_run_vs_bare": cb["images_per_s"] / statistics.fmean(s["images_per_s"] for s in segments),
-                    "marginal_cpu_ms_per_image": 1e3 * (cb["cpu_s"] - ca["cpu_s"]) / extra_images}
+                    "marginal_cpu_ms_per_image": 1e3 * (cb["cpu_s"] - ca["cpu_s"]) / extra_images,
+                    "this_vs_compared": marginal / rate}
     marginal_cpu_ms = 1e3 * (b["cpu_s"] - a["cpu_s"]) / extra_images
     roles = sorted(set(a["cpu_s_by_role"]) | set(b["cpu_s_by_role"]))
     by_role = {r: 1e3 * (b["cpu_s_by_role"].get(r, 0.0) - a["cpu_s_by_role"].get(r, 0.0)) / extra_images
@@ -345,6 +459,9 @@ def measure_model(name: str, sizes: tuple[int, int], workdir: Path, compare: str
         "compared": compared,
     }
     res["whole_run_vs_bare_with_start_up"] = res["start_up"]["bare_whole_s"] / b["wall_s"]
+    print(f"{name}: content identity's own cost ...", flush=True)
+    res["identity"] = identity_cost(large, Path(b["output"]), bare_cpu_ms, marginal_cpu_ms)
+    res["identity_cost"] = res["identity"]["share_of_bare_cpu"]
     res["targets"] = {k: {"target": f"{op} {bound}", "value": res[k], "met": res[k] >= bound if op == ">=" else res[k] <= bound}
                       for k, (op, bound) in TARGETS[name].items()}
     return res
@@ -364,13 +481,21 @@ def table(results: dict) -> str:
             c = r["compared"]
             lines.append(f"{name + ' (' + c['source'] + ')':<30} pipeline marginal {c['marginal_images_per_s']:.3f} img/s = "
                          f"{c['marginal_vs_bare']:.3f} x bare, whole run {c['whole_run_vs_bare']:.3f}, "
-                         f"{c['marginal_cpu_ms_per_image']:.1f} CPU ms/img")
+                         f"{c['marginal_cpu_ms_per_image']:.1f} CPU ms/img; this / that marginal "
+                         f"{c['this_vs_compared']:.3f}")
     lines.append("\nstart-up of the larger run (s): Ray's start, first images done, whole run; a bare loop's own start-up:")
     for name, r in results["models"].items():
         u, big = r["start_up"], r["pipeline"][1]
         lines.append(f"  {name:<9} ray {u['ray_start_s']:.1f}, first done {u['first_done_s'] or float('nan'):.1f}, "
                      f"whole {big['wall_s']:.1f} for {big['images']} images; bare start-up {u['bare_start_up_s']:.1f}: "
                      f"whole run / bare loop with its start-up {r['whole_run_vs_bare_with_start_up']:.3f}")
+    lines.append("\ncontent identity, CPU ms per image (median over passes of with - without):")
+    for name, r in results["models"].items():
+        i = r["identity"]
+        lines.append(f"  {name:<9} read {i['read_ms_per_image']:.3f} + write {i['write_ms_per_image']:.3f} = "
+                     f"{i['cpu_ms_per_image']:.3f}: {100 * i['share_of_bare_cpu']:.2f} % of the bare path's "
+                     f"{r['bare']['cpu_ms_per_image']:.1f}, {100 * i['share_of_marginal_cpu']:.2f} % of the pipeline's "
+                     f"marginal {r['marginal_cpu_ms_per_image']:.1f} (others used {i['others_cores']:.2f} cores)")
     lines.append("\nmarginal CPU ms per image by process role:")
     for name, r in results["models"].items():
         parts = sorted(r["marginal_cpu_ms_by_role"].items(), key=lambda kv: -kv[1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,69 @@ def test_figures_follow_from_the_raw_measurements(run):
     assert math.isclose(r["marginal_cpu_ms_per_image"], 1e3 * (b["cpu_s"] - a["cpu_s"]) / 6)
     assert math.isclose(r["added_cpu_ms_per_image"], r["marginal_cpu_ms_per_image"] - r["bare"]["cpu_ms_per_image"])
     work = out.parent / "overhead-work"
-    per_image = [sum(f.stat().st_size for f in (work / f"dataset-{n}").iterdir()) / n for n in (6, 12)]
+    per_image = [sum(f.stat().st_size for f in (work / f"distinct-{n}").iterdir()) / n for n in (6, 12)]
     assert math.isclose(r["object_store_mb_per_image"], max(per_image) / 1e6)
     assert r["targets"]["marginal_vs_bare"]["met"] == (r["marginal_vs_bare"] >= 0.5)
+
+
+def test_identity_cost_follows_from_its_passes(run):
+    """Content identity's CPU per image is the median over passes of with - without, per stage;
+    the target (2 %) is judged on its share of the bare path's CPU per image, the one of the
+    pipeline's marginal CPU per image recorded beside it."""
+    from batchdet.pipeline.run import images_per_block
+
+    r = run[0]["models"]["nearfree"]
+    i, p = r["identity"], r["identity"]["passes"]
+    assert (i["images"], i["block"], i["rows_written"]) == (12, images_per_block(12, os.cpu_count()), 12)
+    assert sorted(p) == ["read", "read_before", "write", "write_before"] and all(len(v) == 7 for v in p.values())
+    for stage in ("read", "write"):
+        assert math.isclose(i[f"{stage}_ms_per_image"],
+                            statistics.median(a - b for a, b in zip(p[stage], p[f"{stage}_before"])))
+    assert math.isclose(i["cpu_ms_per_image"], i["read_ms_per_image"] + i["write_ms_per_image"])
+    assert math.isclose(i["share_of_marginal_cpu"], i["cpu_ms_per_image"] / r["marginal_cpu_ms_per_image"])
+    assert math.isclose(r["identity_cost"], i["cpu_ms_per_image"] / r["bare"]["cpu_ms_per_image"])
+    assert r["identity_cost"] == i["share_of_bare_cpu"]
+    assert r["targets"]["identity_cost"] == {"target": "<= 0.02", "value": r["identity_cost"],
+                                             "met": r["identity_cost"] <= 0.02}
+
+
+def test_the_read_without_identity_is_the_same_read_less_its_columns(run, tmp_path):
+    """What the identity's read cost is timed against does the same work but the hash:
+    the same bytes and errors, only size and sha256 missing."""
+    import hashlib
+
+    import pyarrow as pa
+
+    from batchdet.pipeline.stages import read_batch
+
+    sys.path.insert(0, str(BENCH.parent))
+    from overhead import read_before_identity
+
+    work = run[1].parent / "overhead-work" / "distinct-12"
+    uris = [str(p) for p in sorted(work.iterdir())][:3] + [str(tmp_path / "absent.jpg")]
+    batch = pa.table({"uri": uris})
+    with_identity = read_batch(batch)
+    assert read_before_identity(batch).equals(with_identity.drop_columns(["size", "sha256"]))
+    data = [Path(u).read_bytes() for u in uris[:3]]
+    assert with_identity.column("sha256").to_pylist() == [hashlib.sha256(d).hexdigest() for d in data] + [None]
+    assert with_identity.column("error").to_pylist()[:3] == [None] * 3 and with_identity.column("error")[3].as_py()
+
+
+def test_every_image_is_inferred_not_copied(run):
+    """The datasets repeat 48 pictures, every file with bytes of its own: the same
+    picture decodes to the same pixels, and no row of a run is a copy of another's."""
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(BENCH.parent))
+    from overhead import with_comment
+
+    from batchdet.pipeline.preprocess import prepare
+
+    work = run[1].parent / "overhead-work"
+    data = sorted((work / "images").iterdir())[0].read_bytes()
+    assert with_comment(data, "copy 1") != data
+    assert np.array_equal(prepare(with_comment(data, "copy 1")).image, prepare(data).image)
+    for n in (6, 12):
+        rows = pq.read_table(sorted((work / f"out-{n}").glob("dataset=*/*.parquet")), partitioning=None)
+        assert rows.num_rows == n and rows.column("status").to_pylist() == ["ok"] * n
+        assert rows.column("copied_from").null_count == n and len(set(rows.column("sha256").to_pylist())) == n

@@ -183,11 +183,19 @@ def test_scale_figures_follow_from_the_record(scale_run):
         {k: e[k] for k in ("images", "images_ok", "images_error", "detections")}
     assert s["commit"]["files"] == r["staged_files"]
     assert s["listing"]["uris"] == N
-    assert s["resume"]["done"] == e["images_ok"] and s["resume"]["todo"] == e["images_error"]
+    # the update plan: one image of N=2000 changed, one added, one deleted; the error rows retried
+    assert e["update"] == {"unchanged": e["images_ok"] - 2, "retried": e["images_error"], "changed": 1, "new": 1,
+                           "gone": 1}
+    assert {k: s["resume"][k] for k in e["update"]} == e["update"]
+    assert s["resume"]["unchanged"] + s["resume"]["retried"] == N - 2
+    assert s["resume"]["todo"] == e["images_error"] + 2  # the changed, the new and the error rows
+    assert s["resume"]["known"] == e["images_ok"]  # every ok row's sha256 (all distinct), the re-uploaded one's too
     for step in s.values():
-        assert step["seconds"] >= 0 and step["rss_mb"] > 0
-    assert s["resume"]["done_uris_and_without_s"] <= s["resume"]["seconds"]
+        assert step["seconds"] >= 0 and step["rss_mb"] > 0 and step["cpu_s"] > 0 and step["others_cores"] >= 0
+    assert s["resume"]["plan_update_s"] <= s["resume"]["seconds"]
     assert r["peak_rss_mb"] == max(s[k]["rss_mb"] for k in ("commit", "resume", "listing"))
+    assert r["others_cores"] == max(step["others_cores"] for step in s.values())
+    assert report["machine"]["cpu_model"] and report["commit"]
     t = report["targets"]
     assert r["meets_targets"] == {"rss": r["peak_rss_mb"] <= t["rss_mb"], "commit": s["commit"]["seconds"] <= t["commit_s"],
                                   "resume": s["resume"]["seconds"] <= t["resume_s"]}
@@ -195,8 +203,9 @@ def test_scale_figures_follow_from_the_record(scale_run):
     row = next(line for line in stdout.splitlines() if line.split() and line.split()[0] == str(N))
     cells = row.replace("|", " ").split()
     assert cells == [str(N), str(r["staged_files"]), f"{s['commit']['seconds']:.2f}", f"{s['commit']['rss_mb']:.0f}",
-                     f"{s['resume']['seconds']:.2f}", f"{s['resume']['rss_mb']:.0f}",
-                     f"{s['listing']['seconds']:.2f}", f"{s['listing']['rss_mb']:.0f}", f"{s['baseline']['rss_mb']:.0f}"]
+                     f"{s['resume']['seconds']:.2f}", f"{s['resume']['rss_mb']:.0f}", f"{s['resume']['cpu_s']:.1f}",
+                     f"{s['listing']['seconds']:.2f}", f"{s['listing']['rss_mb']:.0f}", f"{s['baseline']['rss_mb']:.0f}",
+                     f"{r['others_cores']:.2f}"]
 
 
 def test_a_file_staged_before_content_identity_is_committed(tmp_path):
