@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchdet.output.layout import Output
@@ -38,13 +37,12 @@ class ContentIndex:
     rows: np.ndarray  # int32: row within that file, per digest
 
     @classmethod
-    def from_rows(cls, table: pa.Table) -> "ContentIndex":
-        """From columns ``sha256`` (hex), ``file`` and ``row``; one source kept per digest."""
-        digests = np.array(table.column("sha256").to_pylist(), dtype="S64")
-        files = pc.dictionary_encode(table.column("file")).combine_chunks()
+    def from_rows(cls, table: pa.Table, files: list[str]) -> "ContentIndex":
+        """From columns ``sha256`` (hex, none null), ``file`` (index into ``files``)
+        and ``row``; one source kept per digest."""
+        digests = _fixed_width(table.column("sha256").combine_chunks(), 64)
         digests, first = np.unique(digests, return_index=True)  # sorted, one each
-        return cls(digests, tuple(files.dictionary.to_pylist()),
-                   files.indices.to_numpy().astype(np.int32)[first],
+        return cls(digests, tuple(files), np.asarray(table.column("file"), dtype=np.int32)[first],
                    np.asarray(table.column("row"), dtype=np.int32)[first])
 
     def __len__(self) -> int:
@@ -57,6 +55,16 @@ class ContentIndex:
         if i < len(self.digests) and self.digests[i] == key:
             return self.files[self.file_ids[i]], int(self.rows[i])
         return None
+
+
+def _fixed_width(strings: pa.Array, width: int) -> np.ndarray:
+    """An Arrow string array whose values all have ``width`` bytes, as a numpy
+    ``S<width>`` array read straight from its buffer (no Python string each)."""
+    offsets = np.frombuffer(strings.buffers()[1], np.int32)[strings.offset:strings.offset + len(strings) + 1]
+    if len(strings) and not (np.diff(offsets) == width).all():
+        raise ValueError(f"not every value has {width} bytes")
+    data = np.frombuffer(strings.buffers()[2], np.uint8)[offsets[0]:offsets[0] + width * len(strings)]
+    return data.view(f"S{width}").copy()
 
 
 class RowReader:

@@ -64,8 +64,8 @@ class Snapshot:
         image that exists now: its latest run's), ``detections`` (one row per
         detection of those) and ``all_images`` (every row of every file,
         superseded and ``missing`` ones included). ``provenance`` adds each
-        row's ``filename`` and ``file_row_number`` to the views (for planning
-        a resume, not for users' queries)."""
+        row's ``filename`` and ``file_row_number`` to the views (``verify``'s
+        per-file checks; users' queries need neither)."""
         con = duckdb.connect()
         if self.files:
             if not is_local(self.output.fs):

@@ -1,7 +1,7 @@
 """What ``--resume`` must do to bring an output up to date with its inputs.
 
-Each listed image is compared with its current row (the latest run's,
-:meth:`batchdet.output.query.Snapshot.connect`'s ``latest_rows``):
+Each listed image is compared with its current row (the latest run's, as
+:meth:`batchdet.output.query.Snapshot.connect`'s ``latest_rows`` has it):
 
 - **unchanged**: an ``ok`` row whose size and version token (S3's ETag, a
   local file's mtime) equal the listing's: skipped, its bytes never read;
@@ -14,8 +14,8 @@ Each listed image is compared with its current row (the latest run's,
 - **gone**: a current row of one of the run's datasets that the listing no
   longer holds gets a ``missing`` row, so it is no longer current.
 
-The comparison is one DuckDB join over the output's light columns and the
-listing, so a million rows plan in seconds without a Python object per row.
+The comparison is one DuckDB join of the output's light columns (read into
+Arrow) with the listing, with no Python object per row.
 Every ``ok`` row with a sha256, superseded ones too (an image deleted and
 later restored), goes into the :class:`ContentIndex` the actors copy from:
 all of an output's rows share one set of result settings.
@@ -25,16 +25,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchdet.output.content import ContentIndex
-from batchdet.output.layout import Output
-from batchdet.output.query import Snapshot
+from batchdet.output.layout import Output, dataset_of
 from batchdet.output.schema import FILE_SCHEMA, STATUS_MISSING, STATUS_OK
 from batchdet.pipeline.listing import Listing
-from batchdet.storage import full_uri
+from batchdet.pipeline.writing import _in_threads
 
 #: The states of a listed image, in the order of :class:`UpdateCounts`' fields.
 STATES = ("unchanged", "new", "retried", "changed")
@@ -68,27 +69,34 @@ def fresh(listings: dict[str, Listing]) -> Update:
 
 def plan_update(out: Output, listings: dict[str, Listing]) -> Update:
     """Compare ``listings`` with ``out``'s current rows (see the module's docstring)."""
-    files = tuple(full_uri(out.fs, path) for path in out.data_files())
-    if not files:
+    paths = out.data_files()
+    if not paths:
         return fresh(listings)
-    con = Snapshot(out, files).connect(provenance=True)
+    rows = _light_rows(out, paths)
+    con = duckdb.connect()
+    con.register("all_rows", rows)
     con.register("listed", _listed(listings))
+    # the latest row of each image, once (readers' views do the same: query.py)
+    con.execute("CREATE TEMP TABLE latest AS SELECT a.* FROM all_rows a ANTI JOIN "
+                "(SELECT dataset, uri, run_id FROM all_rows) later "
+                "ON later.dataset = a.dataset AND later.uri = a.uri AND later.run_id > a.run_id")
     states = con.sql(f"""
         SELECT max(CASE WHEN c.uri IS NULL OR c.status = '{STATUS_MISSING}' THEN 1
                         WHEN c.status <> '{STATUS_OK}' THEN 2
                         WHEN l.version IS NOT NULL AND l.version = c.version AND l.size = c.size THEN 0
                         ELSE 3 END)::TINYINT AS state
-        FROM listed l LEFT JOIN latest_rows c ON c.dataset = l.dataset AND c.uri = l.uri
+        FROM listed l LEFT JOIN latest c ON c.dataset = l.dataset AND c.uri = l.uri
         GROUP BY l.i ORDER BY l.i""").to_arrow_table().column("state").to_numpy()
     gone_rows = con.execute(f"""
-        SELECT c.dataset, c.uri FROM latest_rows c
+        SELECT c.dataset, c.uri FROM latest c
         WHERE c.status <> '{STATUS_MISSING}' AND c.dataset IN (SELECT DISTINCT dataset FROM listed)
           AND NOT EXISTS (SELECT 1 FROM listed l WHERE l.dataset = c.dataset AND l.uri = c.uri)
         ORDER BY c.dataset, c.uri""").fetchall()
-    known = con.sql(f"""
-        SELECT sha256, filename AS file, file_row_number AS row FROM all_images
-        WHERE status = '{STATUS_OK}' AND sha256 IS NOT NULL""").to_arrow_table()
-    update = Update({}, {}, {}, ContentIndex.from_rows(known) if known.num_rows else None)
+    con.close()
+    ok = pc.and_(pc.equal(rows.column("status"), STATUS_OK), pc.is_valid(rows.column("sha256")))
+    known = rows.filter(ok)
+    update = Update({}, {}, {}, ContentIndex.from_rows(known, paths) if known.num_rows else None)
+    del rows, known
     start = 0
     for name, listing in listings.items():
         mine = states[start:start + len(listing.uris)]
@@ -99,6 +107,32 @@ def plan_update(out: Output, listings: dict[str, Listing]) -> Update:
         update.gone.setdefault(dataset, []).append(uri)
         update.counts[dataset].gone += 1
     return update
+
+
+#: The columns of each row the plan compares: none of the detections.
+LIGHT_COLUMNS = ("uri", "run_id", "status", "size", "version", "sha256")
+
+
+def _light_rows(out: Output, paths: list[str]) -> pa.Table:
+    """Every committed row's :data:`LIGHT_COLUMNS`, its dataset, and where it is
+    (``file``: index into ``paths``; ``row`` in that file); null where a file
+    from before content identity lacks a column. Read file by file, IO_THREADS
+    at a time, into Arrow: no Python object per row, and no engine holding
+    every file's metadata (DuckDB's ``union_by_name`` over 15,000 files cost
+    ~600 MB: docs/notes/2026-12-04-trust.md)."""
+
+    def light(item: tuple[int, str]) -> pa.Table:
+        index, path = item
+        with out.fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            names = set(parquet.schema_arrow.names)
+            table = parquet.read(columns=[c for c in LIGHT_COLUMNS if c in names])
+        n = table.num_rows
+        columns = {c: table.column(c) if c in names else pa.nulls(n, FILE_SCHEMA.field(c).type) for c in LIGHT_COLUMNS}
+        return pa.table({**columns, "dataset": pa.array([dataset_of(path)] * n, pa.string()),
+                         "file": pa.array(np.full(n, index, np.int32)), "row": pa.array(np.arange(n, dtype=np.int32))})
+
+    return pa.concat_tables(_in_threads(light, list(enumerate(paths))))
 
 
 def _listed(listings: dict[str, Listing]) -> pa.Table:
