@@ -202,6 +202,40 @@ def ray_local() -> Iterator[LocalRay]:
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def _shared_cluster(request, s3, tmp_path_factory):
+    """The :class:`helpers.ray_cluster.SharedCluster`; the nodes' credentials
+    file lies outside the cluster's folder (searched by test_secrets)."""
+    from helpers.ray_cluster import NODE_PROFILE, SharedCluster
+
+    credentials = tmp_path_factory.mktemp("aws") / "credentials"
+    credentials.write_text(f"[{NODE_PROFILE}]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    shared = SharedCluster(credentials)
+    request.config._batchdet_cluster = shared
+    yield shared
+    shared.stop()
+    assert not shared.left, f"processes of the test cluster left running: {shared.left}"
+
+
+@pytest.fixture(scope="module")
+def cluster(_shared_cluster):
+    """The session's multi-node Ray cluster (a head and a worker node), whole:
+    a worker node an earlier test killed is running again."""
+    return _shared_cluster.running()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """The shared cluster stops after the last test that uses it, so that the
+    rest of the session does not share the CPUs with its idle nodes."""
+    yield
+    shared = getattr(item.config, "_batchdet_cluster", None)
+    if shared is not None and shared.cluster is not None:
+        users = [i for i in item.session.items if "cluster" in i.fixturenames]
+        if item is users[-1]:
+            shared.stop()
+
+
 N_IMAGES = 30
 
 
