@@ -313,7 +313,7 @@ def test_actor_that_no_node_can_hold_is_refused(ray_local, narrow_model, local_i
     assert "--gpus-per-actor 1.0 but the cluster has 0 GPUs" in capsys.readouterr().err
 
 
-def test_embedded_ray_keeps_idle_workers_warm(ray_local):
+def test_embedded_ray_keeps_idle_workers_warm(ray_local, tmp_path):
     """Preprocessing workers survive the seconds between blocks on a node with
     more tasks in flight than CPUs. ray_local is started as batchdet starts its
     embedded Ray (``local_ray_options()``); with Ray's default settings all but
@@ -323,11 +323,18 @@ def test_embedded_ray_keeps_idle_workers_warm(ray_local):
 
     import ray
 
+    tasks = 4  # twice the CPUs
+
     @ray.remote(num_cpus=0.25)
-    def worker_pid():
-        time.sleep(0.5)  # concurrent, so each its own worker, as when an actor's first blocks are prepared
+    def worker_pid(barrier: str) -> int:
+        # all at once, so each in a worker of its own, as when an actor's first blocks are prepared
+        Path(barrier, str(os.getpid())).touch()
+        deadline = time.monotonic() + 120  # new workers start slowly on a loaded machine
+        while len(os.listdir(barrier)) < tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
         return os.getpid()
 
-    pids = set(ray.get([worker_pid.remote() for _ in range(8)]))
+    pids = set(ray.get([worker_pid.remote(str(tmp_path)) for _ in range(tasks)]))
+    assert len(pids) == tasks, pids
     time.sleep(5)  # a CPU actor frees a block every few seconds
-    assert len(pids) >= 4 and all(os.path.exists(f"/proc/{pid}") for pid in pids), pids
+    assert all(os.path.exists(f"/proc/{pid}") for pid in pids), pids
