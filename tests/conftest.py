@@ -224,6 +224,17 @@ def cluster(_shared_cluster):
     return _shared_cluster.running()
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``breaks_cluster`` (they kill one of the shared cluster's
+    nodes) run after the other tests that use the cluster, which then never
+    wait for a node to be started again."""
+    breakers = [item for item in items if "cluster" in item.fixturenames and item.get_closest_marker("breaks_cluster")]
+    rest = [item for item in items if item not in breakers]
+    users = [i for i, item in enumerate(rest) if "cluster" in item.fixturenames]
+    if breakers and users:
+        items[:] = rest[:users[-1] + 1] + breakers + rest[users[-1] + 1:]
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
     """The shared cluster stops after the last test that uses it, so that the

@@ -15,9 +15,11 @@ from helpers.outputs import assert_exactly_once
 
 
 @pytest.mark.slow
+@pytest.mark.breaks_cluster
 def test_worker_node_killed_then_resumed(cluster, narrow_model, many_images, tmp_path):
     """On the session's cluster (a head of 1 CPU, a worker of 2): the worker
-    dies with its actors; the next test using the cluster gets it restarted."""
+    dies with its actors. The test runs after the others that use the
+    cluster (a later one would get the worker started again)."""
     out = tmp_path / "out"
     env = cluster.node_env(tmp_path / "driver-cache")
     argv = [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"many={many_images}",
