@@ -17,6 +17,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -70,6 +71,8 @@ def pytest_configure(config):
     # batchdet's defaults, every one of them under $XDG_CACHE_HOME
     for name in [n for n in os.environ if n.startswith("BATCHDET_") and not n.startswith("BATCHDET_TEST_")]:
         del os.environ[name]
+    # no Ray of the caller's: the tests' own (ray_local), which CLI subprocesses join only when given it
+    os.environ.pop("RAY_ADDRESS", None)
     os.environ["XDG_CACHE_HOME"] = str(config._batchdet_tmp / "cache")
     os.environ["PYTHONWARNINGS"] = _deprecations_are_errors_in_children()
     # Ray adds a show-once filter for RayDeprecationWarning on import; imported
@@ -156,14 +159,92 @@ def narrow_model(tmp_path_factory):
     return write_standin(tmp_path_factory.mktemp("models") / "narrow.onnx", seed=0, channels_divisor=8)
 
 
+@dataclass
+class LocalRay:
+    """The session's Ray: its GCS address and the folder holding its sessions (and logs)."""
+
+    address: str
+    temp_dir: Path
+
+    def env(self, base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+        """An environment (``base``, default this process's) in which a ``batchdet``
+        subprocess joins this Ray through ``RAY_ADDRESS`` instead of starting its own."""
+        return {**(os.environ if base is None else base), "RAY_ADDRESS": self.address, **extra}
+
+
+#: Credentials the session's Ray must not take from this process's environment
+#: (the s3 fixture sets them): its workers then hold only what a run hands
+#: them, as a CLI's own Ray started without them would.
+_AWS_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
 @pytest.fixture(scope="session")
-def ray_local():
-    """One real local Ray for the in-process pipeline tests (detect() reuses it)."""
+def ray_local() -> Iterator[LocalRay]:
+    """One real local Ray for the whole session, started as batchdet starts its
+    embedded one (:func:`batchdet.pipeline.run.local_ray_options`: its node
+    settings keep idle workers warm between runs). In-process runs (``detect()``,
+    ``main()``) reuse it; CLI subprocesses join it with :meth:`LocalRay.env`.
+    Only tests that must kill or own a Ray start another."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from batchdet.pipeline.run import local_ray_options
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="bdlocal-", dir="/tmp"))  # short: Ray's unix sockets live under it
+    saved = {k: os.environ.pop(k) for k in _AWS_CREDENTIALS if k in os.environ}
+    try:
+        ray.init(num_cpus=2, log_to_driver=False, _temp_dir=str(temp_dir), **local_ray_options())
+    finally:
+        os.environ.update(saved)
+    try:
+        yield LocalRay(ray.get_runtime_context().gcs_address, temp_dir)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def _shared_cluster(request, s3, tmp_path_factory):
+    """The :class:`helpers.ray_cluster.SharedCluster`; the nodes' credentials
+    file lies outside the cluster's folder (searched by test_secrets)."""
+    from helpers.ray_cluster import NODE_PROFILE, SharedCluster
+
+    credentials = tmp_path_factory.mktemp("aws") / "credentials"
+    credentials.write_text(f"[{NODE_PROFILE}]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    shared = SharedCluster(credentials)
+    request.config._batchdet_cluster = shared
+    yield shared
+    shared.stop()
+    assert not shared.left, f"processes of the test cluster left running: {shared.left}"
+
+
+@pytest.fixture(scope="module")
+def cluster(_shared_cluster):
+    """The session's multi-node Ray cluster (a head and a worker node), whole:
+    a worker node an earlier test killed is running again."""
+    return _shared_cluster.running()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``breaks_cluster`` (they kill one of the shared cluster's
+    nodes) run after the other tests that use the cluster, which then never
+    wait for a node to be started again."""
+    breakers = [item for item in items if "cluster" in item.fixturenames and item.get_closest_marker("breaks_cluster")]
+    rest = [item for item in items if item not in breakers]
+    users = [i for i, item in enumerate(rest) if "cluster" in item.fixturenames]
+    if breakers and users:
+        items[:] = rest[:users[-1] + 1] + breakers + rest[users[-1] + 1:]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """The shared cluster stops after the last test that uses it, so that the
+    rest of the session does not share the CPUs with its idle nodes."""
     yield
-    ray.shutdown()
+    shared = getattr(item.config, "_batchdet_cluster", None)
+    if shared is not None and shared.cluster is not None:
+        users = [i for i in item.session.items if "cluster" in i.fixturenames]
+        if item is users[-1]:
+            shared.stop()
 
 
 N_IMAGES = 30

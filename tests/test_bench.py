@@ -3,6 +3,8 @@ int8.py, prefetch.py, ray_presence.py): every field there, every value sane,
 and every derived figure recomputed here from the raw timings the run recorded.
 
 No timing is asserted: the machine is shared and the quick model is tiny.
+The runs are marked ``bench``: deselected by the default ``pytest`` (pyproject's
+addopts), run by ``pytest -m bench``, which .ci/run does once.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ def results(results_path):
     return json.loads(results_path.read_text())
 
 
+@pytest.mark.bench
 def test_quick_run_reports_every_field(results):
     assert set(results) >= {"machine", "commit", "config", "bare", "pipeline", "pipeline_marginal",
                             "memory", "object_store", "targets"}
@@ -104,6 +107,7 @@ def _holds(value: float, target: str) -> bool:
     return {">=": value >= float(bound), "<=": value <= float(bound)}[op]
 
 
+@pytest.mark.bench
 def test_quick_run_figures_follow_from_its_raw_timings(results, results_path):
     """Each derived figure against a computation of its own from what the
     run recorded raw: the actors' call logs, each bare segment's per-image
@@ -151,12 +155,14 @@ def test_quick_run_figures_follow_from_its_raw_timings(results, results_path):
         assert target["met"] == _holds(target["value"], target["target"]), name
 
 
+@pytest.mark.bench
 def test_quick_run_writes_a_markdown_table(results_path):
     text = results_path.with_suffix(".md").read_text()
     assert text.startswith("| measure | value | note |") and "| pipeline_vs_bare >= 0.95 |" in text
     assert "onnxruntime" in text and "Command: `bench.py --quick" in text
 
 
+@pytest.mark.bench
 def test_preprocessing_against_a_bare_decode(tmp_path):
     res = _quick("preprocessing.py", tmp_path / "pre.json")
     pre = res["preprocess"]
@@ -170,6 +176,7 @@ def test_preprocessing_against_a_bare_decode(tmp_path):
     assert target["met"] == _holds(target["value"], target["target"])
 
 
+@pytest.mark.bench
 def test_int8_against_fp32(tmp_path):
     res = _quick("int8.py", tmp_path / "int8.json")
     q = res["int8"]
@@ -182,6 +189,7 @@ def test_int8_against_fp32(tmp_path):
     assert target["met"] == _holds(target["value"], target["target"])
 
 
+@pytest.mark.bench
 def test_prefetch_cap_bounds_what_waits_in_the_object_store(tmp_path):
     """benchmarks/prefetch.py on a real local Ray, files of 2 MiB and a
     consumer taking 0.01 s a file: with the pipeline's cap, what waits never
@@ -207,6 +215,7 @@ def test_prefetch_cap_bounds_what_waits_in_the_object_store(tmp_path):
     assert all(0 < r["consumer_busy"] <= 1.0 for r in runs)
 
 
+@pytest.mark.bench
 def test_ray_presence_measures_the_bare_loop_alone_and_beside_ray(tmp_path):
     """benchmarks/ray_presence.py on a real embedded Ray: both loops run, the
     ratio is the one of the two rates."""

@@ -6,10 +6,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -155,42 +154,46 @@ def test_dataset_names_cannot_escape_their_partition(name, tmp_path, capsys):
         assert "bad dataset name" in capsys.readouterr().err
 
 
-def test_no_secret_in_logs_rows_or_manifest(s3, narrow_model, tmp_path):
+def test_no_secret_in_logs_rows_or_manifest(s3, narrow_model, ray_local):
     """Credentials given as storage options appear nowhere: not in the CLI's
-    output, the Ray logs, the Parquet rows or the manifest."""
+    output, the Ray logs, the Parquet rows or the manifest. The CLI joins
+    ray_local, whose workers have no credentials of their own: the run's
+    reads and writes can only use the ones given, and all of Ray's logs
+    (this run's driver and workers among them) are under its folder."""
     key, secret = "AKIAQUITEUNIQUEKEY77", "s3cr3t-value/that+must+never+leak"
     fs = s3.filesystem()
     bucket = s3.new_bucket()
     fs.pipe(f"{bucket}/in/a.jpg", photo("rocket.jpg"))
     fs.pipe(f"{bucket}/in/bad.jpg", b"not an image")
     fs.pipe(f"{bucket}/in/zero.jpg", b"")
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-    try:
-        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-        env["RAY_TMPDIR"] = str(ray_tmp)
-        proc = subprocess.run(
-            [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"d=s3://{bucket}/in",
-             "--output", f"s3://{bucket}/out", "--model", str(narrow_model),
-             "--storage-option", f"endpoint_url={s3.endpoint_url}",
-             "--storage-option", f"key={key}", "--storage-option", f"secret={secret}"],
-            capture_output=True, text=True, timeout=300, env=env,
-        )
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        haystacks = {"stdout": proc.stdout, "stderr": proc.stderr}
-        for path in fs.find(f"{bucket}/out"):
-            haystacks[path] = fs.cat(path).decode("latin-1")
-        logs = list(ray_tmp.rglob("*.log")) + list(ray_tmp.rglob("*.out")) + list(ray_tmp.rglob("*.err"))
-        assert logs, "no Ray logs found to search"
-        # and the log file the CLI sends everything it does not show to
-        logs += [Path(line.split("Ray's log: ", 1)[1]) for line in proc.stdout.splitlines() if "Ray's log: " in line]
-        assert logs[-1].name.endswith(".log") and logs[-1].parent.name == "batchdet-logs", proc.stdout
-        for log in logs:
-            haystacks[str(log)] = log.read_text(errors="replace")
-        for where, text in haystacks.items():
-            assert key not in text and secret not in text, f"secret leaked into {where}"
-        manifests = [p for p in fs.find(f"{bucket}/out/_runs") if p.endswith(".json")]
-        manifest = json.loads(fs.cat(manifests[0]))
-        assert manifest["arguments"]["storage_options"]["secret"] == "***"
-        assert len(manifest["model"]["sha256"]) == 64
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    env = ray_local.env({k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+    started = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"d=s3://{bucket}/in",
+         "--output", f"s3://{bucket}/out", "--model", str(narrow_model),
+         "--storage-option", f"endpoint_url={s3.endpoint_url}",
+         "--storage-option", f"key={key}", "--storage-option", f"secret={secret}"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    haystacks = {"stdout": proc.stdout, "stderr": proc.stderr}
+    for path in fs.find(f"{bucket}/out"):
+        haystacks[path] = fs.cat(path).decode("latin-1")
+    ray_tmp = ray_local.temp_dir
+    logs = list(ray_tmp.rglob("*.log")) + list(ray_tmp.rglob("*.out")) + list(ray_tmp.rglob("*.err"))
+    assert [p for p in logs if p.name.startswith("python-core-driver-") and p.stat().st_mtime > started], \
+        "no Ray logs of this run's driver found to search"
+    # and the log file the CLI sends everything it does not show to
+    logs += [Path(line.split("Ray's log: ", 1)[1]) for line in proc.stdout.splitlines() if "Ray's log: " in line]
+    assert logs[-1].name.endswith(".log") and logs[-1].parent.name == "batchdet-logs", proc.stdout
+    for log in logs:
+        haystacks[str(log)] = log.read_text(errors="replace")
+    for where, text in haystacks.items():
+        assert key not in text and secret not in text, f"secret leaked into {where}"
+    rows = {r["uri"].rsplit("/", 1)[1]: r["status"] for r in pads.dataset(
+        f"{bucket}/out", filesystem=fs, format="parquet", partitioning="hive").to_table().to_pylist()}
+    assert rows == {"a.jpg": "ok", "bad.jpg": "error", "zero.jpg": "error"}  # read and written with the given keys
+    manifests = [p for p in fs.find(f"{bucket}/out/_runs") if p.endswith(".json")]
+    manifest = json.loads(fs.cat(manifests[0]))
+    assert manifest["arguments"]["storage_options"]["secret"] == "***"
+    assert len(manifest["model"]["sha256"]) == 64

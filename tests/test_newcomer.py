@@ -4,7 +4,9 @@ own. Values are checked, not only exit codes.
 
 `batchdet model standin --channels-divisor 8` puts the narrow stand-in where
 `batchdet demo` looks for a stand-in (the model cache), so the demo runs the
-whole job on it in well under a minute instead of building the full one.
+whole job on it in well under a minute instead of building the full one. The
+demo joins the session's Ray through RAY_ADDRESS (a CLI starting a Ray of its
+own is tests/test_progress.py's).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import pytest
 BATCHDET = Path(sys.executable).with_name("batchdet")  # what `pip install -e .` put beside python
 
 
-def batchdet(*args: str, cwd: Path, cache: Path, timeout: float = 600) -> str:
+def batchdet(*args: str, cwd: Path, cache: Path, timeout: float = 600, env: dict[str, str] | None = None) -> str:
     assert BATCHDET.is_file(), f"{BATCHDET}: the console script is missing; run `python -m pip install -e .`"
     proc = subprocess.run([str(BATCHDET), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=dict(os.environ, XDG_CACHE_HOME=str(cache)))
+                          env=dict(os.environ if env is None else env, XDG_CACHE_HOME=str(cache)))
     assert proc.returncode == 0, f"batchdet {' '.join(args)}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -60,9 +62,9 @@ def test_model_standin_writes_a_model_that_info_calls_a_standin(newcomer):
     assert "STAND-IN MODEL" in out  # the loud warning
 
 
-def test_demo_runs_the_whole_job_on_the_standin(newcomer):
+def test_demo_runs_the_whole_job_on_the_standin(newcomer, ray_local):
     folder, cache, model = newcomer
-    out = batchdet("demo", cwd=folder, cache=cache)
+    out = batchdet("demo", cwd=folder, cache=cache, env=ray_local.env())  # on the session's Ray: one start fewer
     root = folder / "batchdet-demo-output"  # the README's default output, beside where it was run
     assert sorted(p.name for p in folder.iterdir()) == ["batchdet-demo-output"]
 

@@ -13,8 +13,8 @@ import time
 import pytest
 
 from batchdet.console import quiet
-from batchdet.progress import (REPEAT_INTERRUPT_S, Counter, Halt, Progress, ProgressLine, Reporter, Stalled,
-                               Watchdog, halt)
+from batchdet import progress
+from batchdet.progress import Counter, Halt, Progress, ProgressLine, Reporter, Stalled, Watchdog, halt
 
 
 def test_progress_line_counts_rate_and_time_left():
@@ -85,10 +85,11 @@ def _wait_in_python(seconds: float) -> None:
         time.sleep(0.01)
 
 
-def test_a_stalled_job_is_halted_again_until_it_unwinds_and_the_caller_is_left_alone(ray_local):
+def test_a_stalled_job_is_halted_again_until_it_unwinds_and_the_caller_is_left_alone(ray_local, monkeypatch):
     """A clean-up that swallows the first halt (Ray Data's may) gets another,
     every REPEAT_INTERRUPT_S seconds; the caller's thread is never
     interrupted and its SIGINT handler is the one it set."""
+    monkeypatch.setattr(progress, "REPEAT_INTERRUPT_S", 1.0)  # 5 s by default: the test need not wait for it
     halts = []
 
     def work(counter) -> None:
@@ -106,7 +107,7 @@ def test_a_stalled_job_is_halted_again_until_it_unwinds_and_the_caller_is_left_a
         assert signal.getsignal(signal.SIGINT) is _sentinel_handler
     finally:
         signal.signal(signal.SIGINT, saved)
-    assert len(halts) == 2 and halts[0] < 25 and halts[1] - halts[0] >= REPEAT_INTERRUPT_S - 0.5, halts
+    assert len(halts) == 2 and halts[0] < 25 and halts[1] - halts[0] >= progress.REPEAT_INTERRUPT_S - 0.5, halts
     assert not [t for t in threading.enumerate() if t.name == "batchdet-pipeline"]
 
 
@@ -227,35 +228,35 @@ def test_a_stuck_read_fails_the_run_naming_the_stage_and_resume_finishes_it(narr
     kept, and once the file is gone ``--resume`` completes the run."""
     folder = tmp_path / "in"
     folder.mkdir()
-    for f in sorted(many_images.iterdir())[:8]:
+    for f in sorted(many_images.iterdir())[:9]:  # broken.jpg, img000 ... img007
         (folder / f.name).write_bytes(f.read_bytes())
     os.mkfifo(folder / "zz-stuck.jpg")
-    import ray
-
+    # Two blocks of five: the first (broken.jpg, img000-003) finishes, the
+    # second (img004-007 and the FIFO) never does. The first block has the
+    # start-up allowance (STARTUP_S); after it no block can finish, so no gap
+    # between blocks can stretch the timeout or trip it early: 8 s is only
+    # what the first block's rows get to be written in.
     base = [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"d={folder}", "--output",
-            str(tmp_path / "out"), "--model", str(narrow_model), "--batch-size", "3", "--rows-per-file", "1"]
-    # on ray_local's Ray (a second's start). 30 s: between blocks, on a loaded
-    # machine too; the first block has the start-up allowance (STARTUP_S)
-    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+            str(tmp_path / "out"), "--model", str(narrow_model), "--batch-size", "5", "--rows-per-file", "1"]
     try:
-        proc = subprocess.run([*base, "--stall-timeout", "30"], capture_output=True, text=True, timeout=300,
-                              cwd=tmp_path, env=env)
+        proc = subprocess.run([*base, "--stall-timeout", "8"], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path, env=ray_local.env())  # on ray_local's Ray: a second's start
     finally:
         _release(folder / "zz-stuck.jpg")  # a read still blocked in it would hold a worker of ray_local's
     assert proc.returncode == 2, proc.stdout + proc.stderr
     error = [x for x in proc.stderr.splitlines() if x.startswith("batchdet: error:")]
-    assert len(error) == 1 and "reading stalled: 6 of 9 files read" in error[0] and "--resume" in error[0], proc.stderr
+    assert len(error) == 1 and "reading stalled: 5 of 10 files read" in error[0] and "--resume" in error[0], proc.stderr
     (folder / "zz-stuck.jpg").unlink()
     from batchdet.api import detect  # the resume in this process: one Ray start fewer
 
     again = detect({"d": str(folder)}, str(tmp_path / "out"), model=narrow_model, resume=True)
-    # the stalled run's two blocks were kept: 5 ok rows skipped, its error row (broken.jpg) retried with the rest
-    assert (again.datasets["d"].already_done, again.datasets["d"].images) == (5, 3)
+    # the stalled run's first block was kept: 4 ok rows skipped, its error row (broken.jpg) retried with the rest
+    assert (again.datasets["d"].already_done, again.datasets["d"].images) == (4, 5)
     import pyarrow.parquet as pq
 
     rows = pq.read_table(tmp_path / "out" / "dataset=d").to_pylist()
     ok = sorted(r["uri"] for r in rows if r["status"] == "ok")
-    assert ok == sorted(str(f) for f in folder.glob("img*.jpg")) and len(ok) == 7  # each once, across both runs
+    assert ok == sorted(str(f) for f in folder.glob("img*.jpg")) and len(ok) == 8  # each once, across both runs
     broken = [r for r in rows if r["status"] == "error"]  # an error row from each run: resume retries errors
     assert {r["uri"] for r in broken} == {str(folder / "broken.jpg")} and len({r["run_id"] for r in broken}) == 2
 

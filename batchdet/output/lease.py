@@ -61,6 +61,7 @@ def stale_after_s() -> float:
 
 
 def _now() -> datetime:
+    """The clock of every heartbeat and age here (one name, so that tests can move it)."""
     return datetime.now(timezone.utc)
 
 

@@ -1,6 +1,6 @@
 """`batchdet submit` and the Ray Jobs API: a real two-node Ray cluster on this
 machine (head + worker as separate `ray start` processes, token
-authentication on), the model served from S3 (moto) and distributed to each
+authentication on: the session's shared one), the model served from S3 (moto) and distributed to each
 node's own cache, the job's Parquet output checked row by row.
 
 The quick tests above the cluster check submit's local side: token lookup,
@@ -25,7 +25,7 @@ from batchdet.cluster.submit import (
 )
 from batchdet.files import sha256_of_file
 from helpers.photos import photo
-from helpers.ray_cluster import client_env, ray_cli, running_cluster, submit_cli
+from helpers.ray_cluster import client_env, ray_cli, submit_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -137,13 +137,10 @@ GOOD = {"rocket.jpg": photo("rocket.jpg"), "cat.png": photo("chelsea.png"), "sub
 BAD = {"broken.jpg": b"<html>not an image</html>"}
 
 
-@pytest.fixture(scope="module")
-def cluster(s3):
-    """The nodes take their S3 credentials from their environment (set by the
-    s3 fixture before ``ray start``), as pods take them from a Secret: a job
-    carries none (``batchdet submit`` refuses secret options)."""
-    with running_cluster(workers=1, head_cpus=1, worker_cpus=2) as c:
-        yield c
+# ``cluster`` (tests/conftest.py): the session's head and worker node. The
+# nodes take their S3 credentials from their environment (set by the s3
+# fixture before ``ray start``), as pods take them from a Secret: a job
+# carries none (``batchdet submit`` refuses secret options).
 
 
 @pytest.mark.slow

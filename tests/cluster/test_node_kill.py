@@ -12,28 +12,25 @@ import time
 import pytest
 
 from helpers.outputs import assert_exactly_once
-from helpers.ray_cluster import running_cluster
-
-
-@pytest.fixture
-def two_nodes():
-    with running_cluster(workers=1, head_cpus=1, worker_cpus=1) as c:
-        yield c
 
 
 @pytest.mark.slow
-def test_worker_node_killed_then_resumed(two_nodes, narrow_model, many_images, tmp_path):
+@pytest.mark.breaks_cluster
+def test_worker_node_killed_then_resumed(cluster, narrow_model, many_images, tmp_path):
+    """On the session's cluster (a head of 1 CPU, a worker of 2): the worker
+    dies with its actors. The test runs after the others that use the
+    cluster (a later one would get the worker started again)."""
     out = tmp_path / "out"
-    env = two_nodes.node_env(tmp_path / "driver-cache")
+    env = cluster.node_env(tmp_path / "driver-cache")
     argv = [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"many={many_images}",
-            "--output", str(out), "--model", str(narrow_model), "--address", f"127.0.0.1:{two_nodes.gcs_port}",
+            "--output", str(out), "--model", str(narrow_model), "--address", f"127.0.0.1:{cluster.gcs_port}",
             "--rows-per-file", "2", "--batch-size", "1", "--threads-per-actor", "1", "--actors", "1:3"]
     driver = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(list(out.glob("_staging/*/dataset=many/*.parquet"))) < 2:
         assert driver.poll() is None, "the run finished before a node could be killed"
         time.sleep(0.05)
-    victim = two_nodes.nodes[1]  # the worker: its raylet, object store and every process in its group
+    victim = cluster.nodes[1]  # the worker: its raylet, object store and every process in its group
     os.killpg(victim.proc.pid, signal.SIGKILL)
     victim.proc.wait()
     try:

@@ -8,12 +8,12 @@ options named like one, URLs holding credentials, secret environment
 variables in ``--runtime-env``) with one line and exit status 2, before any
 request, and the nodes bring their own credentials.
 
-One real Ray head (``ray start --head``, token authentication), whose node
-gets its S3 credentials one of the recommended ways: from its own AWS
-credentials file, under a profile the job names with the non-secret storage
-option ``profile``. Proof that a secret is nowhere the cluster keeps is only
-worth something if the search finds what was sent, so that profile's name is
-a unique marker and the same search must find it.
+The session's real Ray cluster (``ray start``, token authentication; tests/conftest.py's
+``cluster``), whose nodes get their S3 credentials one of the recommended
+ways: from their own AWS credentials file, under a profile the job names with
+the non-secret storage option ``profile``. Proof that a secret is nowhere the
+cluster keeps is only worth something if the search finds what was sent, so
+that profile's name is a unique marker and the same search must find it.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ import yaml
 
 from batchdet.cluster.submit import NODE_CREDENTIALS, SubmitError, refuse_secrets, runtime_env
 from helpers.photos import photo
-from helpers.ray_cluster import LocalRayCluster, client_env, running_cluster, submit_cli
+from helpers.ray_cluster import NODE_PROFILE, LocalRayCluster, client_env, submit_cli
 
-#: A unique value per run: found anywhere, it can only have come from this module.
-MARKER = f"marker-{uuid.uuid4().hex}"
+#: Unique values per run: found anywhere, they can only have come from this module
+#: (the marker is the profile the nodes' credentials file names; only this module's job names it).
+MARKER = NODE_PROFILE
 SECRET = f"secret-{uuid.uuid4().hex}"
 
 
@@ -63,17 +64,9 @@ def test_secret_environment_variables_stay_out_of_the_runtime_env(tmp_path):
 
 
 # --- a real cluster -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cluster(s3, tmp_path_factory):
-    """One head node with an AWS credentials file of its own holding the
-    moto credentials under the profile MARKER (the node's environment names
-    the file: the nodes inherit this process's)."""
-    credentials = tmp_path_factory.mktemp("aws") / "credentials"
-    credentials.write_text(f"[{MARKER}]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
-        with running_cluster(workers=0, head_cpus=2) as c:
-            yield c
+# ``cluster`` (tests/conftest.py): its nodes have an AWS credentials file of
+# their own holding the moto credentials under the profile MARKER (the nodes'
+# environment names the file).
 
 
 def _jobs_client(cluster: LocalRayCluster):

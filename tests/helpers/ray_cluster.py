@@ -10,7 +10,6 @@ node stays in it, and stopping the cluster signals exactly those groups.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -23,9 +22,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from batchdet.pipeline.run import node_environment
 
@@ -60,6 +59,8 @@ class Node:
     proc: subprocess.Popen
     log: Path
     cache: Path
+    args: list[str] = field(default_factory=list)  # what `ray start` was given besides the common flags
+    cpus: int = 1
 
 
 @dataclass
@@ -69,6 +70,7 @@ class LocalRayCluster:
     gcs_port: int
     dashboard_port: int
     nodes: list[Node] = field(default_factory=list)
+    node_extra_env: dict[str, str] = field(default_factory=dict)  # the nodes' only (drivers do not get it)
 
     @property
     def dashboard(self) -> str:
@@ -98,21 +100,32 @@ class LocalRayCluster:
         cmd = [*ray_cli(), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus),
                "--num-gpus", "0", "--object-store-memory", str(100 * 1024 * 1024),
                "--temp-dir", str(self.root / "ray"), "--disable-usage-stats", *_node_ports(), *args]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, env=self.node_env(cache), stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True, cwd=self.root)
-        node = Node(name, proc, log, cache)
-        self.nodes.append(node)
-        return node
+        with open(log, "ab") as out:  # a restarted node's log follows its first life's
+            proc = subprocess.Popen(cmd, env=self.node_env(cache, self.node_extra_env), stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
+        return Node(name, proc, log, cache, args, cpus)
 
     def start(self, workers: int = 1, head_cpus: int = 1, worker_cpus: int = 2, timeout: float = 120) -> None:
-        self._start("head", ["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
-                             "--dashboard-port", str(self.dashboard_port), "--ray-client-server-port", str(free_port())],
-                    head_cpus)
+        self.nodes.append(self._start(
+            "head", ["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                     str(self.dashboard_port), "--ray-client-server-port", str(free_port())], head_cpus))
         self._wait(lambda: _listening(self.gcs_port), timeout, "the head's GCS")  # workers need only the GCS
         for i in range(workers):
-            self._start(f"worker{i}", ["--address", f"127.0.0.1:{self.gcs_port}"], worker_cpus)
+            self.nodes.append(self._start(f"worker{i}", ["--address", f"127.0.0.1:{self.gcs_port}"], worker_cpus))
         self._wait(lambda: len(self.alive_nodes()) == 1 + workers, timeout, f"the dashboard and {workers} worker(s)")
+
+    def restart_dead_workers(self, timeout: float = 120) -> None:
+        """Start again, as they were, the worker nodes whose process has
+        exited (a test killed them): the cluster is whole again."""
+        dead = [i for i, n in enumerate(self.nodes) if n.proc.poll() is not None]
+        assert 0 not in dead, "the head node is gone: the cluster cannot be restored"
+        if not dead:
+            return
+        for i in dead:
+            old = self.nodes[i]
+            _signal_group(old.proc.pid, signal.SIGKILL)  # what is left of its group
+            self.nodes[i] = self._start(old.name, old.args, old.cpus)
+        self._wait(lambda: len(self.alive_nodes()) == len(self.nodes), timeout, f"{len(dead)} restarted worker(s)")
 
     def api(self, path: str, token: str | None = "cluster"):
         """GET a dashboard path (with the cluster's token by default); parsed JSON or None."""
@@ -225,19 +238,45 @@ def remove(cluster: LocalRayCluster) -> None:
     shutil.rmtree(cluster.root, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def running_cluster(workers: int = 1, head_cpus: int = 1, worker_cpus: int = 2) -> Iterator[LocalRayCluster]:
-    """A started cluster, stopped and removed afterwards; fails if any of its
-    processes outlive it."""
-    c = make_cluster()
-    try:
-        c.start(workers=workers, head_cpus=head_cpus, worker_cpus=worker_cpus)
-        yield c
-    finally:
-        c.stop()
-        left = c.ours()
-        remove(c)
-    assert not left, f"processes of the test cluster left running: {left}"
+#: The AWS profile under which the shared cluster's nodes hold S3
+#: credentials, in a credentials file of their own: a unique value per
+#: session, so that a search finding it anywhere knows it came from a job
+#: that named it (tests/cluster/test_secrets.py).
+NODE_PROFILE = f"marker-{uuid.uuid4().hex}"
+
+
+class SharedCluster:
+    """The session's one multi-node cluster, for every test that needs one:
+    a head (1 CPU) and a worker (2 CPUs), token authentication on, S3
+    credentials in the nodes' environment (taken from this process's when it
+    starts: the s3 fixture's) and under :data:`NODE_PROFILE` in a credentials
+    file. Started on first use; a worker a test killed is started again for
+    the next; stopped after the last test that uses it."""
+
+    def __init__(self, credentials_file: Path):
+        self.credentials_file = credentials_file
+        self.cluster: LocalRayCluster | None = None
+        self.left: list[int] = []  # processes that outlived a stop
+
+    def running(self) -> LocalRayCluster:
+        if self.cluster is None:
+            c = make_cluster()
+            c.node_extra_env = {"AWS_SHARED_CREDENTIALS_FILE": str(self.credentials_file)}
+            self.cluster = c
+            c.start(workers=1, head_cpus=1, worker_cpus=2)
+        else:
+            self.cluster.restart_dead_workers()
+        return self.cluster
+
+    def stop(self) -> None:
+        """Stop and remove the cluster (if running); :attr:`left` collects what outlived it."""
+        if self.cluster is not None:
+            c, self.cluster = self.cluster, None
+            try:
+                c.stop()
+                self.left += c.ours()
+            finally:
+                remove(c)
 
 
 # --- the submitting side ------------------------------------------------------------------------

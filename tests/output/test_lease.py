@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -40,6 +41,21 @@ def quick_staleness(monkeypatch) -> float:
     return 3.0
 
 
+@pytest.fixture
+def clock(monkeypatch):
+    """Moves the clock every lease in this process is timed by (its records'
+    heartbeats and their ages): ``clock(seconds)`` jumps it forward, so that
+    a lease ages without the test waiting real seconds."""
+    real = leasing._now
+    ahead = [0.0]
+    monkeypatch.setattr(leasing, "_now", lambda: real() + timedelta(seconds=ahead[0]))
+
+    def advance(seconds: float) -> None:
+        ahead[0] += seconds
+
+    return advance
+
+
 def records(out: Output) -> dict[int, dict]:
     return {g: json.loads(out.fs.cat_file(out.lease(g))) for g in leasing._generations(out)}
 
@@ -59,12 +75,21 @@ def test_one_holder_refuses_the_next_until_released(store):
     acquire(out, "run-b").release()
 
 
-def test_heartbeat_keeps_a_lease_alive_past_the_limit(store, quick_staleness):
+def _beaten(out: Output, since: str, generation: int = 0, timeout: float = 30) -> str:
+    """The lease record's heartbeat once it is later than ``since`` (real seconds pass meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while datetime.fromisoformat(beat := records(out)[generation]["heartbeat"]) <= datetime.fromisoformat(since):
+        assert time.monotonic() < deadline, f"no heartbeat after {since} in {timeout} s"
+        time.sleep(0.05)
+    return beat
+
+
+def test_heartbeat_keeps_a_lease_alive_past_the_limit(store, quick_staleness, clock):
     out = Output(*store)
     with acquire(out, "run-a"):
         first = records(out)[0]["heartbeat"]
-        time.sleep(quick_staleness + 1)
-        assert records(out)[0]["heartbeat"] > first
+        clock(quick_staleness + 1)  # past the limit: only a heartbeat since keeps the lease alive
+        _beaten(out, first)  # one beat: half a second (quick_staleness / HEARTBEATS_PER_LIMIT)
         with pytest.raises(ValueError, match=r"being written by run run-a .*heartbeat \d+ s ago"):
             acquire(out, "run-b")
 
@@ -186,7 +211,8 @@ def _error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("batchdet: error:")]
 
 
-def test_stalled_holder_refuses_then_is_taken_over(store, narrow_model, tmp_path, ray_local, quick_staleness, capsys):
+def test_stalled_holder_refuses_then_is_taken_over(store, narrow_model, tmp_path, ray_local, quick_staleness, clock,
+                                                   capsys):
     output, options = store
     folder = tmp_path / "in"
     folder.mkdir()
@@ -209,8 +235,12 @@ def test_stalled_holder_refuses_then_is_taken_over(store, narrow_model, tmp_path
         out = Output(output, options)
         assert out.staged_runs() == [held_by], "a refused run touched the holder's staging folder"
 
-        holder.send_signal(signal.SIGSTOP)  # alive, but its heartbeat stops
-        time.sleep(quick_staleness + 0.5)
+        holder.send_signal(signal.SIGSTOP)  # alive, but its heartbeat stops ...
+        time.sleep(0.2)  # (a write it had under way lands)
+        last = records(out)[0]["heartbeat"]
+        time.sleep(2 * quick_staleness / leasing.HEARTBEATS_PER_LIMIT)  # two beats' time
+        assert records(out)[0]["heartbeat"] == last, "the stopped holder still beats"
+        clock(quick_staleness + 0.5)  # ... and its lease ages past the limit (this process's clock only)
         result = detect({"x": str(folder)}, output, model=narrow_model, storage_options=options, resume=True)
         recovered = out.manifests()[held_by]
         assert recovered["recovered"] is True and recovered["datasets"]["x"]["images_ok"] == 1
@@ -237,7 +267,7 @@ def test_resume_is_refused_while_a_detect_runs_then_completes_it(narrow_model, m
         [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"many={images}", "--output", str(out),
          "--model", str(narrow_model), "--rows-per-file", "2", "--batch-size", "1", "--actors", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        env=ray_local.env(),  # A on ray_local's Ray, B in this process: two drivers, as two terminals would be
     )
     try:
         deadline = time.monotonic() + 240

@@ -51,6 +51,7 @@ def test_list_images_on_s3_by_prefix_with_progress(s3):
     assert len(seen) >= 20 and seen[-1] == len(keys) + 2  # a report per prefix, files counted before filtering
 
 
+@pytest.mark.bench
 def test_listing_benchmark_times_both_ways_over_http(tmp_path):
     out = tmp_path / "listing.json"
     proc = subprocess.run([sys.executable, str(LISTING_BENCH), "--sizes", "2500", "--latency-ms", "20",

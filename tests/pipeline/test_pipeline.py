@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -319,37 +317,28 @@ def test_actor_that_no_node_can_hold_is_refused(ray_local, narrow_model, local_i
     assert "--gpus-per-actor 1.0 but the cluster has 0 GPUs" in capsys.readouterr().err
 
 
-WARM_WORKER_PROBE = """
-import os, sys, time
-import ray
-from batchdet.pipeline.run import local_ray_options
-
-options = local_ray_options()
-if sys.argv[1] == "ray-default":
-    del options["_system_config"]
-ray.init(num_cpus=2, log_to_driver=False, **options)
-
-
-@ray.remote(num_cpus=0.25)
-def worker_pid():
-    time.sleep(0.5)  # concurrent, so each its own worker, as when an actor's first blocks are prepared
-    return os.getpid()
-
-
-pids = set(ray.get([worker_pid.remote() for _ in range(8)]))
-time.sleep(5)  # a CPU actor frees a block every few seconds
-print(len(pids), sum(os.path.exists(f"/proc/{pid}") for pid in pids))
-ray.shutdown()
-"""
-
-
-def test_embedded_ray_keeps_idle_workers_warm():
+def test_embedded_ray_keeps_idle_workers_warm(ray_local, tmp_path):
     """Preprocessing workers survive the seconds between blocks on a node with
-    more tasks in flight than CPUs. With Ray's default all but 2 (the CPUs)
-    are killed after 1 s idle, and each later block pays a new worker's start
-    (the probe's ``ray-default`` mode shows it; not run here, to keep CI short)."""
-    proc = subprocess.run([sys.executable, "-c", WARM_WORKER_PROBE, "batchdet"], capture_output=True, text=True,
-                          timeout=120, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    started, alive = map(int, proc.stdout.split()[-2:])
-    assert started >= 4 and alive == started
+    more tasks in flight than CPUs. ray_local is started as batchdet starts its
+    embedded Ray (``local_ray_options()``); with Ray's default settings all but
+    2 (the CPUs) of these workers are killed after 1 s idle, and each later
+    block pays a new worker's start."""
+    import time
+
+    import ray
+
+    tasks = 4  # twice the CPUs
+
+    @ray.remote(num_cpus=0.25)
+    def worker_pid(barrier: str) -> int:
+        # all at once, so each in a worker of its own, as when an actor's first blocks are prepared
+        Path(barrier, str(os.getpid())).touch()
+        deadline = time.monotonic() + 120  # new workers start slowly on a loaded machine
+        while len(os.listdir(barrier)) < tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return os.getpid()
+
+    pids = set(ray.get([worker_pid.remote(str(tmp_path)) for _ in range(tasks)]))
+    assert len(pids) == tasks, pids
+    time.sleep(5)  # a CPU actor frees a block every few seconds
+    assert all(os.path.exists(f"/proc/{pid}") for pid in pids), pids

@@ -4,7 +4,8 @@ The commit no longer reads detections: its counts and de-duplication must
 equal what the whole-table computation it replaced gives, on staged files
 with error rows, a file a retried task wrote twice, a partly overlapping file
 and a half-written one. And benchmarks/scale.py at a small N: every figure it
-prints follows from what it recorded. No timing is asserted (shared machine).
+prints follows from what it recorded (marked ``bench``: ``pytest -m bench``).
+No timing is asserted (shared machine).
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ def scale_run(tmp_path_factory):
     return json.loads((work / "scale.json").read_text()), proc.stdout
 
 
+@pytest.mark.bench
 def test_scale_figures_follow_from_the_record(scale_run):
     report, stdout = scale_run
     (r,) = report["results"]
