@@ -78,6 +78,7 @@ def test_figures_follow_from_the_raw_measurements(run):
     assert r["targets"]["marginal_vs_bare"]["met"] == (r["marginal_vs_bare"] >= 0.5)
 
 
+@pytest.mark.bench
 def test_identity_cost_follows_from_its_passes(run):
     """Content identity's CPU per image is the median over passes of with - without, per stage;
     the target (2 %) is judged on its share of the bare path's CPU per image, the one of the
@@ -99,6 +100,7 @@ def test_identity_cost_follows_from_its_passes(run):
                                              "met": r["identity_cost"] <= 0.02}
 
 
+@pytest.mark.bench
 def test_the_read_without_identity_is_the_same_read_less_its_columns(run, tmp_path):
     """What the identity's read cost is timed against does the same work but the hash:
     the same bytes and errors, only size and sha256 missing."""
@@ -121,6 +123,7 @@ def test_the_read_without_identity_is_the_same_read_less_its_columns(run, tmp_pa
     assert with_identity.column("error").to_pylist()[:3] == [None] * 3 and with_identity.column("error")[3].as_py()
 
 
+@pytest.mark.bench
 def test_every_image_is_inferred_not_copied(run):
     """The datasets repeat 48 pictures, every file with bytes of its own: the same
     picture decodes to the same pixels, and no row of a run is a copy of another's."""

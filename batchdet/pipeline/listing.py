@@ -81,6 +81,9 @@ def list_images(url: str, storage_options: dict[str, Any] | None = None,
     """
     start = time.perf_counter()
     fs, path = filesystem(url, storage_options)
+    # fsspec keeps filesystems, and their listings, for the life of the process:
+    # a second run must see the store as it is now (--resume compares tokens)
+    fs.invalidate_cache()
     if posixpath.splitext(path)[1].lower() in MANIFEST_EXTENSIONS:
         uris = _read_manifest(fs, path, url)
         return Listing(url, uris, 0, time.perf_counter() - start)

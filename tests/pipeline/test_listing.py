@@ -65,3 +65,24 @@ def test_listing_benchmark_times_both_ways_over_http(tmp_path):
     assert r["speedup"] == pytest.approx(r["serial"]["seconds"] / r["by_prefix"]["seconds"], abs=0.01)
     row = next(line for line in proc.stdout.splitlines() if line.split()[:2] == ["2500", "20"])
     assert f"{r['speedup']:.2f}x" in row
+
+
+def test_a_second_listing_sees_the_store_as_it_is_now(s3):
+    """fsspec keeps each filesystem, and its directory listings, for the life
+    of the process (per thread): a second listing must see a re-uploaded
+    object's new size and ETag, or --resume would keep its stale row."""
+    from batchdet.storage import filesystem
+
+    writer = s3.filesystem()  # another client, as another machine uploading
+    bucket = s3.new_bucket()
+    writer.pipe(f"{bucket}/in/a.jpg", b"first version")
+    first = list_images(f"s3://{bucket}/in/", s3.storage_options)
+    shared, _ = filesystem(f"s3://{bucket}/in/", s3.storage_options)
+    assert shared is filesystem(f"s3://{bucket}/in/", s3.storage_options)[0]  # the premise: one cached client
+    assert [e["size"] for e in shared.ls(f"{bucket}/in", detail=True)] == [13]  # its listing cached
+    writer.pipe(f"{bucket}/in/a.jpg", b"the second, longer version")
+    writer.pipe(f"{bucket}/in/b.jpg", b"new")
+    second = list_images(f"s3://{bucket}/in/", s3.storage_options)
+    assert first.sizes == [13] and second.sizes == [26, 3]
+    etag = writer.info(f"{bucket}/in/a.jpg")["ETag"].strip('"')
+    assert second.versions[0] == f"ETag:{etag}" != first.versions[0]
