@@ -11,11 +11,11 @@ from typing import Any, Callable
 from batchdet.options import DetectOptions
 from batchdet.output.layout import Output
 from batchdet.output.lease import Lease, acquire
+from batchdet.output.manifest import RunResult
 from batchdet.output.settings import check_same_settings
 from batchdet.pipeline.plan import RunPlan, plan_run
 from batchdet.pipeline.run import ray_session, run_pipeline
 from batchdet.pipeline.update import Update, UpdateCounts, fresh, plan_update, stage_gone
-from batchdet.output.manifest import RunResult
 from batchdet.pipeline.writing import begin_run, finish_run, recover, versions
 from batchdet.progress import Progress
 
