@@ -1,7 +1,8 @@
 """Which bytes an output already has a result for, and where: the same bytes never run the model twice.
 
 A row records the sha256 of the bytes it was computed from. Before a
-``--resume`` the driver gathers the current ``ok`` rows' digests into a
+``--resume`` the driver gathers every ``ok`` row's digest (superseded rows
+too: an image deleted and later restored) into a
 :class:`ContentIndex` (about 80 bytes an image: 80 MB for a million rows),
 which every inference actor gets once through Ray's object store. An image
 whose digest is in it — a moved, renamed or copied file, or an unchanged
@@ -29,7 +30,7 @@ COPIED_COLUMNS = ("width", "height", "detections")
 
 @dataclass(frozen=True)
 class ContentIndex:
-    """Digests of current ``ok`` rows, sorted, with where each row is."""
+    """Digests of ``ok`` rows, sorted, with where each row is."""
 
     digests: np.ndarray  # hex sha256 as fixed-width bytes (dtype S64), sorted
     files: tuple[str, ...]  # committed data files, as the output's filesystem takes them

@@ -92,11 +92,7 @@ class Snapshot:
         # with their UTC start time, so the largest is the latest.
         # (An anti-join on the light key columns: a window over the rows would
         # materialize every detection list and is ten times slower.)
-        con.execute(
-            "CREATE VIEW latest_rows AS SELECT a.* FROM all_images a ANTI JOIN "
-            "(SELECT dataset, uri, run_id FROM all_images) later "
-            "ON later.dataset = a.dataset AND later.uri = a.uri AND later.run_id > a.run_id"
-        )
+        con.execute(f"CREATE VIEW latest_rows AS {latest_sql('all_images')}")
         con.execute(f"CREATE VIEW images AS SELECT * FROM latest_rows WHERE status <> '{STATUS_MISSING}'")
         con.execute(
             "CREATE VIEW detections AS SELECT dataset, uri, width, height, run_id, "
@@ -104,6 +100,13 @@ class Snapshot:
             "FROM (SELECT dataset, uri, width, height, run_id, unnest(detections) AS d FROM images)"
         )
         return con
+
+
+def latest_sql(rows: str) -> str:
+    """SQL for each image's latest row among ``rows`` (a view or table with
+    dataset, uri and run_id): no later run has a row for the same image."""
+    return (f"SELECT a.* FROM {rows} a ANTI JOIN (SELECT dataset, uri, run_id FROM {rows}) later "
+            "ON later.dataset = a.dataset AND later.uri = a.uri AND later.run_id > a.run_id")
 
 
 #: DuckDB's type of each column an older file may lack (schema.FILE_SCHEMA's content identity).

@@ -161,7 +161,7 @@ class InferenceStage:
             if isinstance(p, ImageError):
                 errors[i] = str(p)
             elif p is not None:
-                source = self._copy(shas[i])  # the same bytes twice in this block: the first one ran
+                source = self.recent.get(shas[i])  # the same bytes twice in this block: the first one ran
                 if source is not None:
                     copied[i], widths[i], heights[i], selected[i] = source
                     continue

@@ -33,9 +33,10 @@ import pyarrow.parquet as pq
 
 from batchdet.output.content import ContentIndex
 from batchdet.output.layout import Output, dataset_of
+from batchdet.output.query import latest_sql
 from batchdet.output.schema import FILE_SCHEMA, STATUS_MISSING, STATUS_OK
 from batchdet.pipeline.listing import Listing
-from batchdet.pipeline.writing import _in_threads
+from batchdet.pipeline.writing import in_threads
 
 #: The states of a listed image, in the order of :class:`UpdateCounts`' fields.
 STATES = ("unchanged", "new", "retried", "changed")
@@ -76,10 +77,7 @@ def plan_update(out: Output, listings: dict[str, Listing]) -> Update:
     con = duckdb.connect()
     con.register("all_rows", rows)
     con.register("listed", _listed(listings))
-    # the latest row of each image, once (readers' views do the same: query.py)
-    con.execute("CREATE TEMP TABLE latest AS SELECT a.* FROM all_rows a ANTI JOIN "
-                "(SELECT dataset, uri, run_id FROM all_rows) later "
-                "ON later.dataset = a.dataset AND later.uri = a.uri AND later.run_id > a.run_id")
+    con.execute(f"CREATE TEMP TABLE latest AS {latest_sql('all_rows')}")  # once, as the readers' view
     states = con.sql(f"""
         SELECT max(CASE WHEN c.uri IS NULL OR c.status = '{STATUS_MISSING}' THEN 1
                         WHEN c.status <> '{STATUS_OK}' THEN 2
@@ -132,7 +130,7 @@ def _light_rows(out: Output, paths: list[str]) -> pa.Table:
         return pa.table({**columns, "dataset": pa.array([dataset_of(path)] * n, pa.string()),
                          "file": pa.array(np.full(n, index, np.int32)), "row": pa.array(np.arange(n, dtype=np.int32))})
 
-    return pa.concat_tables(_in_threads(light, list(enumerate(paths))))
+    return pa.concat_tables(in_threads(light, list(enumerate(paths))))
 
 
 def _listed(listings: dict[str, Listing]) -> pa.Table:

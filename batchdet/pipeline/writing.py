@@ -80,7 +80,7 @@ def _read_keys(out: Output, path: str) -> pa.Table | None:
         return None
 
 
-def _in_threads(fn: Callable[[Any], Any], items: list) -> Iterator[Any]:
+def in_threads(fn: Callable[[Any], Any], items: list) -> Iterator[Any]:
     """``map(fn, items)``, in order, IO_THREADS at a time; each result is
     handed on as soon as it and those before it are ready."""
     threads = min(IO_THREADS, len(items))
@@ -111,7 +111,7 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
     seen: dict[str, set[str]] = {}
     ran: list[pa.ChunkedArray] = []  # sha256 of the rows the model ran for
     files, moves, rewrites = [], [], []
-    for src, keys in zip(sources, _in_threads(lambda p: _read_keys(out, p), sources)):
+    for src, keys in zip(sources, in_threads(lambda p: _read_keys(out, p), sources)):
         dataset = dataset_of(src)
         if keys is None or dataset not in counts:
             continue
@@ -140,7 +140,7 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
             raise RuntimeError(f"staged file {src} became unreadable during the commit")
         with out.fs.open(out.join(relative), "wb") as f:
             pq.write_table(table.filter(pa.array(fresh)), f)
-    for _ in _in_threads(lambda move: out.fs.mv(move[0], out.join(move[1])), moves):
+    for _ in in_threads(lambda move: out.fs.mv(move[0], out.join(move[1])), moves):
         pass
     finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
     images = sum(c.images for c in counts.values())
