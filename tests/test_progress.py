@@ -118,8 +118,8 @@ def test_ctrl_c_in_the_caller_halts_the_job_and_is_raised_on():
     started = threading.Event()
 
     def work(counter) -> None:
-        started.set()
         try:
+            started.set()  # inside the try: a halt may land before set() returns
             _wait_in_python(60)
         except Halt:
             seen.append("halted")
