@@ -13,6 +13,7 @@ from batchdet.output.layout import Output
 from batchdet.output.lease import Lease, acquire
 from batchdet.output.manifest import RunResult
 from batchdet.output.settings import check_same_settings
+from batchdet.pipeline.in_process import choose_execution, run_in_process
 from batchdet.pipeline.plan import RunPlan, plan_run
 from batchdet.pipeline.run import ray_session, run_pipeline
 from batchdet.pipeline.update import Update, UpdateCounts, fresh, plan_update, stage_gone
@@ -58,7 +59,9 @@ def run(options: DetectOptions, on_progress: Callable[[Progress], None] | None =
     :class:`batchdet.progress.Stalled` naming the stage; what it wrote so far
     is kept for ``resume``.
     """
+    timings = Timings()
     plan = plan_run(options, on_listing)
+    timings.mark("planned")
     for name, listing in plan.listings.items():
         log.info("dataset %s: %d images listed (%d other files skipped) in %.2f s",
                  name, len(listing.uris), listing.skipped, listing.seconds)
@@ -66,18 +69,41 @@ def run(options: DetectOptions, on_progress: Callable[[Progress], None] | None =
     with acquire(out, plan.run_id) as lease:  # one writer per output, released however the run ends
         update = _prepare_output(out, plan, lease)
         todo = dataclasses.replace(plan, listings=update.todo)
-        begin_run(out, _record(plan, update))
+        execution = choose_execution(todo, todo.num_images) if todo.num_images else None
+        begin_run(out, {**_record(plan, update), "execution": execution})
         stage_gone(out, plan.run_id, update.gone)
+        timings.mark("prepared")
         clock = time.perf_counter()
-        if todo.num_images:
+        if execution == "ray":
             with ray_session(options.address) as local:
-                run_pipeline(todo, local, on_progress, known=update.known)
+                timings.mark("engine_up")
+                timings.add(run_pipeline(todo, local, on_progress, known=update.known))
+        elif execution:
+            timings.add(run_in_process(todo, on_progress, known=update.known))
+        timings.mark("processed")
         lease.check()  # taken over while this run was frozen: the staged rows are a --resume's now
-        result = finish_run(out, plan.run_id, wall_s=time.perf_counter() - clock)
+        result = finish_run(out, plan.run_id, wall_s=time.perf_counter() - clock, timings=timings.offsets)
     missing = todo.num_images - sum(c.images for c in result.datasets.values())
     if missing:
         raise RuntimeError(f"{missing} image(s) of run {plan.run_id} have no row; run again with --resume")
     return result
+
+
+class Timings:
+    """When a run reached each step, as seconds since it began (the manifest's
+    ``timings``; ``start`` is that beginning, epoch seconds)."""
+
+    def __init__(self) -> None:
+        self.offsets: dict[str, float] = {"start": round(time.time(), 3)}
+
+    def mark(self, step: str, at: float | None = None) -> None:
+        self.offsets[step] = round((time.time() if at is None else at) - self.offsets["start"], 3)
+
+    def add(self, steps: dict[str, float | None]) -> None:
+        """The engine's own steps (epoch seconds; None: not reached)."""
+        for step, at in steps.items():
+            if at is not None:
+                self.mark(step, at)
 
 
 def _prepare_output(out: Output, plan: RunPlan, lease: Lease) -> Update:

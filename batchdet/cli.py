@@ -54,7 +54,9 @@ def _detect_on_console(options: DetectOptions, verbose: bool) -> None:
     all of it on the terminal with ``verbose``."""
     from batchdet.api import run
     from batchdet.console import run_console
+    from batchdet.pipeline.preprocess import own_pixel_limit
 
+    own_pixel_limit()  # the command's process is batchdet's: --max-pixels alone bounds an image, as in an actor
     log = None
     try:
         with run_console(verbose) as (progress, log):
@@ -62,7 +64,7 @@ def _detect_on_console(options: DetectOptions, verbose: bool) -> None:
         _print_result(result)
     finally:
         if log is not None:
-            print(f"  Ray's log: {log}")
+            print(f"  log: {log}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -58,6 +58,14 @@ def _switch(name: str, value: Any) -> bool:
     return value
 
 
+def _one_of(*choices: str) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if value not in choices:
+            raise _bad(name, "one of " + ", ".join(repr(c) for c in choices), value)
+        return value
+    return check
+
+
 def _whole(low: int) -> Callable[[str, Any], int]:
     def check(name: str, value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -183,6 +191,9 @@ _NON_NEGATIVE = _Kind(_number(0), _as(_numeral))
 _ACTORS = _Kind(_actors)
 _DATASETS = _Kind(_datasets, _dataset_flags, "append")
 _STORAGE = _Kind(_storage, parse_storage_options, "append")
+#: Where ``detect`` runs its job (batchdet.pipeline.engine.choose_execution).
+EXECUTIONS = ("auto", "in-process", "ray")
+_EXECUTION = _Kind(_one_of(*EXECUTIONS))
 
 
 def _option(kind: _Kind, help_text: str, metavar: str | None = None, flag: str | None = None) -> dict[str, Any]:
@@ -233,6 +244,10 @@ class DetectOptions:
     overwrite: bool = field(default=False, metadata=_option(_SWITCH, "delete the output's earlier results first"))
     address: str | None = field(default=None, metadata=_option(
         _TEXT, "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)", "ADDR"))
+    execution: str = field(default="auto", metadata=_option(
+        _EXECUTION, "ray: Ray Data (a cluster, or a Ray of its own here); in-process: this process alone, no Ray "
+                    "to start; auto: in-process for a small set on this machine (no --address, no $RAY_ADDRESS), "
+                    "else ray", "|".join(EXECUTIONS)))
     storage_options: dict[str, str | bool] = field(default_factory=dict, metadata=_option(
         _STORAGE, STORAGE_OPTION_HELP, "KEY=VALUE", "--storage-option"))
 
@@ -280,7 +295,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         meta = f.metadata
         default = _default(f)
         shown = default not in (None, {}) and default is not MISSING and not isinstance(default, bool)
-        note = f" (default: {default:,})" if shown else ""
+        note = (f" (default: {default:,})" if isinstance(default, (int, float)) else f" (default: {default})") * shown
         extra = {} if meta["kind"].action == "store_true" else {"metavar": meta["metavar"]}
         parser.add_argument(flag_name(f.name), dest=f.name, action=meta["kind"].action, default=argparse.SUPPRESS,
                             help=meta["help"] + note, **extra)

@@ -50,27 +50,84 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+@dataclass(frozen=True)
+class Tally:
+    """What the counter says at ``now`` (epoch seconds, as every time here)."""
+
+    done: int
+    errors: int
+    files_read: int
+    first: float | None  # when the first block finished
+    first_done: int  # and how many images it held
+    last: float | None  # when the latest block finished
+    loaded: float | None  # when the first inference stage had its model loaded
+    now: float
+
+
 class Counter:
-    """The counter actor's class: added to by the actors, read by the driver."""
+    """Added to by the read and inference stages, read by the driver: the
+    counter actor's class on Ray, a plain object in the in-process run."""
 
     def __init__(self) -> None:
-        self.done = self.errors = self.files_read = 0
-        self.first: float | None = None  # when the first block finished, and how many it held
-        self.first_done = 0
-        self.last: float | None = None  # when the latest block finished
+        self._lock = threading.Lock()  # the in-process run's threads add at once
+        self.done = self.errors = self.files_read = self.first_done = 0
+        self.first: float | None = None
+        self.last: float | None = None
+        self.loaded: float | None = None
 
     def add(self, done: int, errors: int) -> None:
-        self.last = time.time()
-        if self.first is None:
-            self.first, self.first_done = self.last, done
-        self.done += done
-        self.errors += errors
+        with self._lock:
+            self.last = time.time()
+            if self.first is None:
+                self.first, self.first_done = self.last, done
+            self.done += done
+            self.errors += errors
 
     def add_read(self, files: int) -> None:
-        self.files_read += files
+        with self._lock:
+            self.files_read += files
 
-    def read(self) -> tuple[int, int, float | None, int, float | None, float, int]:
-        return self.done, self.errors, self.first, self.first_done, self.last, time.time(), self.files_read
+    def add_loaded(self) -> None:
+        with self._lock:
+            self.loaded = self.loaded or time.time()
+
+    def read(self) -> Tally:
+        with self._lock:
+            return Tally(self.done, self.errors, self.files_read, self.first, self.first_done, self.last,
+                         self.loaded, time.time())
+
+    def close(self) -> None:
+        """Nothing to let go of (the actor's client kills its actor)."""
+
+
+class RemoteCounter:
+    """The counter actor as the stages and the driver call it: :class:`Counter`'s
+    methods, the adds fire-and-forget. It travels to the stages with the job."""
+
+    def __init__(self) -> None:
+        import ray
+
+        # no CPU of its own: it must never wait for a slot behind the actors
+        self.actor = ray.remote(num_cpus=0)(Counter).remote()
+
+    def add(self, done: int, errors: int) -> None:
+        self.actor.add.remote(done, errors)
+
+    def add_read(self, files: int) -> None:
+        self.actor.add_read.remote(files)
+
+    def add_loaded(self) -> None:
+        self.actor.add_loaded.remote()
+
+    def read(self) -> Tally:
+        import ray
+
+        return ray.get(self.actor.read.remote(), timeout=10)
+
+    def close(self) -> None:
+        import ray
+
+        ray.kill(self.actor)
 
 
 #: Seconds with no image finished before a run counts as stalled, at the least
@@ -126,27 +183,31 @@ class Watchdog:
 
 class Reporter:
     """Driver side of a run: :meth:`run` does the job in a thread of its own,
-    polls the counter actor every ``interval`` seconds, calls ``callback`` (if
+    polls the counter every ``interval`` seconds, calls ``callback`` (if
     any) with each new :class:`Progress`, and halts that thread — never its
     caller's, and with no signal — when the :class:`Watchdog` says the run
-    stalled or the caller presses Ctrl-C."""
+    stalled or the caller presses Ctrl-C. ``counter`` makes the job's
+    counter (:class:`RemoteCounter` for Ray; it is only made when someone
+    watches: a callback or a stall timeout)."""
 
     def __init__(self, total: int, callback: Callable[[Progress], None] | None = None,
-                 stall_timeout_s: float = DEFAULT_STALL_S, interval: float = 1.0, startup_s: float = STARTUP_S):
+                 stall_timeout_s: float = DEFAULT_STALL_S, interval: float = 1.0, startup_s: float = STARTUP_S,
+                 counter: Callable[[], Counter | RemoteCounter] = RemoteCounter):
         self.total, self.callback, self.interval = total, callback, interval
-        # none at all when nobody watches (no callback, no stall timeout)
         self.watched = callback is not None or stall_timeout_s > 0
-        self.counter = None
+        self._make_counter = counter
+        self.counter: Counter | RemoteCounter | None = None
         self._started = time.time()
         self.watchdog = Watchdog(stall_timeout_s, self._started, startup_s)
         self.stalled: str | None = None
+        self.tally: Tally | None = None  # the counter's last word
         self._halted: float | None = None  # when the job's thread was last halted (time.monotonic())
 
-    def run(self, work: Callable[[object], None]) -> None:
-        """``work(counter)`` — the counter actor, or None when nobody watches —
-        in a thread of its own; the caller waits in timed joins, so its Ctrl-C
-        lands here and halts the job (again every REPEAT_INTERRUPT_S seconds
-        until it unwinds) before KeyboardInterrupt is raised on. Raises
+    def run(self, work: Callable[[Counter | RemoteCounter | None], None]) -> None:
+        """``work(counter)`` — None when nobody watches — in a thread of its
+        own; the caller waits in timed waits, so its Ctrl-C lands here and
+        halts the job (again every REPEAT_INTERRUPT_S seconds until it
+        unwinds) before KeyboardInterrupt is raised on. Raises
         :class:`Stalled` for a stall, and ``work``'s own error as it is."""
         failure: list[BaseException] = []
         # an Event, not Thread.join: a join that Ctrl-C interrupts marks the
@@ -161,34 +222,37 @@ class Reporter:
             finally:
                 finished.set()
 
-        if self.watched:  # no CPU of its own: it must never wait for a slot behind the actors
-            import ray
-
-            self.counter = ray.remote(num_cpus=0)(Counter).remote()
+        if self.watched:
+            self.counter = self._make_counter()
         thread = threading.Thread(target=job, name="batchdet-pipeline", daemon=True)
-        thread.start()
         try:
+            thread.start()  # in the try: a Ctrl-C may land while start() waits for the thread to run
             while not finished.wait(self.interval):  # a timed wait: the caller's Ctrl-C lands here
                 if self.counter is not None:
                     self._poll(thread)
         except KeyboardInterrupt:
-            while not finished.is_set():
+            while thread.ident is not None and not finished.is_set():
                 halt(thread)
                 finished.wait(REPEAT_INTERRUPT_S)
             raise
         finally:
             if self.counter is not None:
                 self._poll(None)  # the final count; the run is over, stalled or not
-                ray.kill(self.counter)
+                self.counter.close()
         if self.stalled:
             raise Stalled(self.stalled)
         if failure and not isinstance(failure[0], Halt):
             raise failure[0]
 
+    def timings(self) -> dict[str, float | None]:
+        """When the first inference stage had its model loaded (``model_loaded``)
+        and the first block finished (``first_result``): epoch seconds, None if
+        not reached or nobody watched."""
+        t = self.tally
+        return {"model_loaded": t and t.loaded, "first_result": t and t.first}
+
     def _poll(self, thread: threading.Thread | None) -> None:
         """Report, and halt ``thread`` if the run stalled (None: report only)."""
-        import ray
-
         if self.stalled:
             # Ray Data may catch the halt in its clean-up, or block there on
             # the stalled task: halt again until the job's thread unwinds
@@ -196,14 +260,14 @@ class Reporter:
                 self._halt(thread)
             return
         try:
-            done, errors, first, first_done, last, now, files_read = ray.get(self.counter.read.remote(), timeout=10)
-        except Exception:  # a slow or lost counter costs the display, never the run
+            t = self.tally = self.counter.read()
+        except Exception:  # a slow or lost counter actor costs the display, never the run
             return
-        rate = (done - first_done) / (last - first) if first is not None and last - first > 0.5 else None
+        rate = (t.done - t.first_done) / (t.last - t.first) if t.first is not None and t.last - t.first > 0.5 else None
         if self.callback:
-            self.callback(Progress(done, errors, self.total, time.time() - self._started, rate,
-                                   now - last if last is not None else 0.0))
-        reason = self.watchdog.check(done, self.total, last, files_read, now) if thread is not None else None
+            self.callback(Progress(t.done, t.errors, self.total, time.time() - self._started, rate,
+                                   t.now - t.last if t.last is not None else 0.0))
+        reason = self.watchdog.check(t.done, self.total, t.last, t.files_read, t.now) if thread is not None else None
         if reason:
             self.stalled = reason
             self._halt(thread)

@@ -151,6 +151,13 @@ def store(request, tmp_path) -> tuple[str, dict[str, str]]:
     return f"s3://{s3.new_bucket()}/out", s3.storage_options
 
 
+@pytest.fixture(params=["in-process", "ray"])
+def execution(request) -> str:
+    """Each of detect's execution paths (``--execution``): the tests that hold
+    the output contract, hostile files, kills and the watchdog run on both."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def narrow_model(tmp_path_factory):
     """The narrow stand-in (same graph, channels / 8): fast enough for every test."""

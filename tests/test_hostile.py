@@ -85,7 +85,7 @@ def read_rows(output: str, storage_options=None) -> dict[str, dict]:
     return {r["uri"]: r for r in table.to_pylist()}
 
 
-def test_catalogue_local_with_a_file_vanishing_after_listing(ray_local, narrow_model, tmp_path):
+def test_catalogue_local_with_a_file_vanishing_after_listing(ray_local, narrow_model, tmp_path, execution):
     folder = tmp_path / "hostile"
     folder.mkdir()
     expected = {}
@@ -96,21 +96,22 @@ def test_catalogue_local_with_a_file_vanishing_after_listing(ray_local, narrow_m
     expected[str(folder / "vanished.jpg")] = "ReadError"
     manifest = tmp_path / "list.txt"
     manifest.write_text("\n".join(expected) + "\n")
-    result = detect({"hostile": str(manifest)}, str(tmp_path / "out"), model=narrow_model)
+    result = detect({"hostile": str(manifest)}, str(tmp_path / "out"), model=narrow_model, execution=execution)
     check_catalogue(read_rows(str(tmp_path / "out")), expected)
     counts = result.datasets["hostile"]
     errors = sum(isinstance(w, str) for w in expected.values())
     assert (counts.images, counts.images_ok, counts.images_error) == (len(expected), len(expected) - errors, errors)
 
 
-def test_catalogue_on_s3_keys_with_spaces_and_non_ascii(ray_local, narrow_model, s3):
+def test_catalogue_on_s3_keys_with_spaces_and_non_ascii(ray_local, narrow_model, s3, execution):
     fs = s3.filesystem()
     bucket = s3.new_bucket()
     picked = {k: v for k, v in catalogue().items() if k in ("zero.jpg", "bomb.png", "with space ünïcødé [1].jpg", "page.JPG")}
     for name, (data, _) in picked.items():
         fs.pipe(f"{bucket}/in/{name}", data)
     out = f"s3://{bucket}/out"
-    detect({"s3set": f"s3://{bucket}/in"}, out, model=narrow_model, storage_options=s3.storage_options)
+    detect({"s3set": f"s3://{bucket}/in"}, out, model=narrow_model, storage_options=s3.storage_options,
+           execution=execution)
     check_catalogue(read_rows(out, s3.storage_options), {f"s3://{bucket}/in/{n}": w for n, (_, w) in picked.items()})
 
 
@@ -184,7 +185,7 @@ def test_no_secret_in_logs_rows_or_manifest(s3, narrow_model, ray_local):
     assert [p for p in logs if p.name.startswith("python-core-driver-") and p.stat().st_mtime > started], \
         "no Ray logs of this run's driver found to search"
     # and the log file the CLI sends everything it does not show to
-    logs += [Path(line.split("Ray's log: ", 1)[1]) for line in proc.stdout.splitlines() if "Ray's log: " in line]
+    logs += [Path(line.split("log: ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("  log: ")]
     assert logs[-1].name.endswith(".log") and logs[-1].parent.name == "batchdet-logs", proc.stdout
     for log in logs:
         haystacks[str(log)] = log.read_text(errors="replace")

@@ -28,13 +28,18 @@ def test_progress_line_counts_rate_and_time_left():
 
 def test_counter_rate_leaves_start_up_out():
     c = Counter()
-    assert c.read()[:3] == (0, 0, None)
+    t = c.read()
+    assert (t.done, t.errors, t.first, t.loaded) == (0, 0, None, None)
+    c.add_loaded()
     c.add(4, 1)
     c.add_read(8)
-    done, errors, first, first_done, last, now, files_read = c.read()
-    assert (done, errors, first_done, files_read) == (4, 1, 4, 8) and first == last <= now
+    t = c.read()
+    assert (t.done, t.errors, t.first_done, t.files_read) == (4, 1, 4, 8) and t.loaded <= t.first == t.last <= t.now
+    loaded = t.loaded
+    c.add_loaded()  # a second stage's model: the first one counts
     c.add(6, 0)
-    assert c.read()[:2] == (10, 1)
+    t = c.read()
+    assert (t.done, t.errors, t.first_done, t.loaded) == (10, 1, 4, loaded) and t.last >= t.first
 
 
 def test_watchdog_names_the_stage_and_waits_longer_for_slow_blocks():
@@ -186,15 +191,17 @@ def test_quiet_sends_everything_to_the_log_and_keeps_the_terminal(tmp_path, capf
     assert log.read_text().splitlines() == ["python print", "C-level stderr", "child out", "child err"]
 
 
-def test_detect_prints_progress_and_summary_and_keeps_ray_in_its_log(narrow_model, many_images, tmp_path):
-    """The CLI as a user runs it (a fresh process that starts, uses and stops
-    its own Ray): the terminal gets the progress and the summary; Ray's own
-    lines, the C++ core's included, land in the log file the summary names."""
+def test_detect_prints_progress_and_summary_and_keeps_ray_in_its_log(narrow_model, many_images, tmp_path,
+                                                                     execution):
+    """The CLI as a user runs it (a fresh process that, on the Ray path,
+    starts, uses and stops its own Ray): the terminal gets the progress and
+    the summary; everything else, Ray's own lines and the C++ core's
+    included, lands in the log file the summary names."""
     import pyarrow.dataset as pads
 
     proc = subprocess.run(
         [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"many={many_images}",
-         "--output", str(tmp_path / "out"), "--model", str(narrow_model)],
+         "--output", str(tmp_path / "out"), "--model", str(narrow_model), "--execution", execution],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )
@@ -207,9 +214,11 @@ def test_detect_prints_progress_and_summary_and_keeps_ray_in_its_log(narrow_mode
     assert lines[-1].startswith("31/31 images (1 error)") or any(x.strip().startswith("31/31 images (1 error)")
                                                                  for x in lines)
     assert any(x.split()[:2] == ["many", "31"] for x in lines)  # the summary's row
-    log = next(x.split("Ray's log: ", 1)[1] for x in lines if "Ray's log: " in x)
+    log = next(x.split("log: ", 1)[1] for x in lines if x.startswith("  log: "))
     text = open(log).read()
-    assert "Started a local Ray instance" in text and "Data sink WriteStaging finished" in text
+    assert "dataset many: 31 images listed" in text
+    ray_lines = ["Started a local Ray instance", "Data sink WriteStaging finished"]
+    assert [x in text for x in ray_lines] == [execution == "ray"] * 2, text
 
 
 def _release(fifo) -> None:
@@ -222,7 +231,7 @@ def _release(fifo) -> None:
 
 
 def test_a_stuck_read_fails_the_run_naming_the_stage_and_resume_finishes_it(narrow_model, many_images, tmp_path,
-                                                                             ray_local):
+                                                                             ray_local, execution):
     """A FIFO with no writer blocks whoever opens it: a real stall in the read
     stage. The run fails with one line naming it; rows written before are
     kept, and once the file is gone ``--resume`` completes the run."""
@@ -237,7 +246,8 @@ def test_a_stuck_read_fails_the_run_naming_the_stage_and_resume_finishes_it(narr
     # between blocks can stretch the timeout or trip it early: 8 s is only
     # what the first block's rows get to be written in.
     base = [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"d={folder}", "--output",
-            str(tmp_path / "out"), "--model", str(narrow_model), "--batch-size", "5", "--rows-per-file", "1"]
+            str(tmp_path / "out"), "--model", str(narrow_model), "--batch-size", "5", "--rows-per-file", "1",
+            "--execution", execution]
     try:
         proc = subprocess.run([*base, "--stall-timeout", "8"], capture_output=True, text=True, timeout=300,
                               cwd=tmp_path, env=ray_local.env())  # on ray_local's Ray: a second's start
@@ -261,7 +271,8 @@ def test_a_stuck_read_fails_the_run_naming_the_stage_and_resume_finishes_it(narr
     assert {r["uri"] for r in broken} == {str(folder / "broken.jpg")} and len({r["run_id"] for r in broken}) == 2
 
 
-def test_a_stall_in_detect_leaves_the_callers_process_alone(narrow_model, many_images, tmp_path, ray_local):
+def test_a_stall_in_detect_leaves_the_callers_process_alone(narrow_model, many_images, tmp_path, ray_local,
+                                                            execution):
     """The API stops a stalled run without touching its caller: the SIGINT
     handler is the caller's throughout, no thread of batchdet's is left, and
     Pillow's bomb guard is as it was."""
@@ -279,10 +290,15 @@ def test_a_stall_in_detect_leaves_the_callers_process_alone(narrow_model, many_i
     saved = signal.signal(signal.SIGINT, _sentinel_handler)
     try:
         with pytest.raises(Stalled, match="reading stalled: 3 of 4 files read"):
-            detect({"d": str(folder)}, str(tmp_path / "out"), model=narrow_model, batch_size=3, stall_timeout=8)
+            detect({"d": str(folder)}, str(tmp_path / "out"), model=narrow_model, batch_size=3, stall_timeout=8,
+                   execution=execution)
         assert signal.getsignal(signal.SIGINT) is _sentinel_handler
     finally:
         signal.signal(signal.SIGINT, saved)
         _release(folder / "zz-stuck.jpg")
     assert Image.MAX_IMAGE_PIXELS == pixels
-    assert not [t for t in set(threading.enumerate()) - threads_before if t.name.startswith("batchdet-")]
+    # in-process, the read stuck in the FIFO's open() returns once released, and its thread ends
+    deadline = time.monotonic() + 10
+    while [t for t in set(threading.enumerate()) - threads_before if t.name.startswith("batchdet-")]:
+        assert time.monotonic() < deadline, threading.enumerate()
+        time.sleep(0.05)

@@ -18,11 +18,12 @@ from helpers.outputs import assert_exactly_once, written_rows
 from helpers.photos import photo
 
 
-def test_driver_killed_then_resumed(narrow_model, many_images, tmp_path, ray_local):
+def test_driver_killed_then_resumed(narrow_model, many_images, tmp_path, ray_local, execution):
     out = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"many={many_images}", "--output", str(out),
-         "--model", str(narrow_model), "--rows-per-file", "2", "--batch-size", "1", "--actors", "1"],
+         "--model", str(narrow_model), "--rows-per-file", "2", "--batch-size", "1", "--actors", "1",
+         "--execution", execution],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )

@@ -56,6 +56,8 @@ class RunResult:
     recovered: bool = False  # committed by a later --resume after the run was killed
     settings: dict[str, Any] = field(default_factory=dict)  # output.settings.ResultSettings
     ran_twice: int = 0  # images whose bytes the model ran on more than once in this run (in different actors)
+    execution: str | None = None  # "in-process" or "ray" (None: nothing to process, or not recorded)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds since the run began, per step (api.Timings)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -74,6 +76,7 @@ class RunResult:
             model=dict(model), arguments=d.get("arguments") or {}, versions=d.get("versions") or {},
             files=list(d.get("files") or []), recovered=bool(d.get("recovered")),
             settings=d.get("settings") or {}, ran_twice=int(d.get("ran_twice") or 0),
+            execution=d.get("execution"), timings=d.get("timings") or {},
         )
 
     @property
@@ -99,7 +102,8 @@ class RunResult:
                          f" {c.already_done:>10} {c.new:>8} {c.changed:>8} {c.gone:>8} {c.copied:>8}")
         total = sum(c.images for c in self.datasets.values())
         if self.wall_s is not None:
-            lines.append(f"  {total} images in {self.wall_s:.1f} s = {self.images_per_s:.2f} images/s")
+            where = f" ({self.execution})" if self.execution else ""
+            lines.append(f"  {total} images in {self.wall_s:.1f} s = {self.images_per_s:.2f} images/s{where}")
         if any(c.copied for c in self.datasets.values()) or self.ran_twice:
             lines.append(f"  copied: detections of the same bytes (sha256) already computed, not run again; "
                          f"ran twice in different actors: {self.ran_twice}")

@@ -135,13 +135,16 @@ def images_per_block(images: int, actors: int, gpus: float = 0.0) -> int:
 
 
 def run_pipeline(plan: RunPlan, local: bool = True, on_progress: Callable[[Progress], None] | None = None,
-                 known: ContentIndex | None = None) -> None:
+                 known: ContentIndex | None = None) -> dict[str, float | None]:
     """Stream every listed image through the model into staged Parquet
     (``local``: on an embedded Ray that no autoscaler will grow), telling
     ``on_progress`` how far it is about once a second; bytes ``known`` to
     have an ``ok`` row in the output get it copied instead of a model run. Raises
     :class:`batchdet.progress.Stalled` when no image finishes for
-    ``plan.options.stall_timeout`` seconds (or 4× the longest gap between blocks)."""
+    ``plan.options.stall_timeout`` seconds (or 4× the longest gap between blocks).
+    Returns its timings: when the first actor had its model loaded
+    (``model_loaded``) and the first block finished (``first_result``), epoch
+    seconds, None if not reached or nobody watched."""
     threads, (low, high) = actor_layout(plan, local)
     block = plan.options.batch_size or images_per_block(plan.num_images, high, plan.options.gpus_per_actor)
     # no more actors than blocks: an actor with nothing to do still loads the model
@@ -156,6 +159,7 @@ def run_pipeline(plan: RunPlan, local: bool = True, on_progress: Callable[[Progr
         if cause is e:
             raise
         raise TaskFailed(cause) from cause
+    return reporter.timings()
 
 
 def root_cause(error: BaseException) -> BaseException:

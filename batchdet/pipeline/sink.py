@@ -5,17 +5,14 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from batchdet.output.layout import Output
+from batchdet.pipeline.writing import stage_rows
 
 
 class StagingSink(Datasink):
-    """One Parquet file per dataset per write task,
-    ``_staging/<run_id>/dataset=<NAME>/<uuid>.parquet``, the ``dataset`` column
-    in the folder name only (as the contract reads it).
+    """One Parquet file per dataset per write task (:func:`batchdet.pipeline.writing.stage_rows`).
 
     Ray Data hands each write at least ``rows_per_file`` rows (fewer at the
     end of a run). A file cut short by a killed task fails its Parquet footer
@@ -37,10 +34,4 @@ class StagingSink(Datasink):
         tables = [b for b in blocks if b.num_rows]
         if not tables:
             return
-        table = pa.concat_tables(tables)
-        out = Output(self.output, self.storage_options)
-        datasets = table.column("dataset")
-        for name in pc.unique(datasets).to_pylist():
-            out.fs.makedirs(out.staged_partition(self.run_id, name), exist_ok=True)
-            with out.fs.open(out.new_staged_file(self.run_id, name), "wb") as f:
-                pq.write_table(table.filter(pc.equal(datasets, name)).drop_columns(["dataset"]), f)
+        stage_rows(Output(self.output, self.storage_options), self.run_id, pa.concat_tables(tables))

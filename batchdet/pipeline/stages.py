@@ -45,11 +45,11 @@ def _errors(batch: pa.Table) -> list[str | None]:
 def read_batch(batch: pa.Table, storage_options: dict[str, Any] | None = None, progress: Any = None) -> pa.Table:
     """Add each URI's bytes (``data``), their ``size`` and ``sha256`` (hashed
     here, where the bytes already are: the row's content identity), or its
-    read error; tell ``progress`` (a :class:`batchdet.progress.Counter` actor,
-    or None) how many were read."""
+    read error; tell ``progress`` (a :class:`batchdet.progress.Counter` or its
+    actor's client, or None) how many were read."""
     results = read_many(batch.column("uri").to_pylist(), storage_options)
     if progress is not None:
-        progress.add_read.remote(batch.num_rows)
+        progress.add_read(batch.num_rows)
     data = [r if isinstance(r, bytes) else None for r in results]
     errors = [str(r) if isinstance(r, ImageError) else None for r in results]
     return (batch.append_column("data", pa.array(data, pa.large_binary()))
@@ -90,7 +90,8 @@ class InferenceStage:
         output: str | None = None,
         own_process: bool = False,
     ):
-        """``progress``: a :class:`batchdet.progress.Counter` actor told of each finished block, or None.
+        """``progress``: a :class:`batchdet.progress.Counter` (or its actor's client) told
+        when the model is loaded and of each finished block, or None.
         ``known``: a :class:`ContentIndex`, or a one-element list holding its Ray object
         reference (a list, so that Ray hands the reference over unresolved), with
         ``output`` the output it indexes; None: nothing known yet. ``own_process``:
@@ -117,6 +118,8 @@ class InferenceStage:
         self.known: ContentIndex | None = known if known is not None and len(known) else None
         self.rows = RowReader(Output(output, storage_options)) if self.known is not None else None
         self.recent: collections.OrderedDict[str, tuple[str, int, int, tuple]] = collections.OrderedDict()
+        if progress is not None:
+            progress.add_loaded()
 
     def _prepared(self, datas: list[bytes | None]) -> Iterator[Prepared | ImageError | None]:
         """Each file decoded and resized, in order: an ImageError in place of a bad one."""
@@ -172,7 +175,7 @@ class InferenceStage:
                 except ValueError as e:  # a model emitting labels outside the contract
                     errors[i] = f"ModelOutputError: {e}"
         if self.progress is not None:
-            self.progress.add.remote(batch.num_rows, sum(e is not None for e in errors))
+            self.progress.add(batch.num_rows, sum(e is not None for e in errors))
         return results_table(batch, widths, heights, errors, selected, self.run_id, copied)
 
     def _remember(self, sha256: str, result: tuple[str, int, int, tuple]) -> None:

@@ -3,8 +3,8 @@ what a killed run staged; tell ``--resume`` what is already done.
 
 Layout (docs/output.md; every path rule is in batchdet/output/layout.py):
 ``dataset=<NAME>/<run_id>_<…>.parquet`` and ``_runs/<run_id>.json``. While a
-run works, Ray writes its Parquet under ``_staging/<run_id>/`` beside a
-``_run.json`` record of the run. Committing
+run works, its rows are staged as Parquet under ``_staging/<run_id>/``
+(:func:`stage_rows`) beside a ``_run.json`` record of the run. Committing
 moves each complete, readable file into its partition — a rename locally, a
 whole-object copy on S3, so a reader sees a file whole or not at all — drops
 rows a retried task wrote twice, and writes the manifest *last*: a run's rows
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import platform
+from importlib.metadata import version
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -33,6 +34,17 @@ from batchdet.output.layout import RUNS_DIR, Output, committed_name, dataset_of
 from batchdet.output.lease import Lease
 from batchdet.output.manifest import DatasetCounts, RunResult
 from batchdet.output.schema import STATUS_MISSING, STATUS_OK
+
+
+def stage_rows(out: Output, run_id: str, table: pa.Table) -> None:
+    """``table``'s rows (the contract's, with ``dataset``) as one Parquet file per
+    dataset, ``_staging/<run_id>/dataset=<NAME>/<uuid>.parquet``, the dataset
+    in the folder name only (as the contract reads it)."""
+    datasets = table.column("dataset")
+    for name in pc.unique(datasets).to_pylist():
+        out.fs.makedirs(out.staged_partition(run_id, name), exist_ok=True)
+        with out.fs.open(out.new_staged_file(run_id, name), "wb") as f:
+            pq.write_table(table.filter(pc.equal(datasets, name)).drop_columns(["dataset"]), f)
 
 
 def begin_run(out: Output, record: dict[str, Any]) -> None:
@@ -97,7 +109,8 @@ def in_threads(fn: Callable[[Any], Any], items: list) -> Iterator[Any]:
             yield window.popleft().result()
 
 
-def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered: bool = False) -> RunResult:
+def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered: bool = False,
+               timings: dict[str, float] | None = None) -> RunResult:
     """Commit ``run_id``'s staged files, count them, write the manifest, drop the staging folder.
 
     The driver reads each file's footer and its ``uri``/``status`` columns and
@@ -151,6 +164,7 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
         datasets=counts, model=record["model"], arguments=record["arguments"],
         versions=record["versions"], files=files, recovered=recovered,
         settings=record.get("settings", {}), ran_twice=ran_twice,
+        execution=record.get("execution"), timings=timings or {},
     )
     _write_manifest(out, result)
     out.fs.rm(out.staging(run_id), recursive=True)
@@ -189,9 +203,10 @@ def recover(out: Output, lease: Lease) -> list[RunResult]:
 
 
 def versions() -> dict[str, str]:
+    """Versions of what made the rows (Ray's from its package metadata: a run
+    that needs no Ray does not import it for this; onnxruntime's from the module,
+    whichever of its distributions provides it)."""
     import onnxruntime
-    import ray
 
-    return {"batchdet": __version__, "ray": ray.__version__, "onnxruntime": onnxruntime.__version__,
+    return {"batchdet": __version__, "ray": version("ray"), "onnxruntime": onnxruntime.__version__,
             "python": platform.python_version()}
-

@@ -89,13 +89,14 @@ def local_inputs(tmp_path):
     return {"alpha": str(alpha), "beta": str(beta)}, expected
 
 
-def test_local_two_datasets_api(ray_local, narrow_model, detector, local_inputs, tmp_path):
+def test_local_two_datasets_api(ray_local, narrow_model, detector, local_inputs, tmp_path, execution):
     import ray.data
 
     datasets, expected = local_inputs
     out = str(tmp_path / "out")
     limits = ray.data.DataContext.get_current().execution_options.resource_limits
-    result = detect(datasets, out, model=narrow_model, batch_size=2)
+    result = detect(datasets, out, model=narrow_model, batch_size=2, execution=execution)
+    assert result.execution == execution
     # the job caps the object store on its own copy of the context, not the caller's
     assert ray.data.DataContext.get_current().execution_options.resource_limits == limits
     rows = read_output(out)
@@ -115,7 +116,7 @@ def test_local_two_datasets_api(ray_local, narrow_model, detector, local_inputs,
     assert sorted(p.parent.name for p in (tmp_path / "out").glob("dataset=*/*.parquet"))[0] == "dataset=alpha"
 
 
-def test_s3_two_datasets_cli(ray_local, s3, narrow_model, detector, capsys):
+def test_s3_two_datasets_cli(ray_local, s3, narrow_model, detector, capsys, execution):
     fs = s3.filesystem()
     bucket = s3.new_bucket()
     expected = {}
@@ -127,12 +128,12 @@ def test_s3_two_datasets_cli(ray_local, s3, narrow_model, detector, capsys):
     out = f"s3://{bucket}/out"
     argv = ["detect", "--dataset", f"alpha=s3://{bucket}/images/alpha", "--dataset", f"beta=s3://{bucket}/images/beta",
             "--output", out, "--model", str(narrow_model), "--actors", "1", "--threads-per-actor", "2",
-            "--batch-size", "3"]
+            "--batch-size", "3", "--execution", execution]
     for k, v in s3.storage_options.items():
         argv += ["--storage-option", f"{k}={v}"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "alpha" in printed and "images/s" in printed and "STAND-IN MODEL" in printed
+    assert "alpha" in printed and f"images/s ({execution})" in printed and "STAND-IN MODEL" in printed
     rows = read_output(out, s3.storage_options)
     run_id = next(iter(rows.values()))["run_id"]
     check_rows(rows, expected, detector, run_id)
