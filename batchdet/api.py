@@ -69,7 +69,7 @@ def run(options: DetectOptions, on_progress: Callable[[Progress], None] | None =
     with acquire(out, plan.run_id) as lease:  # one writer per output, released however the run ends
         update = _prepare_output(out, plan, lease)
         todo = dataclasses.replace(plan, listings=update.todo)
-        execution = choose_execution(todo, todo.num_images) if todo.num_images else None
+        execution = choose_execution(options, todo.num_images) if todo.num_images else None
         begin_run(out, {**_record(plan, update), "execution": execution})
         stage_gone(out, plan.run_id, update.gone)
         timings.mark("prepared")

@@ -26,16 +26,16 @@ SHA = "b417a8186967f1e78670b0075aa72a10e5c7d1a6d5c08af9d13dc97f3d29ef0d"
 FLAGS = ["--dataset", "coco=s3://b/coco", "--dataset", "shop=/data/shop", "--output", "s3://b/out",
          "--model", f"s3://b/m.onnx#sha256={SHA}", "--score-threshold", "0.3", "--actors", "2:8",
          "--threads-per-actor", "4", "--gpus-per-actor", "0.5", "--batch-size", "8", "--rows-per-file", "128",
-         "--max-pixels", "50000000", "--stall-timeout", "60", "--resume",
+         "--max-pixels", "50000000", "--stall-timeout", "60", "--resume", "--execution", "ray",
          "--storage-option", "endpoint_url=http://h:9000", "--storage-option", "anon=false"]
 SPEC = {"datasets": {"coco": "s3://b/coco", "shop": "/data/shop"}, "output": "s3://b/out",
         "model": "s3://b/m.onnx", "model_sha256": SHA, "score_threshold": 0.3, "actors": [2, 8],
         "threads_per_actor": 4, "gpus_per_actor": 0.5, "batch_size": 8, "rows_per_file": 128,
-        "max_pixels": 50_000_000, "stall_timeout": 60, "resume": True,
+        "max_pixels": 50_000_000, "stall_timeout": 60, "resume": True, "execution": "ray",
         "storage_options": {"endpoint_url": "http://h:9000", "anon": False}}
 KWARGS = {"model": f"s3://b/m.onnx#sha256={SHA}", "score_threshold": 0.3, "actors": (2, 8), "threads_per_actor": 4,
           "gpus_per_actor": 0.5, "batch_size": 8, "rows_per_file": 128, "max_pixels": 50_000_000,
-          "stall_timeout": 60, "resume": True, "storage_options": {"endpoint_url": "http://h:9000", "anon": False}}
+          "stall_timeout": 60, "resume": True, "execution": "ray", "storage_options": {"endpoint_url": "http://h:9000", "anon": False}}
 
 
 @pytest.fixture

@@ -81,13 +81,14 @@ def test_inference_actor_killed_mid_run(narrow_model, many_images, tmp_path, ray
     assert_exactly_once(tmp_path / "out", many_images)
 
 
-def test_refuse_then_overwrite(narrow_model, tmp_path, ray_local, capsys):
+def test_refuse_then_overwrite(narrow_model, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(photo("rocket.jpg"))
     out = tmp_path / "out"
-    first = detect({"x": str(folder)}, str(out), model=narrow_model)
-    argv = ["detect", "--dataset", f"x={folder}", "--output", str(out), "--model", str(narrow_model)]
+    first = detect({"x": str(folder)}, str(out), model=narrow_model, execution="in-process")
+    argv = ["detect", "--dataset", f"x={folder}", "--output", str(out), "--model", str(narrow_model),
+            "--execution", "in-process"]
     assert main(argv) == 2
     assert "already holds batchdet results" in capsys.readouterr().err
     assert main([*argv, "--resume", "--overwrite"]) == 2

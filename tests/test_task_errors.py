@@ -1,6 +1,6 @@
 """A task that fails inside Ray reaches the user as its cause, in one line:
 the disk filling up, the store refusing a write, the output bucket vanishing
-mid-run, each through the CLI (issue 22, item 2)."""
+mid-run, each through the CLI (issue 22, item 2), on each execution path."""
 
 from __future__ import annotations
 
@@ -43,18 +43,18 @@ def _small_disk(folder: Path, size: str):
         subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
-def test_disk_full_is_its_cause_in_one_line(narrow_model, tmp_path, ray_local, capsys):
+def test_disk_full_is_its_cause_in_one_line(narrow_model, tmp_path, ray_local, capsys, execution):
     images = _inputs(tmp_path / "in")
     with _small_disk(tmp_path / "disk", "24k") as disk:
         argv = ["detect", "--dataset", f"x={images}", "--output", str(disk / "out"), "--model", str(narrow_model),
-                "--rows-per-file", "1", "--batch-size", "1"]
+                "--rows-per-file", "1", "--batch-size", "1", "--execution", execution]
         capsys.readouterr()
         assert main(argv) == 2
         line = _error_line(capsys.readouterr().err)
         assert line.startswith("batchdet: error: OSError: [Errno 28] No space left on device"), line
 
 
-def _refusing(s3, tmp_path, capsys, narrow_model, status: int, code: str, message: str) -> str:
+def _refusing(s3, tmp_path, capsys, narrow_model, execution: str, status: int, code: str, message: str) -> str:
     """Run detect on S3 with every staged data file's PUT refused; the CLI's error line."""
     bucket = s3.new_bucket()
     images = _inputs(tmp_path / "in")
@@ -62,17 +62,18 @@ def _refusing(s3, tmp_path, capsys, narrow_model, status: int, code: str, messag
         and path.split("?")[0].endswith(".parquet") else None  # noqa: E731
     with FaultyProxy(s3.endpoint_url, every=10**9, refuse=refuse) as proxy:
         argv = ["detect", "--dataset", f"x={images}", "--output", f"s3://{bucket}/out", "--model", str(narrow_model),
-                *[f"--storage-option={k}={v}" for k, v in {**s3.storage_options, "endpoint_url": proxy.url}.items()]]
+                "--execution", execution, *[f"--storage-option={k}={v}" for k, v in {**s3.storage_options, "endpoint_url": proxy.url}.items()]]
         capsys.readouterr()
         assert main(argv) == 2
     return _error_line(capsys.readouterr().err)
 
 
-def test_a_refused_write_is_its_cause_in_one_line(narrow_model, s3, tmp_path, ray_local, capsys):
-    line = _refusing(s3, tmp_path, capsys, narrow_model, 403, "AccessDenied", "Access Denied")
+def test_a_refused_write_is_its_cause_in_one_line(narrow_model, s3, tmp_path, ray_local, capsys, execution):
+    line = _refusing(s3, tmp_path, capsys, narrow_model, execution, 403, "AccessDenied", "Access Denied")
     assert line.startswith("batchdet: error: PermissionError: Access Denied"), line
 
 
-def test_a_vanished_output_bucket_is_its_cause_in_one_line(narrow_model, s3, tmp_path, ray_local, capsys):
-    line = _refusing(s3, tmp_path, capsys, narrow_model, 404, "NoSuchBucket", "The specified bucket does not exist")
+def test_a_vanished_output_bucket_is_its_cause_in_one_line(narrow_model, s3, tmp_path, ray_local, capsys,
+                                                          execution):
+    line = _refusing(s3, tmp_path, capsys, narrow_model, execution, 404, "NoSuchBucket", "The specified bucket does not exist")
     assert line.startswith("batchdet: error: FileNotFoundError:") and "bucket does not exist" in line, line

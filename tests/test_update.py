@@ -8,18 +8,24 @@ files as they are now, detections with the single-process ``Detector``."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
 
 import pytest
 
-from batchdet.api import detect
+from batchdet import api
 from batchdet.cli import main
 from batchdet.output.query import query
 from batchdet.output.summary import summarize
 from batchdet.pipeline.detector import Detector
 from helpers.photos import photo
+
+#: These tests are about what a run writes, the same on either engine (the
+#: contract, kills and the watchdog run on both: tests parametrised over
+#: ``execution``): in-process, each run takes a second, not Ray's start.
+detect = functools.partial(api.detect, execution="in-process")
 
 PHOTOS = ("rocket.jpg", "chelsea.png", "coffee.png", "astronaut.png", "camera.png")
 
@@ -44,7 +50,7 @@ def inputs(tmp_path) -> Path:
     return folder
 
 
-def test_rows_record_the_bytes_and_resume_brings_the_output_up_to_date(narrow_model, inputs, tmp_path, ray_local):
+def test_rows_record_the_bytes_and_resume_brings_the_output_up_to_date(narrow_model, inputs, tmp_path):
     out = str(tmp_path / "out")
     first = detect({"x": str(inputs)}, out, model=narrow_model)
     rows = _rows(out)
@@ -107,7 +113,7 @@ def test_rows_record_the_bytes_and_resume_brings_the_output_up_to_date(narrow_mo
     assert _rows(out)[str(inputs / "astronaut.png")]["copied_from"] == str(inputs / "astronaut.png")
 
 
-def test_resume_refuses_other_result_settings_before_any_work(narrow_model, tmp_path, ray_local, capsys):
+def test_resume_refuses_other_result_settings_before_any_work(narrow_model, tmp_path, capsys):
     from batchdet.model.standin import write_standin
 
     folder = tmp_path / "in"
@@ -116,7 +122,7 @@ def test_resume_refuses_other_result_settings_before_any_work(narrow_model, tmp_
     out = tmp_path / "out"
     detect({"x": str(folder)}, str(out), model=narrow_model)
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    argv = ["detect", "--dataset", f"x={folder}", "--output", str(out), "--resume"]
+    argv = ["detect", "--dataset", f"x={folder}", "--output", str(out), "--execution", "in-process", "--resume"]
 
     capsys.readouterr()
     assert main([*argv, "--model", str(narrow_model), "--score-threshold", "0.5", "--max-pixels", "1000"]) == 2
@@ -134,7 +140,7 @@ def test_resume_refuses_other_result_settings_before_any_work(narrow_model, tmp_
     assert {r["run_id"] for r in _rows(str(out)).values()} != set()
 
 
-def test_same_bytes_run_once_in_a_run(narrow_model, tmp_path, ray_local):
+def test_same_bytes_run_once_in_a_run(narrow_model, tmp_path):
     """Copies of one file within a run: the model runs once (one actor, one block)."""
     folder = tmp_path / "in"
     folder.mkdir()
@@ -150,7 +156,7 @@ def test_same_bytes_run_once_in_a_run(narrow_model, tmp_path, ray_local):
     assert len({str(r["detections"]) for uri, r in rows.items() if Path(uri).name.startswith("same")}) == 1
 
 
-def test_a_list_of_uris_is_checked_by_its_bytes(narrow_model, inputs, tmp_path, ray_local):
+def test_a_list_of_uris_is_checked_by_its_bytes(narrow_model, inputs, tmp_path):
     """A listing without version tokens (a .txt of URIs): --resume reads and hashes
     each image; unchanged bytes get their own row copied, changed ones run."""
     listing = tmp_path / "list.txt"
@@ -168,7 +174,7 @@ def test_a_list_of_uris_is_checked_by_its_bytes(narrow_model, inputs, tmp_path, 
     assert all(r["run_id"] == second.run_id != first.run_id for r in rows.values())
 
 
-def test_s3_listing_gives_size_and_etag_for_free(narrow_model, s3, ray_local):
+def test_s3_listing_gives_size_and_etag_for_free(narrow_model, s3):
     """On S3 an unchanged object (same size and ETag) is skipped unread; a re-uploaded one is redone."""
     fs = s3.filesystem()
     bucket = s3.new_bucket()
@@ -191,7 +197,7 @@ def test_s3_listing_gives_size_and_etag_for_free(narrow_model, s3, ray_local):
     assert rows[f"s3://{bucket}/in/chelsea.png"]["run_id"] != again.run_id
 
 
-def test_an_output_from_before_content_identity_reads_and_resumes(narrow_model, inputs, tmp_path, ray_local):
+def test_an_output_from_before_content_identity_reads_and_resumes(narrow_model, inputs, tmp_path):
     """Files without the identity columns (as batchdet wrote them before) still read, query
     and resume; their ok rows cannot vouch for their bytes, so --resume redoes them."""
     import pyarrow.parquet as pq

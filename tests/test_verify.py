@@ -11,6 +11,7 @@ independently: sha256 with hashlib, rows with pyarrow.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -23,11 +24,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchdet.api import detect
+from batchdet import api
 from batchdet.cli import main
 from batchdet.model.standin import write_standin
 from batchdet.verify import BOX_TOLERANCE_PX, CHECKS, REDETECT, SCORE_TOLERANCE, match_detections
 from helpers.photos import photo
+
+#: These tests are about what a run writes, the same on either engine (the
+#: contract, kills and the watchdog run on both: tests parametrised over
+#: ``execution``): in-process, each run takes a second, not Ray's start.
+detect = functools.partial(api.detect, execution="in-process")
 
 PHOTOS = ("rocket.jpg", "chelsea.png", "coffee.png", "astronaut.png")
 IMAGES = len(PHOTOS) + 1  # and broken.jpg
@@ -44,7 +50,7 @@ class Made:
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory, narrow_model, ray_local) -> Made:
+def made(tmp_path_factory, narrow_model) -> Made:
     """Four photographs and a broken file, one row per data file (so one can go
     missing alone), made with a copy of the narrow model that tests may swap."""
     root = tmp_path_factory.mktemp("verify")
@@ -203,7 +209,7 @@ def test_a_model_swapped_on_disk_is_caught_and_a_copy_can_stand_in(made, capsys,
                           f"found: {path}; pass --model PATH to a copy of it"]
 
 
-def test_an_output_brought_up_to_date_passes(narrow_model, ray_local, tmp_path, capsys):
+def test_an_output_brought_up_to_date_passes(narrow_model, tmp_path, capsys):
     """The issue's user: change, delete and copy inputs, ``--resume``, verify. A
     second run with a ``missing`` row and a copied row adds up, and every
     current row matches the bytes now at its URI."""
@@ -270,7 +276,7 @@ def test_rows_without_content_identity_are_unverifiable(made, output, capsys):
             "batchdet") in text
 
 
-def test_an_s3_output_passes(s3, narrow_model, ray_local, capsys, tmp_path):
+def test_an_s3_output_passes(s3, narrow_model, capsys, tmp_path):
     """Images, model and output on S3: the rows' bytes and the model are read
     back through the storage options; a changed object and a swapped model are caught there too."""
     fs = s3.filesystem()

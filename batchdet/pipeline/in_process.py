@@ -24,13 +24,15 @@ from typing import Callable
 
 import pyarrow as pa
 
+from batchdet.errors import TaskFailed
+from batchdet.options import DetectOptions
 from batchdet.output.content import ContentIndex
 from batchdet.output.layout import Output
 from batchdet.pipeline.plan import RunPlan
 from batchdet.pipeline.run import images_per_block, listed_items
 from batchdet.pipeline.stages import InferenceStage, read_batch
 from batchdet.pipeline.writing import stage_rows
-from batchdet.progress import Counter, Halt, Progress, Reporter
+from batchdet.progress import Counter, Halt, Progress, Reporter, Stalled
 
 #: Images above which ``execution="auto"`` hands a run to Ray Data. Below it
 #: Ray's fixed start-up is most of a run's cost; above it Ray's processes
@@ -42,10 +44,9 @@ MAX_IN_PROCESS_IMAGES = 64
 JOIN_S = 10.0
 
 
-def choose_execution(plan: RunPlan, images: int) -> str:
-    """``"in-process"`` or ``"ray"`` for ``images`` images of ``plan`` (its
-    ``execution`` option decides unless it is ``"auto"``)."""
-    o = plan.options
+def choose_execution(o: DetectOptions, images: int) -> str:
+    """``"in-process"`` or ``"ray"`` for a run of ``images`` images with
+    options ``o`` (their ``execution`` decides unless it is ``"auto"``)."""
     if o.execution != "auto":
         if o.execution == "in-process":
             check_pixel_limit(o.max_pixels)
@@ -97,7 +98,12 @@ def run_in_process(plan: RunPlan, on_progress: Callable[[Progress], None] | None
                                o.gpus_per_actor)
     block = o.batch_size or images_per_block(plan.num_images, sessions, o.gpus_per_actor)
     reporter = Reporter(plan.num_images, on_progress, o.stall_timeout, counter=Counter)
-    reporter.run(lambda counter: _stream(plan, sessions, threads, block, counter, known))
+    try:
+        reporter.run(lambda counter: _stream(plan, sessions, threads, block, counter, known))
+    except Stalled:
+        raise
+    except Exception as e:  # a stage's failure, reported as the Ray job reports a task's
+        raise TaskFailed(e) from e
     return reporter.timings()
 
 

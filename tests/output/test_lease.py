@@ -211,8 +211,7 @@ def _error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("batchdet: error:")]
 
 
-def test_stalled_holder_refuses_then_is_taken_over(store, narrow_model, tmp_path, ray_local, quick_staleness, clock,
-                                                   capsys):
+def test_stalled_holder_refuses_then_is_taken_over(store, narrow_model, tmp_path, quick_staleness, clock, capsys):
     output, options = store
     folder = tmp_path / "in"
     folder.mkdir()
@@ -241,7 +240,8 @@ def test_stalled_holder_refuses_then_is_taken_over(store, narrow_model, tmp_path
         time.sleep(2 * quick_staleness / leasing.HEARTBEATS_PER_LIMIT)  # two beats' time
         assert records(out)[0]["heartbeat"] == last, "the stopped holder still beats"
         clock(quick_staleness + 0.5)  # ... and its lease ages past the limit (this process's clock only)
-        result = detect({"x": str(folder)}, output, model=narrow_model, storage_options=options, resume=True)
+        result = detect({"x": str(folder)}, output, model=narrow_model, storage_options=options, resume=True,
+                        execution="in-process")  # the lease's story is the engine's alike: no Ray to start
         recovered = out.manifests()[held_by]
         assert recovered["recovered"] is True and recovered["datasets"]["x"]["images_ok"] == 1
         assert result.datasets["x"].already_done == 1 and result.datasets["x"].images == 1
