@@ -20,6 +20,7 @@ first result, the rest of the images, then commit, summary and exit.
 
     python benchmarks/small_runs.py --json bench-out/small_runs.json
     python benchmarks/small_runs.py --quick   # the narrow stand-in, 1 and 2 images: a smoke test
+    python benchmarks/small_runs.py --channels-divisor 8 --sizes 64,256 --no-int8   # where Ray starts to pay
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sizes", default="1,8,24", help="comma-separated numbers of images")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--no-int8", action="store_true", help="FP32 only")
+    p.add_argument("--channels-divisor", type=int, default=1, help="the stand-in with channels / N (8: narrow)")
     p.add_argument("--quick", action="store_true", help="the narrow stand-in at 1 and 2 images, FP32 only")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", dest="json_out", help="write the figures here")
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     synthesize(folder, max(sizes))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each detect on its own, as a user's
     res = {**header(), "sizes": sizes, "rounds": args.rounds}
-    found = models(workdir, 8 if args.quick else 1, folder, not (args.quick or args.no_int8))
+    found = models(workdir, 8 if args.quick else args.channels_divisor, folder, not (args.quick or args.no_int8))
     res["results"] = print_rows(table, (measure(path, kind, n, folder, workdir, env)
                                         for _ in range(args.rounds) for kind, path in found.items() for n in sizes))
     res["targets"] = judge(res["results"])
