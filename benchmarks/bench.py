@@ -194,7 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.images = "2,4"
         args.actors = args.actors or "1"
         args.bare_images = 1
-        args.sample_interval = min(args.sample_interval, 0.25)
+        args.sample_interval = min(args.sample_interval, 1.0)
     return args
 
 

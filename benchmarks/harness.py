@@ -406,6 +406,7 @@ class TreeSampler(threading.Thread):
         return "driver" if pid == self.root else "ray"
 
     def sample(self) -> None:
+        """One reading of every process of the tree; the peaks kept."""
         pss = rss = n = 0
         by_role: dict[str, int] = {}
         for pid in self.tree():
@@ -423,10 +424,8 @@ class TreeSampler(threading.Thread):
             self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
             self.peak_processes = max(self.peak_processes, n)
 
-    def cpu_seconds(self) -> float:
-        return sum(self.cpu_seen.values())
-
     def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds of the driver and of the rest, each process at its last reading."""
         by_role: dict[str, float] = {}
         for pid, cpu in self.cpu_seen.items():
             by_role[self.role(pid)] = by_role.get(self.role(pid), 0.0) + cpu
@@ -446,6 +445,7 @@ class TreeSampler(threading.Thread):
             self.sample()
 
     def stop(self) -> None:
+        """Stop sampling, after one last reading now."""
         self._halt.set()
         self.join()
         self.sample()

@@ -65,6 +65,7 @@ a ratio within this run (the machine is shared; ``others_cores`` says how busy).
 
     python benchmarks/overhead.py --out bench-out/overhead.json
     python benchmarks/overhead.py --models nearfree --sizes nearfree=200,800 --out bench-out/o.json
+    python benchmarks/overhead.py --quick --out bench-out/o-quick.json      # CI smoke
     git archive 01907a9 | tar -x -C /tmp/before-identity   # content identity against its parent, in one run:
     python benchmarks/overhead.py --models nearfree --compare /tmp/before-identity --out bench-out/identity.json
 """
@@ -125,7 +126,7 @@ def dataset(workdir: Path, count: int) -> Path:
     file with a comment of its own, so that no two have the same bytes:
     batchdet runs the model once per content and copies the result for the
     same bytes again (issue 21), so linked copies would time copies, not inference."""
-    distinct = [p.read_bytes() for p in harness.synthesize(workdir / "images", DISTINCT_IMAGES)]
+    distinct = [p.read_bytes() for p in harness.synthesize(workdir / "images", min(count, DISTINCT_IMAGES))]
     folder = workdir / f"distinct-{count}"
     if folder.exists() and len(list(folder.iterdir())) == count:
         return folder
@@ -143,13 +144,13 @@ def with_comment(jpeg: bytes, text: str) -> bytes:
 
 
 # --- the pipeline ------------------------------------------------------------------------------
-def pipeline_run(model: Path, folder: Path, workdir: Path, source: str | None = None) -> dict:
-    """``detect`` over ``folder`` in a fresh process (harness.run_detect);
+def pipeline_run(model: Path, folder: Path, workdir: Path, options: dict, source: str | None = None) -> dict:
+    """``detect`` over ``folder`` with ``options`` in a fresh process (harness.run_detect);
     ``source``: another checkout of batchdet to run instead of this one (``--compare``)."""
     images = len(list(folder.iterdir()))
     tag = f"{images}-compare" if source else str(images)
     record = harness.run_detect({"bench": str(folder)}, workdir / f"out-{tag}", workdir / f"run-{tag}.json",
-                                {"model": str(model)}, source=source)
+                                {"model": str(model), **options}, source=source)
     return run_figures(images, record, harness.folder_bytes(folder), str(workdir / f"out-{tag}"))
 
 
@@ -227,7 +228,7 @@ def identity_figures(passes: dict[str, list[float]], bare_cpu_ms: float, margina
 
 
 # --- one model --------------------------------------------------------------------------------
-def measure_model(name: str, sizes: tuple[int, int], workdir: Path, compare: str | None = None) -> dict:
+def measure_model(name: str, sizes: tuple[int, int], workdir: Path, options: dict, compare: str | None = None) -> dict:
     """Bare before, the pipeline at both sizes (and ``compare``'s, interleaved), bare after, identity's cost."""
     model = model_path(name, workdir)
     small, large = (dataset(workdir, n) for n in sizes)
@@ -236,10 +237,10 @@ def measure_model(name: str, sizes: tuple[int, int], workdir: Path, compare: str
     runs, others = [], []
     for folder in (small, large):
         print(f"{name}: pipeline over {len(list(folder.iterdir()))} images ...", flush=True)
-        runs.append(pipeline_run(model, folder, workdir))
+        runs.append(pipeline_run(model, folder, workdir, options))
         if compare:
             print(f"{name}: pipeline over {len(list(folder.iterdir()))} images, {compare} ...", flush=True)
-            others.append(pipeline_run(model, folder, workdir, compare))
+            others.append(pipeline_run(model, folder, workdir, options, compare))
     print(f"{name}: bare again ...", flush=True)
     segments.append(harness.bare_path_segment(model, large, BARE_IMAGES[name]))
     res = {"model": str(model), "sizes": list(sizes), **summarize(segments, runs)}
@@ -355,7 +356,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", help="models, images and outputs (default: beside --out)")
     p.add_argument("--compare", metavar="DIR", help="also run the pipeline of another batchdet checkout (e.g. a "
                    "git worktree of an older commit), interleaved, for a before/after within one run")
-    return p.parse_args(argv)
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke: the near-free model, 4 and 8 images, 2 per bare process, one inference actor")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.sizes, args.bare_images = "nearfree", ["nearfree=4,8"], ["nearfree=2"]
+    return args
 
 
 def main(argv=None) -> dict:
@@ -369,11 +375,12 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     workdir = Path(args.workdir) if args.workdir else out.parent / "overhead-work"
     workdir.mkdir(parents=True, exist_ok=True)
+    options = {"actors": [1, 1]} if args.quick else {}  # detect's own options
     results = {**harness.header(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "command": harness.command(argv), "models": {}}
+               "command": harness.command(argv), "detect_options": options, "models": {}}
     t = time.time()
     for name in args.models.split(","):
-        results["models"][name] = measure_model(name, SIZES[name], workdir, args.compare)
+        results["models"][name] = measure_model(name, SIZES[name], workdir, options, args.compare)
     results["elapsed_s"] = time.time() - t
     harness.write_json(out, results)
     print()

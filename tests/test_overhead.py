@@ -26,8 +26,7 @@ overhead = script("overhead")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("overhead") / "overhead.json"
-    stdout = run_script("overhead", "--models", "nearfree", "--sizes", "nearfree=4,8", "--bare-images", "nearfree=2",
-                        "--out", str(out))
+    stdout = run_script("overhead", "--quick", "--out", str(out))
     assert "marginal CPU ms per image, the driver and the rest" in stdout
     return json.loads(out.read_text()), out
 
@@ -97,7 +96,7 @@ def test_near_free_model_meets_the_interface(tmp_path):
 @pytest.mark.bench
 def test_figures_follow_from_the_raw_measurements(run):
     results, out = run
-    assert results["machine"]["cpu_model"] and results["commit"]
+    assert results["machine"]["cpu_model"] and results["commit"] and results["detect_options"] == {"actors": [1, 1]}
     r = results["models"]["nearfree"]
     work = out.parent / "overhead-work"
     a, b = r["pipeline"]
