@@ -454,9 +454,11 @@ class TreeSampler(threading.Thread):
 # --- detect in a fresh process ----------------------------------------------------------
 def detect_child(spec: dict) -> None:
     """The child :func:`run_detect` starts: one ``detect`` on an embedded Ray
-    this process starts itself (``detect`` reuses it), so that the CPU of
-    every process of the run can be read before Ray stops (its workers go
-    with it). Writes the run's record to ``spec["result"]`` as JSON."""
+    this process starts itself, so that the CPU of every process of the run
+    can be read before Ray stops (its workers go with it), and so that the
+    run is on Ray at any size (``detect`` runs on a Ray its caller started;
+    alone, it would run a small set in-process). Writes the run's record to
+    ``spec["result"]`` as JSON."""
     import ray
 
     from batchdet.api import detect
