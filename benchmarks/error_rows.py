@@ -3,7 +3,7 @@
 Each run reads an N-line manifest of files that do not exist, so every image
 becomes an error row: what is measured is batchdet's own machinery (listing,
 blocks, read tasks, the actors' error path, staging, commit), not a model. The
-near-free model of benchmarks/overhead.py is loaded by the actors as usual.
+near-free model (harness.near_free_model) is loaded by the actors as usual.
 Each size runs in a fresh process with its own local Ray; it records
 
 - ``wall_s``: the whole ``detect`` call, Ray's start included;
@@ -22,37 +22,16 @@ Target: ``rows_per_s`` at the largest size >= 0.9 x at the smallest.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+import harness
 from harness import header, parser, print_rows
-from overhead import near_free_model
-from scale import peak_rss_kb
 
 #: the rate at the largest size over that at the smallest, at least
 TARGET_RATE_RATIO = 0.9
-
-
-def child(model: str, manifest: str, output: str) -> None:
-    """In a fresh process: one ``detect``; its figures as JSON on the last line."""
-    from batchdet.api import detect
-
-    seen = []
-    t = time.perf_counter()
-    result = detect({"missing": manifest}, output, model=model, on_progress=seen.append, stall_timeout=0)
-    wall = time.perf_counter() - t
-    counts = result.datasets["missing"]
-    print(json.dumps({"wall_s": round(wall, 2), "rows_per_s": round(seen[-1].rate or 0.0, 1),
-                      "rows_per_s_by_fifth": by_fifth([(p.elapsed_s, p.done) for p in seen], counts.images),
-                      "driver_rss_mb": round(peak_rss_kb() / 1024), "images": counts.images,
-                      "images_error": counts.images_error, "files": len(result.files)}))
 
 
 def by_fifth(points: list[tuple[float, int]], total: int) -> list[float]:
@@ -69,20 +48,35 @@ def by_fifth(points: list[tuple[float, int]], total: int) -> list[float]:
     return rates
 
 
-def measure(n: int, model: Path, workdir: Path) -> dict:
+def run_size(n: int, model: Path, workdir: Path) -> dict:
+    """``detect`` over an ``n``-line manifest of missing files, in a fresh process (harness.run_detect)."""
     manifest = workdir / f"missing-{n}.txt"
     manifest.write_text("".join(f"/nonexistent/batchdet-bench/{i // 1000:04d}/img{i:07d}.jpg\n" for i in range(n)))
     output = workdir / f"out-{n}"
-    shutil.rmtree(output, ignore_errors=True)
-    proc = subprocess.run([sys.executable, __file__, "--child", str(model), str(manifest), str(output)],
-                          capture_output=True, text=True, env=dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1"))
-    if proc.returncode:
-        raise SystemExit(f"detect over {n} missing files failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    figures = json.loads(proc.stdout.strip().splitlines()[-1])
-    if figures["images"] != n or figures["images_error"] != n:
-        raise SystemExit(f"{n} missing files gave {figures['images']} rows, {figures['images_error']} errors")
+    record = harness.run_detect({"missing": str(manifest)}, output, workdir / f"run-{n}.json",
+                                {"model": str(model), "stall_timeout": 0})
     shutil.rmtree(output)
-    return {"n": n, **figures, "whole_rows_per_s": round(n / figures["wall_s"], 1)}
+    return size_figures(n, record)
+
+
+def size_figures(n: int, record: dict) -> dict:
+    """One size's figures from the child's record; checks every one of the ``n`` rows came back an error row."""
+    counts = record["datasets"]["missing"]
+    if counts["images"] != n or counts["images_error"] != n:
+        raise SystemExit(f"{n} missing files gave {counts['images']} rows, {counts['images_error']} errors")
+    polls = record["progress"]
+    return {"n": n, "wall_s": round(record["wall_s"], 2), "whole_rows_per_s": round(n / record["wall_s"], 1),
+            "rows_per_s": round(harness.progress_figures(polls, record["wall_s"])["steady_images_per_s"] or 0.0, 1),
+            "rows_per_s_by_fifth": by_fifth([(t, done) for t, done, _ in polls], n),
+            "driver_rss_mb": round(record["driver_rss_mb"]), "images": counts["images"],
+            "images_error": counts["images_error"], "files": record["files"]}
+
+
+def rate_ratio(results: list[dict]) -> dict:
+    """The steady rate at the largest size over that at the smallest, and whether it meets the target."""
+    ratio = results[-1]["rows_per_s"] / results[0]["rows_per_s"] if results[0]["rows_per_s"] else None
+    return {"rate_ratio_largest_to_smallest": ratio, "target_rate_ratio": TARGET_RATE_RATIO,
+            "meets_target": ratio is not None and ratio >= TARGET_RATE_RATIO}
 
 
 def table(results: list[dict]) -> str:
@@ -96,24 +90,18 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser(__doc__, "10000,100000", "error rows")
-    p.add_argument("--child", nargs=3, metavar=("MODEL", "MANIFEST", "OUTPUT"), help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        child(*args.child)
-        return 0
+    args = parser(__doc__, "10000,100000", "error rows").parse_args(argv)
     info = header()
     workdir = Path(tempfile.mkdtemp(prefix="batchdet-error-rows-"))
     try:
-        model = near_free_model(workdir / "nearfree.onnx")
-        results = print_rows(table, (measure(int(n), model, workdir) for n in args.sizes.split(",")))
+        model = harness.near_free_model(workdir / "nearfree.onnx")
+        results = print_rows(table, (run_size(int(n), model, workdir) for n in args.sizes.split(",")))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    ratio = results[-1]["rows_per_s"] / results[0]["rows_per_s"] if results[0]["rows_per_s"] else None
-    report = {**info, "results": results, "rate_ratio_largest_to_smallest": ratio,
-              "target_rate_ratio": TARGET_RATE_RATIO, "meets_target": ratio is not None and ratio >= TARGET_RATE_RATIO}
+    report = {**info, "results": results, **rate_ratio(results)}
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2))
+        harness.write_json(Path(args.json_out), report)
+    ratio = report["rate_ratio_largest_to_smallest"]
     print(f"\nsteady rows/s, largest over smallest: {ratio:.2f} (target >= {TARGET_RATE_RATIO})" if ratio else "")
     return 0
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-import measure
-from harness import header
+import harness
+
 
 TARGETS = {"int8_speedup": (">=", 1.7)}
 
@@ -70,8 +70,8 @@ def int8_kernel_ceiling(threads: int, reps: int = 5, channels: int = 256, size: 
         sessions = {name: ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
                     for name, path in (("fp32", f32), ("int8", q8))}
     runs = {name: (lambda x, s=s: s.run(None, {"x": x})) for name, s in sessions.items()}
-    measure.min_per_item(runs, inputs[:1], 1)  # warm-up
-    t = measure.min_per_item(runs, inputs, reps)
+    harness.min_per_item(runs, inputs[:1], 1)  # warm-up
+    t = harness.min_per_item(runs, inputs, reps)
     res = {"layer": f"Conv 3x3 {channels}->{channels} at {size}x{size} + Relu",
            "fp32_ms": t["fp32"] * 1e3, "int8_ms": t["int8"] * 1e3, "speedup": t["fp32"] / t["int8"],
            "vnni": _has_vnni()}
@@ -94,23 +94,26 @@ def measure_int8(model: Path, fp32, images_folder: Path, inputs: list[np.ndarray
         source = "quantized"
     quantize_s = time.perf_counter() - t
     info = check_model(path)
-    int8 = measure.float_session(path, threads)
-    measure.timed_runs(int8, inputs[:1])  # warm-up
+    int8 = harness.float_session(path, threads)
+    harness.timed_runs(int8, inputs[:1])  # warm-up
     f_times, q_times = [], []
-    with measure.Phase(measure.own_cpu) as ph:
+    with harness.Phase(harness.own_cpu) as ph:
         for x in inputs:  # interleaved image by image: both see the same load
-            f_times += measure.timed_runs(fp32, [x])
-            q_times += measure.timed_runs(int8, [x])
-    res = {
-        "model": str(path), "source": source, "quantize_s": quantize_s, "calibration_images": calibration,
-        "standin": "batchdet.standin" in info.metadata, "size_bytes": info.size,
-        "fp32_s_per_image": statistics.fmean(f_times), "int8_s_per_image": statistics.fmean(q_times),
-        "images": len(inputs), "foreign_cpu_cores": ph.foreign_cores,
-    }
-    res["speedup"] = res["fp32_s_per_image"] / res["int8_s_per_image"]
+            f_times += harness.timed_runs(fp32, [x])
+            q_times += harness.timed_runs(int8, [x])
+    res = {"model": str(path), "source": source, "quantize_s": quantize_s, "calibration_images": calibration,
+           "standin": "batchdet.standin" in info.metadata, "size_bytes": info.size,
+           "foreign_cpu_cores": ph.foreign_cores, **speedup(f_times, q_times)}
     print(f"  int8: {res['int8_s_per_image']:.3f} s/image vs fp32 {res['fp32_s_per_image']:.3f}: "
           f"{res['speedup']:.2f}x (others used {ph.foreign_cores:.2f} cores)", flush=True)
     return res
+
+
+def speedup(fp32_times: list[float], int8_times: list[float]) -> dict:
+    """FP32's and INT8's mean seconds per image, timed image by image
+    alternately, and INT8's speed-up: FP32's time over INT8's."""
+    fp32, int8 = statistics.fmean(fp32_times), statistics.fmean(int8_times)
+    return {"images": len(fp32_times), "fp32_s_per_image": fp32, "int8_s_per_image": int8, "speedup": fp32 / int8}
 
 
 def rows(res: dict) -> list[tuple[str, str, str]]:
@@ -125,14 +128,14 @@ def rows(res: dict) -> list[tuple[str, str, str]]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    measure.add_common_args(p, "bench-out/int8.json")
+    harness.add_common_args(p, "bench-out/int8.json")
     p.add_argument("--int8", default="auto", help="'auto' quantizes the model; a path uses that INT8 file")
     p.add_argument("--calibration-images", type=int, default=4,
                    help="INT8 calibration images (speed does not depend on them; accuracy would)")
     p.add_argument("--images", type=int, default=4, help="images for the interleaved FP32/INT8 comparison")
     p.add_argument("--reps", type=int, default=5, help="tries of the kernel ceiling; the fastest counts")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: CPUs, at most 4)")
-    p.add_argument("--bare-nice", type=int, default=measure.RAY_WORKER_NICENESS,
+    p.add_argument("--bare-nice", type=int, default=harness.RAY_WORKER_NICENESS,
                    help="niceness of the bare loops (default: Ray's worker niceness, 15)")
     p.add_argument("--quick", action="store_true",
                    help="CI smoke: narrow stand-in (divisor 16), 2 calibration images, 1 image, 2 tries")
@@ -146,28 +149,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    workdir = measure.workdir(args)
-    threads = measure.threads(args)
+    workdir = harness.workdir(args)
+    threads = harness.threads(args)
     started = time.time()
-    res: dict = header()
-    model = measure.resolve_model(args, workdir)
-    res["config"] = {**measure.model_config(args, model), "images": args.images,
+    res: dict = harness.header()
+    model = harness.resolve_model(args, workdir)
+    res["config"] = {**harness.model_config(args, model), "images": args.images,
                      "calibration_images": args.calibration_images, "threads": threads, "quick": args.quick,
-                     "command": measure.command(argv)}
-    files = measure.synthesize(workdir / "images", max(args.images, args.calibration_images))
-    calibration = measure.dataset_folder(workdir, files, args.calibration_images)
-    bare = measure.niced_executor(args.bare_nice)
-    fp32 = bare.submit(measure.float_session, model, threads).result()
-    inputs = measure.ready_inputs(files[:max(1, args.images)])
+                     "command": harness.command(argv)}
+    files = harness.synthesize(workdir / "images", max(args.images, args.calibration_images))
+    calibration = harness.dataset_folder(workdir, files, args.calibration_images)
+    bare = harness.niced_executor(args.bare_nice)
+    fp32 = bare.submit(harness.float_session, model, threads).result()
+    inputs = harness.ready_inputs(files[:max(1, args.images)])
     print("int8 ...", flush=True)
     res["int8"] = bare.submit(measure_int8, model, fp32, calibration, inputs, threads, args.calibration_images,
                               workdir, None if args.int8 == "auto" else args.int8).result()
     res["int8"]["kernel_ceiling"] = bare.submit(int8_kernel_ceiling, threads, args.reps).result()
     bare.shutdown()
-    res["targets"] = measure.judge(TARGETS, {"int8_speedup": res["int8"]["speedup"]},
+    res["targets"] = harness.judge(TARGETS, {"int8_speedup": res["int8"]["speedup"]},
                                    {"int8_speedup": res["int8"]["foreign_cpu_cores"]})
     res["elapsed_s"] = time.time() - started
-    measure.write_report(Path(args.out), res, rows(res))
+    harness.write_report(Path(args.out), res, rows(res))
     return res
 
 

@@ -18,13 +18,13 @@ milliseconds a page). For each N and latency it times:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import harness
 from harness import header, parser, print_rows
 
 BUCKET = "bench"
@@ -84,12 +84,17 @@ def measure(n: int, latency_ms: float) -> dict:
             seconds = time.perf_counter() - t
             if len(files) != n or len(set(files)) != n:
                 raise RuntimeError(f"{name}: listed {len(files)} keys ({len(set(files))} distinct), expected {n}")
-            figures[name] = {"seconds": round(seconds, 2), "keys_per_s": round(n / seconds), "progress_reports": len(reports)}
+            figures[name] = way_figures(n, seconds, len(reports))
         figures["speedup"] = round(figures["serial"]["seconds"] / figures["by_prefix"]["seconds"], 2)
         return figures
     finally:
         server.stdin.close()
         server.wait(30)
+
+
+def way_figures(n: int, seconds: float, reports: int) -> dict:
+    """One way of listing ``n`` keys: its seconds (rounded as printed), keys per second and progress reports."""
+    return {"seconds": round(seconds, 2), "keys_per_s": round(n / seconds), "progress_reports": reports}
 
 
 def table(results: list[dict]) -> str:
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     results = print_rows(table, (measure(int(n), float(latency)) for n in args.sizes.split(",")
                                  for latency in args.latency_ms.split(",")))
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({**info, "results": results}, indent=2))
+        harness.write_json(Path(args.json_out), {**info, "results": results})
     print()
     print(table(results))
     return 0

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
+import harness
 from batchdet.pipeline.run import IO_CPUS, images_per_block, job_context, object_store_cap, read_compute
 
 
@@ -62,15 +62,21 @@ def run(images: int, seconds: float, kb: int, capped: bool) -> dict:
         t = time.time()
         rows = ds.take_all()
         wall = time.time() - t
-    made = np.sort([r["made"] for r in rows])
-    starts = np.sort([r["start"] for r in rows])
-    # images made but not yet started by the consumer, at each consumer start;
-    # busy: the consumer's share of the time from its first image to its last
-    ahead = int(max(np.searchsorted(made, s, side="right") - np.searchsorted(starts, s, side="left") for s in starts))
+    ahead = max_ahead([r["made"] for r in rows], [r["start"] for r in rows])
     return {"images": images, "block": block, "kb_per_image": kb, "capped": capped, "cap_bytes": cap if capped else None,
-            "read_tasks": read_compute(1).size,
-            "max_images_ahead": ahead, "max_mb_ahead": ahead * kb / 1024,
-            "wall_s": wall, "consumer_busy": images * seconds / (max(r["end"] for r in rows) - starts[0])}
+            "read_tasks": read_compute(1).size, "max_images_ahead": ahead, "max_mb_ahead": ahead * kb / 1024,
+            "wall_s": wall, "consumer_busy": busy(images * seconds, [r["start"] for r in rows], [r["end"] for r in rows])}
+
+
+def max_ahead(made: list[float], starts: list[float]) -> int:
+    """The most images made but not yet started by the consumer, at any of its starts."""
+    made, starts = np.sort(made), np.sort(starts)
+    return int(max(np.searchsorted(made, s, side="right") - np.searchsorted(starts, s, side="left") for s in starts))
+
+
+def busy(work_s: float, starts: list[float], ends: list[float]) -> float:
+    """The consumer's share of the time from its first start to its last end spent on ``work_s``."""
+    return work_s / (max(ends) - min(starts))
 
 
 def main(argv=None) -> list[dict]:
@@ -93,8 +99,7 @@ def main(argv=None) -> list[dict]:
         cap = f"capped at {r['cap_bytes'] / 1e6:.0f} MB" if r["capped"] else "uncapped (Ray's default)"
         print(f"{cap:<24} | {r['images']:>6} | {r['max_images_ahead']:>5} img {r['max_mb_ahead']:>6.0f} MB | "
               f"{r['consumer_busy']:>12.0%}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+    harness.write_json(Path(args.out), res)
     print(f"written: {args.out}")
     return res
 

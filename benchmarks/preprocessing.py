@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-import measure
-from harness import header
+import harness
+
 
 TARGETS = {"preprocess_vs_decode": ("<=", 3.0)}
 
@@ -66,14 +66,14 @@ def measure_preprocessing(files: list[Path], threads: int, reps: int) -> dict:
     in_graph = front_end_session(threads)
     buffer = np.empty((1, 3, 1200, 1200), np.float32)  # as the actor reuses one
     prepared = [prepare(d).image for d in datas]
-    per_image = measure.min_per_item(
+    per_image = harness.min_per_item(
         {
             "bare_decode": lambda d: np.asarray(Image.open(io.BytesIO(d))),
             "prepare": prepare,
         },
         datas, reps,
     )
-    normalise = measure.min_per_item(
+    normalise = harness.min_per_item(
         {
             "table": lambda x: normalize(x, buffer),
             "in_graph": lambda x: in_graph.run(None, {UINT8_INPUT: x[None]}),
@@ -81,10 +81,16 @@ def measure_preprocessing(files: list[Path], threads: int, reps: int) -> dict:
         },
         prepared, reps,
     )
+    return {"images": len(datas), **preprocessing_figures(per_image, normalise, [len(d) for d in datas])}
+
+
+def preprocessing_figures(per_image: dict[str, float], normalise: dict[str, float], sizes: list[int]) -> dict:
+    """Milliseconds per image of each step from their seconds per image, and
+    the target's ratio: ``prepare`` plus the table normalisation (what the
+    actor does) over a bare decode of the same bytes (``sizes``: the JPEGs')."""
     total = per_image["prepare"] + normalise["table"]
     return {
-        "images": len(datas),
-        "jpeg_kb_mean": round(statistics.fmean(len(d) for d in datas) / 1e3, 1),
+        "jpeg_kb_mean": round(statistics.fmean(sizes) / 1e3, 1),
         "bare_decode_ms": per_image["bare_decode"] * 1e3,
         "prepare_ms": per_image["prepare"] * 1e3,
         "normalise_ms": normalise["table"] * 1e3,
@@ -120,21 +126,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    workdir = measure.workdir(args)
-    threads = measure.threads(args)
+    workdir = harness.workdir(args)
+    threads = harness.threads(args)
     started = time.time()
-    res: dict = header()
-    res["config"] = {"images": args.images, "image_size": [measure.WIDTH, measure.HEIGHT], "reps": args.reps,
-                     "threads": threads, "quick": args.quick, "command": measure.command(argv)}
-    files = measure.synthesize(workdir / "images", args.images)
+    res: dict = harness.header()
+    res["config"] = {"images": args.images, "image_size": [harness.WIDTH, harness.HEIGHT], "reps": args.reps,
+                     "threads": threads, "quick": args.quick, "command": harness.command(argv)}
+    files = harness.synthesize(workdir / "images", args.images)
     print("preprocessing ...", flush=True)
-    with measure.Phase(measure.own_cpu) as ph:
+    with harness.Phase(harness.own_cpu) as ph:
         res["preprocess"] = measure_preprocessing(files, threads, args.reps)
     res["preprocess"]["foreign_cpu_cores"] = ph.foreign_cores
-    res["targets"] = measure.judge(TARGETS, {"preprocess_vs_decode": res["preprocess"]["ratio_to_decode"]},
+    res["targets"] = harness.judge(TARGETS, {"preprocess_vs_decode": res["preprocess"]["ratio_to_decode"]},
                                    {"preprocess_vs_decode": ph.foreign_cores})
     res["elapsed_s"] = time.time() - started
-    measure.write_report(Path(args.out), res, rows(res))
+    harness.write_report(Path(args.out), res, rows(res))
     return res
 
 

@@ -17,7 +17,6 @@ ceiling even if every other cost were zero.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -25,12 +24,12 @@ from pathlib import Path
 
 import ray
 
-import measure
+import harness
 from batchdet.pipeline.run import local_ray_options
 
 #: Ray Data's three helper actors (_StatsActor, _AutoscalingCoordinatorActor,
 #: ActorLocationTracker) and the ~3 workers kept warm between blocks, as
-#: counted in bench.py's ``peak_memory_by_process``.
+#: counted by process title in an earlier bench.py (no longer: Ray does not document its titles).
 PIPELINE_IDLE_WORKERS = 6
 
 
@@ -54,6 +53,15 @@ def beside_ray(rate, idle_workers: int, settle_s: float) -> float:
         ray.shutdown()
 
 
+def presence_figures(rounds: list[dict]) -> dict:
+    """Each round's rate beside Ray over its rate alone, and the median and
+    range of those ratios (rounds alternate, so each ratio is of like loads)."""
+    rounds = [{**r, "ratio": r["beside_ray_images_per_s"] / r["alone_images_per_s"]} for r in rounds]
+    ratios = [r["ratio"] for r in rounds]
+    return {"rounds": rounds, "median_ratio": statistics.median(ratios), "min_ratio": min(ratios),
+            "max_ratio": max(ratios)}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
@@ -67,31 +75,27 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     workdir = Path(args.workdir)
-    model = measure.resolve_model(args, workdir)
-    inputs = measure.ready_inputs(measure.synthesize(workdir / "images", args.images))
+    model = harness.resolve_model(args, workdir)
+    inputs = harness.ready_inputs(harness.synthesize(workdir / "images", args.images))
     cpus = os.cpu_count() or 1
-    pool = measure.niced_executor(measure.RAY_WORKER_NICENESS, cpus)
-    sessions = [pool.submit(measure.float_session, model, 1).result() for _ in range(cpus)]
+    pool = harness.niced_executor(harness.RAY_WORKER_NICENESS, cpus)
+    sessions = [pool.submit(harness.float_session, model, 1).result() for _ in range(cpus)]
 
     def bare_rate(label: str) -> float:
-        return measure.bare_split_segment(sessions, inputs, label, pool)["images_per_s"]
+        return harness.bare_split_segment(sessions, inputs, label, pool)["images_per_s"]
 
     rounds = []
     for i in range(args.rounds):
         alone = bare_rate(f"round {i}, alone")
         beside = beside_ray(lambda: bare_rate(f"round {i}, beside Ray"), args.idle_workers, args.settle)
-        rounds.append({"alone_images_per_s": alone, "beside_ray_images_per_s": beside, "ratio": beside / alone})
+        rounds.append({"alone_images_per_s": alone, "beside_ray_images_per_s": beside})
         print(f"round {i}: alone {alone:.4f} img/s, beside an idle Ray with {args.idle_workers} idle workers "
               f"{beside:.4f} img/s = {beside / alone:.3f}", flush=True)
     pool.shutdown()
-    ratios = [r["ratio"] for r in rounds]
-    res = {"model": str(model), "cpus": cpus, "idle_workers": args.idle_workers, "rounds": rounds,
-           "median_ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios)}
+    res = {"model": str(model), "cpus": cpus, "idle_workers": args.idle_workers, **presence_figures(rounds)}
     print(f"\nbare loop beside an idle Ray: median {res['median_ratio']:.3f} x alone "
-          f"({res['min_ratio']:.3f}-{res['max_ratio']:.3f} over {len(ratios)} rounds)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+          f"({res['min_ratio']:.3f}-{res['max_ratio']:.3f} over {len(rounds)} rounds)")
+    harness.write_json(Path(args.out), res)
     return res
 
 

@@ -34,8 +34,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -48,8 +46,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import measure  # noqa: E402  (how busy the rest of the machine was)
-from harness import header  # noqa: E402  (machine, commit)
+import harness  # noqa: E402  (machine, commit, how busy the rest of the machine was)
 
 RUN_ID = "20250101T000000Z-abcdef"
 MODEL_SHA = "0" * 64
@@ -229,20 +226,7 @@ def _child(step: str, out: str) -> None:
     figures = STEPS[step](Path(out))
     seconds = time.perf_counter() - start
     print(json.dumps({"step": step, "seconds": round(seconds, 3), "cpu_s": round(time.process_time() - cpu, 3),
-                      "rss_mb": round(peak_rss_kb() / 1024, 1), **figures}))
-
-
-def peak_rss_kb() -> int:
-    """This process's peak resident memory. VmHWM, not ``ru_maxrss``: Linux
-    carries ``ru_maxrss`` over fork and exec, so a step would report the
-    parent's peak (the staging) instead of its own."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+                      "rss_mb": round(harness.peak_rss_kb() / 1024, 1), **figures}))
 
 
 def run_step(step: str, out: Path) -> dict:
@@ -250,7 +234,7 @@ def run_step(step: str, out: Path) -> dict:
     threads: DuckDB's too) and peak RSS, and the cores other processes than
     it and this one used meanwhile (on a shared machine, wall time is what
     the CPU left by others allowed)."""
-    with measure.Phase(lambda: sum(os.times()[:4])) as phase:  # this process and its reaped children
+    with harness.Phase(harness.own_and_children_cpu) as phase:
         proc = subprocess.run([sys.executable, __file__, "--child", step, str(out)],
                               capture_output=True, text=True, check=False)
     if proc.returncode:
@@ -268,16 +252,21 @@ def measure_size(n: int, rows_per_file: int, workdir: Path) -> dict:
     staging_s = time.perf_counter() - t
     steps = {step: run_step(step, out) for step in ("baseline", "commit", "listing", "resume")}
     shutil.rmtree(out)
+    return size_figures(n, rows_per_file, expected, steps, staging_s)
+
+
+def size_figures(n: int, rows_per_file: int, expected: dict, steps: dict[str, dict], staging_s: float) -> dict:
+    """One size's figures from its steps' records: the driver's peak RSS
+    (the largest of the steps'), the most cores others used, each target
+    judged. Fails if the update plan's counts are not the ones staged."""
     planned = {state: steps["resume"][state] for state in expected["update"]}
     if planned != expected["update"]:
         raise RuntimeError(f"the update plan of {n} rows counted {planned}, not {expected['update']}")
-    driver_steps = [steps["commit"], steps["resume"], steps["listing"]]
+    rss = max(steps[s]["rss_mb"] for s in ("commit", "resume", "listing"))
     return {"n": n, "rows_per_file": rows_per_file, "staged_files": expected["files"] + 1,
-            "staging_s": round(staging_s, 1), "expected": expected, "steps": steps,
-            "peak_rss_mb": max(s["rss_mb"] for s in driver_steps),
+            "staging_s": round(staging_s, 1), "expected": expected, "steps": steps, "peak_rss_mb": rss,
             "others_cores": max(s["others_cores"] for s in steps.values()),
-            "meets_targets": {"rss": max(s["rss_mb"] for s in driver_steps) <= TARGETS["rss_mb"],
-                              "commit": steps["commit"]["seconds"] <= TARGETS["commit_s"],
+            "meets_targets": {"rss": rss <= TARGETS["rss_mb"], "commit": steps["commit"]["seconds"] <= TARGETS["commit_s"],
                               "resume": steps["resume"]["seconds"] <= TARGETS["resume_s"]}}
 
 
@@ -304,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         _child(*args.child)
         return 0
-    info = header()
+    info = harness.header()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="batchdet-scale-"))
     results = []
     try:
@@ -316,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     report = {**info, "targets": TARGETS, "results": results}
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2))
+        harness.write_json(Path(args.json_out), report)
     print()
     print(table(results))
     return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import shutil
 import statistics
@@ -27,8 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import measure  # noqa: E402  (same folder: image synthesis, model resolution, Phase)
-import harness  # noqa: E402  (machine info)
+import harness  # noqa: E402  (same folder: image synthesis, model resolution, Phase)
 
 #: name → session_options() keyword arguments (threads given separately)
 VARIANTS = {
@@ -47,9 +45,22 @@ DEFAULT_SET = ["default", "default again (noise gauge)", "spinning off", "level 
                "arena off", "mem pattern off", "1 thread"]
 
 
-def rss() -> int:
-    """Resident bytes of this process (Linux /proc)."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def relative_figures(variant: dict, default: dict) -> dict:
+    """A variant's mean time and CPU per image, and its time and CPU relative
+    to the default's: per round, its time over the default's in the same
+    round (both saw the same load), the median of those and their range."""
+    ratios = [t / b for t, b in zip(variant["times"], default["times"])]
+    return {"s_per_image": statistics.fmean(variant["times"]), "cpu_s_per_image": statistics.fmean(variant["cpu"]),
+            "relative_time": statistics.median(ratios), "relative_time_range": [min(ratios), max(ratios)],
+            "relative_cpu": statistics.median(t / b for t, b in zip(variant["cpu"], default["cpu"]))}
+
+
+def creation_figures(creation: dict[str, list[float]]) -> dict:
+    """Each way of creating a session: its times, mean and fastest; and a
+    cache hit's mean over an uncached creation's."""
+    res: dict = {m: {"times": v, "mean_s": statistics.fmean(v), "min_s": min(v)} for m, v in creation.items()}
+    res["hit_vs_uncached"] = res["cache hit"]["mean_s"] / res["uncached"]["mean_s"]
+    return res
 
 
 def main(argv=None) -> dict:
@@ -72,8 +83,8 @@ def main(argv=None) -> dict:
     threads = args.threads or min(os.cpu_count() or 1, 4)
     out = Path(args.out)
     work = out.parent / "work"
-    model = measure.resolve_model(argparse.Namespace(model=args.model, channels_divisor=args.channels_divisor), work)
-    files = measure.synthesize(work / "images", max(args.rounds, 1))
+    model = harness.resolve_model(argparse.Namespace(model=args.model, channels_divisor=args.channels_divisor), work)
+    files = harness.synthesize(work / "images", max(args.rounds, 1))
     images = [preprocess(f.read_bytes())[0] for f in files]
     model_bytes = model.read_bytes()
     chosen = args.variants.split(",") if args.variants else DEFAULT_SET
@@ -86,7 +97,7 @@ def main(argv=None) -> dict:
         kw = dict(VARIANTS[name])
         n = kw.pop("threads", threads)
         gc.collect()
-        before = rss()
+        before = harness.rss_bytes()
         t = time.perf_counter()
         s = ort.InferenceSession(model_bytes, session_options(n, **kw), providers=["CPUExecutionProvider"])
         created = time.perf_counter() - t
@@ -95,11 +106,11 @@ def main(argv=None) -> dict:
         first = time.perf_counter() - t
         sessions[name] = s
         res["variants"][name] = {"options": VARIANTS[name], "create_s": created, "first_run_s": first,
-                                 "rss_added_bytes": rss() - before, "times": [], "cpu": []}
+                                 "rss_added_bytes": harness.rss_bytes() - before, "times": [], "cpu": []}
         print(f"{name}: created in {created:.2f} s, first run {first:.2f} s, "
-              f"+{(rss() - before) / 1e6:.0f} MB", flush=True)
+              f"+{(harness.rss_bytes() - before) / 1e6:.0f} MB", flush=True)
 
-    with measure.Phase(measure.own_cpu) as ph:
+    with harness.Phase(harness.own_cpu) as ph:
         for r in range(args.rounds):
             order = chosen if r % 2 == 0 else chosen[::-1]  # alternate the order: no variant always follows another
             for name in order:
@@ -110,14 +121,8 @@ def main(argv=None) -> dict:
             print(f"round {r + 1}/{args.rounds} done", flush=True)
     res["foreign_cpu_cores"] = ph.foreign_cores
     base = res["variants"]["default"]
-    for name, v in res["variants"].items():
-        v["s_per_image"] = statistics.fmean(v["times"])
-        v["cpu_s_per_image"] = statistics.fmean(v["cpu"])
-        # per round, this variant's time over the default's in the same round; the median of those
-        v["relative_time"] = statistics.median(t / b for t, b in zip(v["times"], base["times"]))
-        v["relative_time_range"] = [min(t / b for t, b in zip(v["times"], base["times"])),
-                                    max(t / b for t, b in zip(v["times"], base["times"]))]
-        v["relative_cpu"] = statistics.median(t / b for t, b in zip(v["cpu"], base["cpu"]))
+    for v in res["variants"].values():
+        v.update(relative_figures(v, base))
     sessions.clear()
     gc.collect()
 
@@ -147,11 +152,8 @@ def main(argv=None) -> dict:
         else:
             os.environ["BATCHDET_ORT_CACHE"] = saved
         shutil.rmtree(cache, ignore_errors=True)
-    res["creation"] = {m: {"times": v, "mean_s": statistics.fmean(v), "min_s": min(v)} for m, v in creation.items()}
-    res["creation"]["hit_vs_uncached"] = res["creation"]["cache hit"]["mean_s"] / res["creation"]["uncached"]["mean_s"]
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    res["creation"] = creation_figures(creation)
+    harness.write_json(out, res)
     print(f"\nrun time per image relative to the defaults ({threads} threads; others used "
           f"{res['foreign_cpu_cores']:.2f} cores meanwhile):")
     print(f"  {'variant':28s} {'s/image':>8s}  {'time (median of per-round ratios) [range]':42s} {'CPU s/image':>11s}  "

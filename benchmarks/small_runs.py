@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import header, print_rows
+from harness import header, print_rows, synthesize
 
 #: Targets of issue 23, each judged on the in-process path (what ``auto`` picks at these sizes).
 TARGETS = {
@@ -182,8 +182,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", dest="json_out", help="write the figures here")
     args = p.parse_args(argv)
-    from measure import synthesize
-
     sizes = [1, 2] if args.quick else [int(n) for n in args.sizes.split(",")]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="small-runs-"))
     folder = workdir / "images"

@@ -1,105 +1,28 @@
-"""The benchmarks' --quick modes end to end (bench.py, preprocessing.py,
-int8.py, prefetch.py, ray_presence.py): every field there, every value sane,
-and every derived figure recomputed here from the raw timings the run recorded.
+"""The benchmarks' arithmetic, on synthetic records: every figure a script
+derives from its raw measurements (ratios, marginal rates, per-image costs,
+targets judged) against values worked out by hand here. Fast, in the
+default run.
 
-No timing is asserted: the machine is shared and the quick model is tiny.
-The runs are marked ``bench``: deselected by the default ``pytest`` (pyproject's
-addopts), run by ``pytest -m bench``, which .ci/run does once.
+Then the quick modes of bench.py, preprocessing.py, int8.py, prefetch.py,
+ray_presence.py and session_options.py end to end (overhead.py's, scale.py's and
+listing.py's are in their own tests): every field there and sane, a few
+figures recomputed from what the run left on disk. No timing is asserted:
+the machine is shared and the quick model is tiny. Those runs are marked
+``bench``: deselected by the default ``pytest`` (pyproject's addopts), run
+by ``pytest -m bench``, which .ci/run does once.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+from tests.helpers.benchmarks import run_script, script
 
-
-def _positive(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
-
-
-def _quick(script: str, out: Path) -> dict:
-    """``script --quick --out OUT``: its JSON, after checking it ran and printed its targets."""
-    proc = subprocess.run([sys.executable, str(BENCH.parent / script), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "targets:" in proc.stdout
-    return json.loads(out.read_text())
-
-
-@pytest.fixture(scope="module")
-def results_path(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "results.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "bare onnxruntime (ceiling)" in proc.stdout and "targets:" in proc.stdout
-    return out
-
-
-@pytest.fixture(scope="module")
-def results(results_path):
-    return json.loads(results_path.read_text())
-
-
-@pytest.mark.bench
-def test_quick_run_reports_every_field(results):
-    assert set(results) >= {"machine", "commit", "config", "bare", "pipeline", "pipeline_marginal",
-                            "memory", "object_store", "targets"}
-    m = results["machine"]
-    assert m["nproc"] >= 1 and m["cpu_model"] and m["onnxruntime"] and m["ray"]
-    c = results["config"]
-    assert c["quick"] is True and c["images"] == [3, 6] and c["image_size"] == [640, 480]
-    assert c["channels_divisor"] == 16 and len(c["model_sha256"]) == 64
-
-    b = results["bare"]
-    assert _positive(b["images_per_s"]) and len(b["segments"]) == 3
-    assert all(_positive(s["s_per_image"]) and s["foreign_cpu_cores"] >= 0 for s in b["segments"])
-
-    assert [r["images"] for r in results["pipeline"]] == [3, 6]
-    for run in results["pipeline"]:
-        assert _positive(run["images_per_s"]) and _positive(run["ratio_to_bare"])
-        tl = run["timeline"]  # the actors' own timestamps: one predict per image, one load per actor
-        assert tl["predicts"] == run["images"] and tl["actors"] >= 1 and 0 < tl["steady_busy_fraction"] <= 1.01
-        # the rate once running is at least the end-to-end one (no start-up in it)
-        assert tl["steady_images_per_s"] > run["images_per_s"]
-        assert 0 < tl["startup_s"] < run["wall_s"] and tl["tail_s"] >= 0 and tl["model_load_s"] > 0
-        assert run["datasets"]["bench"]["images_ok"] == run["images"]
-        # driver, GCS, raylet and at least the inference actor's worker
-        assert run["peak_processes"] >= 4 and run["memory_samples"] >= 1
-        assert 100e6 < run["peak_memory_bytes"] < 20e9
-        assert run["peak_rss_sum_bytes"] >= run["peak_memory_bytes"] * 0.9
-
-    mem = results["memory"]
-    assert set(mem["peak_bytes"]) == {"3", "6"} and -0.9 < mem["growth"] < 5
-
-    t = results["targets"]
-    assert set(t) == {"pipeline_vs_bare", "memory_growth", "object_store_mb_per_image"}
-    assert all(isinstance(v["met"], bool) and v["target"] for v in t.values())
-    assert all(isinstance(v["reliable"], bool) and v["others_cores"] >= 0 for v in t.values())
-    assert results["bare"]["nice"] == 15
-
-
-def _raw_calls(folder: Path) -> dict[str, list[tuple[float, float]]]:
-    """The actors' own call log, read here: bench.py's timer hook writes a
-    line ``NAME START END`` (epoch seconds) per model load and per predict."""
-    calls: dict[str, list[tuple[float, float]]] = {"load": [], "predict": []}
-    files = sorted(folder.glob("calls-*.txt"))
-    assert files, f"no call log in {folder}"
-    for f in files:
-        for line in f.read_text().splitlines():
-            name, start, end = line.split()
-            calls[name].append((float(start), float(end)))
-    return calls
+harness = script("harness")
 
 
 def _holds(value: float, target: str) -> bool:
@@ -107,167 +30,102 @@ def _holds(value: float, target: str) -> bool:
     return {">=": value >= float(bound), "<=": value <= float(bound)}[op]
 
 
-@pytest.mark.bench
-def test_quick_run_figures_follow_from_its_raw_timings(results, results_path):
-    """Each derived figure against a computation of its own from what the
-    run recorded raw: the actors' call logs, each bare segment's per-image
-    times or wall time, the memory peaks and the operators' bytes."""
-    work = results_path.parent / "work"  # bench.py's default --workdir beside --out
-    # the ceiling: per segment the better layout's rate from its own timings, then their mean
-    rates = []
-    for seg in results["bare"]["segments"]:
-        one, split = seg["one_session"], seg["split"]
-        assert len(one["times"]) == one["images"] and all(x > 0 for x in one["times"])
-        candidates = [len(one["times"]) / sum(one["times"])] + ([split["images"] / split["wall_s"]] if split else [])
-        assert math.isclose(seg["images_per_s"], max(candidates), rel_tol=1e-9)
-        rates.append(max(candidates))
-    assert math.isclose(results["bare"]["images_per_s"], statistics.fmean(rates), rel_tol=1e-9)
-
-    for i, run in enumerate(results["pipeline"]):
-        calls = _raw_calls(work / f"pipeline-{run['images']}.calls")
-        predicts, loads = calls["predict"], calls["load"]
-        assert len(predicts) == run["images"] and len(loads) >= 1  # a predict per image, a load per actor
-        ends = sorted(end for _, end in predicts)
-        steady = (len(ends) - 1) / (ends[-1] - ends[0])  # results after the first over their span
-        tl = run["timeline"]
-        assert (tl["predicts"], tl["actors"]) == (len(predicts), len(loads))
-        assert math.isclose(tl["steady_images_per_s"], steady, rel_tol=1e-6)
-        busy = sum(end - start for start, end in predicts)
-        assert math.isclose(tl["predict_s_per_image"], busy / len(predicts), rel_tol=1e-6)
-        # the actors' work (their clocks) lies inside the run's wall time (the driver's)
-        assert ends[-1] - min(start for start, _ in loads + predicts) <= run["wall_s"] <= run["process_wall_s"]
-        adjacent = statistics.fmean(rates[i:i + 2])  # the bare segments just before and after this run
-        assert math.isclose(run["ratio_to_bare"], run["images"] / run["wall_s"] / adjacent, rel_tol=1e-6)
-        assert math.isclose(run["steady_ratio_to_bare"], steady / adjacent, rel_tol=1e-6)
-
-    t = results["targets"]
-    assert math.isclose(t["pipeline_vs_bare"]["value"], steady / adjacent, rel_tol=1e-6)  # the last run's
-    peaks = [r["peak_memory_bytes"] for r in results["pipeline"]]
-    assert math.isclose(t["memory_growth"]["value"], peaks[-1] / peaks[0] - 1, rel_tol=1e-9)
-    per_image = [sum(o["bytes"] or 0 for o in r["operators"]) / r["images"] for r in results["pipeline"]]
-    assert math.isclose(t["object_store_mb_per_image"]["value"], max(per_image) / 1e6, rel_tol=1e-9)
-    # the encoded files cross to the actors (they decode), and little else: a
-    # decoded 640×480 image alone would add 0.9 MB
-    for run, through_store in zip(results["pipeline"], per_image):
-        files = [f.stat().st_size for f in (work / f"dataset-{run['images']}").iterdir()]
-        assert len(files) == run["images"] and statistics.fmean(files) <= through_store < statistics.fmean(files) + 0.3e6
-    for name, target in t.items():  # "met" is the value against the target's own words
-        assert target["met"] == _holds(target["value"], target["target"]), name
+# --- harness ------------------------------------------------------------------------------------
+def test_marginal_figures_are_differences_over_extra_images():
+    small, large = {"images": 10, "wall_s": 30.0, "cpu_s": 50.0}, {"images": 40, "wall_s": 45.0, "cpu_s": 110.0}
+    assert harness.marginal_rate(small, large) == 2.0  # 30 images in 15 s
+    assert harness.marginal(small, large, "cpu_s") == 2.0  # 60 CPU s over 30 images
+    assert harness.marginal_rate(small, {**large, "wall_s": 30.0}) is None  # the larger was not slower
+    assert harness.growth(200.0, 250.0) == 0.25
+    assert harness.grouped_marginal({"driver": 1.0, "ray": 4.0}, {"driver": 2.5, "ray": 10.0, "new": 3.0}, 3) == \
+        {"driver": 0.5, "new": 1.0, "ray": 2.0}
 
 
-@pytest.mark.bench
-def test_quick_run_writes_a_markdown_table(results_path):
-    text = results_path.with_suffix(".md").read_text()
-    assert text.startswith("| measure | value | note |") and "| pipeline_vs_bare >= 0.95 |" in text
-    assert "onnxruntime" in text and "Command: `bench.py --quick" in text
+def test_others_cores_is_the_rest_of_the_machine():
+    assert harness.others_cores(busy_s=30.0, own_s=10.0, wall_s=10.0) == 2.0
+    assert harness.others_cores(busy_s=5.0, own_s=10.0, wall_s=10.0) == 0.0  # never negative
+    assert harness.others_cores(busy_s=5.0, own_s=0.0, wall_s=0.0) == 0.0
 
 
-@pytest.mark.bench
-def test_preprocessing_against_a_bare_decode(tmp_path):
-    res = _quick("preprocessing.py", tmp_path / "pre.json")
-    pre = res["preprocess"]
-    assert res["config"]["quick"] is True and pre["images"] == 3
-    for key in ("bare_decode_ms", "prepare_ms", "normalise_ms", "normalise_in_graph_ms", "normalise_mlperf_numpy_ms", "total_ms"):
-        assert _positive(pre[key]), key
-    assert pre["total_ms"] > pre["prepare_ms"] > pre["bare_decode_ms"] * 0.5
-    assert math.isclose(pre["total_ms"], pre["prepare_ms"] + pre["normalise_ms"], rel_tol=1e-9)
-    target = res["targets"]["preprocess_vs_decode"]
-    assert math.isclose(target["value"], pre["total_ms"] / pre["bare_decode_ms"], rel_tol=1e-9)
-    assert target["met"] == _holds(target["value"], target["target"])
+def test_progress_figures_from_the_polls():
+    polls = [(5.0, 0, None), (6.0, 0, None), (7.5, 4, None), (8.5, 12, 8.0), (9.0, 20, 9.5)]
+    assert harness.progress_figures(polls, wall_s=10.25) == {"first_done_s": 7.5, "steady_images_per_s": 9.5,
+                                                             "tail_s": 1.25}
+    assert harness.progress_figures([(5.0, 0, None)], 6.0) == {"first_done_s": None, "steady_images_per_s": None,
+                                                                "tail_s": None}
 
 
-@pytest.mark.bench
-def test_int8_against_fp32(tmp_path):
-    res = _quick("int8.py", tmp_path / "int8.json")
-    q = res["int8"]
-    assert q["standin"] is True and Path(q["model"]).name.endswith(".int8.onnx") and q["images"] == 1
-    assert _positive(q["speedup"]) and _positive(q["int8_s_per_image"]) and _positive(q["fp32_s_per_image"])
-    k = q["kernel_ceiling"]
-    assert _positive(k["fp32_ms"]) and _positive(k["int8_ms"]) and _positive(k["speedup"]) and isinstance(k["vnni"], bool)
-    target = res["targets"]["int8_speedup"]
-    assert math.isclose(target["value"], q["fp32_s_per_image"] / q["int8_s_per_image"], rel_tol=1e-9)
-    assert target["met"] == _holds(target["value"], target["target"])
+def test_bare_path_figures_over_the_slowest_process():
+    # two processes: (wall s, CPU s, images, start-up s)
+    fig = harness.bare_path_figures([(4.0, 3.0, 10, 2.0), (5.0, 4.0, 10, 2.5)], busy_cores=2.0, wall_s=5.0)
+    assert fig == {"processes": 2, "images": 20, "images_per_s": 4.0, "cpu_ms_per_image": 350.0, "start_up_s": 2.5,
+                   "others_cores": pytest.approx(0.6)}  # 2 cores busy, 7 CPU s of ours over 5 s
 
 
-@pytest.mark.bench
-def test_prefetch_cap_bounds_what_waits_in_the_object_store(tmp_path):
-    """benchmarks/prefetch.py on a real local Ray, files of 2 MiB and a
-    consumer taking 0.01 s a file: with the pipeline's cap, what waits never
-    exceeds the cap plus a block from each read task running when it was
-    reached, at 200 files and at 800; uncapped, it grows with the dataset
-    past what the cap allows."""
-    out = tmp_path / "prefetch.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH.parent / "prefetch.py"), "--images", "200,800", "--seconds", "0.01",
-         "--kb", "2048", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "max read ahead" in proc.stdout
-    runs = json.loads(out.read_text())
-    assert [(r["capped"], r["images"]) for r in runs] == [(False, 200), (False, 800), (True, 200), (True, 800)]
-    small, large = runs[:2]
-    for r in runs[2:]:
-        file_bytes = r["kb_per_image"] * 1024
-        assert r["max_images_ahead"] * file_bytes <= r["cap_bytes"] + r["read_tasks"] * r["block"] * file_bytes
-    assert large["max_images_ahead"] > small["max_images_ahead"]  # uncapped: grows with the dataset
-    assert large["max_images_ahead"] > runs[3]["max_images_ahead"]
-    assert all(0 < r["consumer_busy"] <= 1.0 for r in runs)
+def test_judge_says_met_missed_and_noisy():
+    judged = harness.judge({"a": (">=", 0.9), "b": ("<=", 0.1), "c": (">=", 1.0)}, {"a": 0.95, "b": 0.2, "c": None},
+                           {"a": 0.1, "b": 0.5, "c": 0.0})
+    assert judged["a"] == {"value": 0.95, "target": ">= 0.9", "met": True, "others_cores": 0.1, "reliable": True}
+    assert (judged["b"]["met"], judged["b"]["reliable"]) == (False, False)
+    assert judged["c"]["met"] is None
 
 
-@pytest.mark.bench
-def test_ray_presence_measures_the_bare_loop_alone_and_beside_ray(tmp_path):
-    """benchmarks/ray_presence.py on a real embedded Ray: both loops run, the
-    ratio is the one of the two rates."""
-    out = tmp_path / "presence.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH.parent / "ray_presence.py"), "--rounds", "2", "--images", "1",
-         "--channels-divisor", "16", "--settle", "0.5", "--idle-workers", "2", "--out", str(out),
-         "--workdir", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(out.read_text())
-    assert res["idle_workers"] == 2 and len(res["rounds"]) == 2
-    ratios = []
-    for r in res["rounds"]:  # the raw rates, and from them the ratios the summary is made of
-        assert _positive(r["alone_images_per_s"]) and _positive(r["beside_ray_images_per_s"])
-        ratios.append(r["beside_ray_images_per_s"] / r["alone_images_per_s"])
-    assert [r["ratio"] for r in res["rounds"]] == pytest.approx(ratios, rel=1e-9)
-    assert (res["min_ratio"], res["median_ratio"], res["max_ratio"]) == pytest.approx(
-        (min(ratios), statistics.median(ratios), max(ratios)), rel=1e-9)
-    assert "bare loop beside an idle Ray: median" in proc.stdout
+# --- bench.py -----------------------------------------------------------------------------------
+def _bare(rate: float, cpu: float, load: float = 0.0) -> dict:
+    return {"images_per_s": rate, "cpu_s_per_image": cpu, "foreign_cpu_cores": load}
 
 
-def test_operator_figures_are_read_from_dataset_stats(monkeypatch):
-    """bench.py reads the bytes through the object store from the text of
-    Ray Data's public ``Dataset.stats()``: operators, sub-operators, units."""
-    monkeypatch.syspath_prepend(str(BENCH.parent))
-    from bench import operator_stats
-
-    text = """Operator 1 ListFiles->MapBatches(read_batch): 2 tasks executed, 2 blocks produced in 1.2s
-* Remote wall time: 16.29us min, 7.29ms max, 1.21ms mean, 24.17ms total
-* Output num rows per block: 1 min, 2 max, 1 mean, 3 total
-* Output size bytes per block: 100 min, 200 max, 150 mean, 300 total
-
-Operator 2 Write: executed in 2.5s
-
-\tSuboperator 0 MapBatches(InferenceStage): 3 tasks executed, 3 blocks produced in 2.1s
-\t* Remote wall time: 1.5s min, 2.5s max, 2.0s mean, 4.0s total
-\t* Output num rows per block: 1 min, 1 max, 1 mean, 3 total
-\t* Output size bytes per block: 5 min, 9 max, 7 mean, 21 total
-"""
-    assert operator_stats(text) == [
-        {"name": "ListFiles->MapBatches(read_batch)", "rows": 3, "bytes": 300, "wall_s": pytest.approx(0.02417)},
-        {"name": "MapBatches(InferenceStage)", "rows": 3, "bytes": 21, "wall_s": 4.0},
-    ]
+def _record(wall: float, cpu: float, peak: int, polls: list, load: float = 0.0) -> dict:
+    """What harness.run_detect returns, cut to what bench.py reads."""
+    return {"wall_s": wall, "cpu_s": cpu, "cpu_s_by_role": {"driver": 1.0, "ray": cpu - 1.0}, "ray_start_s": 4.0,
+            "progress": polls, "process_wall_s": wall + 1, "peak_memory_bytes": peak, "peak_rss_sum_bytes": 2 * peak,
+            "peak_processes": 9, "peak_memory_by_role": {}, "memory_samples": 3, "others_cores": load,
+            "datasets": {"bench": {"images": 0}}}
 
 
-def test_error_rows_rate_by_fifth_is_each_fifths_rows_over_its_seconds(monkeypatch):
-    """benchmarks/error_rows.py: the within-run rate that shows a cost growing with the run."""
-    monkeypatch.syspath_prepend(str(BENCH.parent))
-    from error_rows import by_fifth
+def test_bench_figures_from_synthetic_runs():
+    bench = script("bench")
+    one, split = _bare(8.0, 0.2), _bare(10.0, 0.25, load=0.1)
+    best = bench.better_layout(one, split)
+    assert best["layout"] == "split" and best["images_per_s"] == 10.0 and best["one_session"] is one
+    assert bench.better_layout(one, None)["layout"] == "one_session"
+    # before, after 20, after 80: one session at 10, 8, 6 img/s (faster than the split layout but for the first)
+    segments = [bench.better_layout(_bare(rate, 0.2, load), _bare(rate - 1, 0.3)) for rate, load in
+                ((10.0, 0.1), (8.0, 0.2), (6.0, 0.3))]
+    small = bench.pipeline_figures(20, _record(20.0, 8.0, 1000, [(10.0, 4, None), (19.0, 20, 2.0)]), 2_000_000)
+    large = bench.pipeline_figures(80, _record(50.0, 20.0, 1200, [(10.0, 4, None), (49.0, 80, 2.4)], 0.4), 8_000_000)
+    assert (small["images_per_s"], small["cpu_s_per_image"], small["object_store_bytes_per_image"]) == \
+        (1.0, 0.4, 100_000)
+    assert large["timeline"] == {"ray_start_s": 4.0, "first_done_s": 10.0, "steady_images_per_s": 2.4, "tail_s": 1.0}
+    res = bench.summarize(segments, [small, large])
+    assert res["bare"]["images_per_s"] == 8.0 and res["bare"]["spread"] == 0.5  # (10 - 6) / 8
+    assert res["bare"]["s_per_image"] == 0.125 and res["bare"]["cpu_s_per_image"] == pytest.approx(0.2)
+    # each run against the two bare segments either side of it: 9 and 7 img/s
+    assert small["ratio_to_bare"] == pytest.approx(1 / 9) and large["ratio_to_bare"] == pytest.approx(1.6 / 7)
+    assert small["steady_ratio_to_bare"] == pytest.approx(2 / 9) and large["steady_ratio_to_bare"] == pytest.approx(2.4 / 7)
+    assert large["cpu_ratio_to_bare"] == pytest.approx(0.2 / 0.25)
+    assert res["pipeline_marginal"] == {"from": 20, "to": 80, "images_per_s": 2.0, "ratio_to_bare": 0.25}  # 60 in 30 s
+    assert res["memory"]["growth"] == pytest.approx(0.2)
+    assert res["object_store"]["mb_per_image"] == 0.1
+    values, loads = bench.target_inputs(res)
+    assert values == {"pipeline_vs_bare": pytest.approx(2.4 / 7), "memory_growth": pytest.approx(0.2),
+                      "object_store_mb_per_image": 0.1}
+    assert loads == {"pipeline_vs_bare": 0.4, "memory_growth": 0.4, "object_store_mb_per_image": 0.0}
+    rows = bench.rows({**res, "targets": {}})
+    assert ("pipeline, marginal 20->80", "2.0000 img/s", "0.250 x bare (start-up cancelled)") in rows
 
+
+def test_bench_passes_its_options_to_detect():
+    bench = script("bench")
+    args = bench.parse_args(["--quick", "--threads", "2", "--batch-size", "3"])
+    assert bench.detect_options(args) == {"threads_per_actor": 2, "actors": [1, 1], "batch_size": 3}
+    assert bench.detect_options(bench.parse_args(["--actors", "1:3"])) == {"actors": [1, 3]}
+
+
+# --- error_rows.py ------------------------------------------------------------------------------
+def test_error_rows_rate_by_fifth_is_each_fifths_rows_over_its_seconds():
+    """The within-run rate that shows a cost growing with the run."""
+    by_fifth = script("error_rows").by_fifth
     # blocks of 5 rows after 2 s of start-up: one every 0.25 s up to row 50, then one every 0.5 s;
     # polled every 0.05 s, as the progress line's rows (seconds, rows done)
     finished = [2 + 0.25 * k for k in range(1, 11)] + [4.5 + 0.5 * k for k in range(1, 11)]
@@ -275,3 +133,178 @@ def test_error_rows_rate_by_fifth_is_each_fifths_rows_over_its_seconds(monkeypat
     rates = by_fifth(points, 100)
     assert rates[:2] == pytest.approx([20.0, 20.0], rel=0.05)  # start-up left out of the first fifth
     assert rates[3:] == pytest.approx([10.0, 10.0], rel=0.05) and 10 < rates[2] < 20
+
+
+def test_error_rows_figures_and_target():
+    error_rows = script("error_rows")
+    polls = [(1.0, 0, None)] + [(1.0 + k, 10 * k, 10.0 if k > 1 else None) for k in range(1, 11)]  # 10 rows/s
+    record = {"wall_s": 8.0, "progress": polls, "driver_rss_mb": 300.4, "files": 3,
+              "datasets": {"missing": {"images": 100, "images_error": 100}}}
+    fig = error_rows.size_figures(100, record)
+    assert fig == {"n": 100, "wall_s": 8.0, "whole_rows_per_s": 12.5, "rows_per_s": 10.0,
+                   "rows_per_s_by_fifth": [10.0] * 5, "driver_rss_mb": 300, "images": 100, "images_error": 100,
+                   "files": 3}
+    with pytest.raises(SystemExit):  # a row lost
+        error_rows.size_figures(101, record)
+    assert error_rows.rate_ratio([{"rows_per_s": 100.0}, {"rows_per_s": 85.0}]) == \
+        {"rate_ratio_largest_to_smallest": 0.85, "target_rate_ratio": 0.9, "meets_target": False}
+    assert error_rows.rate_ratio([{"rows_per_s": 0.0}, {"rows_per_s": 85.0}])["meets_target"] is False
+
+
+# --- the others ---------------------------------------------------------------------------------
+def test_int8_speedup_is_fp32_time_over_int8_time():
+    assert script("int8").speedup([0.3, 0.5], [0.1, 0.3]) == {"images": 2, "fp32_s_per_image": 0.4,
+                                                               "int8_s_per_image": 0.2, "speedup": 2.0}
+
+
+def test_preprocessing_ratio_is_prepare_and_normalise_over_decode():
+    fig = script("preprocessing").preprocessing_figures(
+        {"bare_decode": 0.004, "prepare": 0.006}, {"table": 0.002, "in_graph": 0.003, "mlperf_numpy": 0.01},
+        [90_000, 100_000])
+    assert fig == pytest.approx({"jpeg_kb_mean": 95.0, "bare_decode_ms": 4.0, "prepare_ms": 6.0, "normalise_ms": 2.0,
+                                 "normalise_in_graph_ms": 3.0, "normalise_mlperf_numpy_ms": 10.0, "total_ms": 8.0,
+                                 "ratio_to_decode": 2.0})
+
+
+def test_ray_presence_ratios_per_round_then_their_median():
+    res = script("ray_presence").presence_figures([
+        {"alone_images_per_s": 10.0, "beside_ray_images_per_s": 9.0},
+        {"alone_images_per_s": 8.0, "beside_ray_images_per_s": 8.0},
+        {"alone_images_per_s": 5.0, "beside_ray_images_per_s": 4.0}])
+    assert [r["ratio"] for r in res["rounds"]] == [0.9, 1.0, 0.8]
+    assert (res["median_ratio"], res["min_ratio"], res["max_ratio"]) == (0.9, 0.8, 1.0)
+
+
+def test_prefetch_read_ahead_and_consumer_busy():
+    prefetch = script("prefetch")
+    made = [0.0, 0.1, 0.2, 0.3, 2.0]
+    starts = [0.5, 1.0, 1.5, 2.0, 2.5]  # at 0.5: 4 made, none started → 4 waiting
+    assert prefetch.max_ahead(made, starts) == 4
+    assert prefetch.max_ahead([0.0, 1.0], [0.5, 1.5]) == 1
+    assert prefetch.busy(2.0, starts, [0.9, 1.4, 1.9, 2.4, 3.0]) == 0.8  # 2 s of work from 0.5 to 3.0
+
+
+def test_listing_way_figures():
+    assert script("listing").way_figures(10_000, 4.004, 11) == {"seconds": 4.0, "keys_per_s": 2498,
+                                                                 "progress_reports": 11}
+
+
+def test_session_options_relative_to_the_default_round_by_round():
+    session_options = script("session_options")
+    default = {"times": [1.0, 2.0, 1.0], "cpu": [2.0, 2.0, 2.0]}
+    fig = session_options.relative_figures({"times": [0.5, 3.0, 1.2], "cpu": [1.0, 3.0, 2.0]}, default)
+    # per round: times 0.5/1, 3/2, 1.2/1; CPU 1/2, 3/2, 2/2
+    assert fig.pop("relative_time_range") == [0.5, 1.5]
+    assert fig == pytest.approx({"s_per_image": 4.7 / 3, "cpu_s_per_image": 2.0, "relative_time": 1.2,
+                                 "relative_cpu": 1.0})
+    creation = session_options.creation_figures({"uncached": [2.0, 4.0], "cache miss": [3.0, 3.0],
+                                                 "cache hit": [0.5, 1.0]})
+    assert creation["uncached"] == {"times": [2.0, 4.0], "mean_s": 3.0, "min_s": 2.0}
+    assert creation["hit_vs_uncached"] == 0.25
+
+
+# --- quick runs ---------------------------------------------------------------------------------
+def _quick(name: str, out: Path) -> dict:
+    """``name --quick --out OUT``: its JSON, after checking it printed its targets."""
+    assert "targets:" in run_script(name, "--quick", "--out", str(out))
+    return json.loads(out.read_text())
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.bench
+def test_bench_quick_run(tmp_path):
+    out = tmp_path / "results.json"
+    res = _quick("bench", out)
+    assert res["machine"]["nproc"] >= 1 and res["machine"]["ray"] and res["commit"]
+    c = res["config"]
+    assert c["quick"] is True and c["images"] == [2, 4] and c["detect_options"] == {"actors": [1, 1]}
+    assert c["channels_divisor"] == 16 and len(c["model_sha256"]) == 64
+    assert len(res["bare"]["segments"]) == 3 and _positive(res["bare"]["images_per_s"]) and res["bare"]["nice"] == 15
+    work = tmp_path / "work"  # bench.py's default --workdir beside --out
+    for run in res["pipeline"]:
+        n = run["images"]
+        record = json.loads((work / f"pipeline-{n}.json").read_text())  # the detect child's own record
+        assert run["datasets"]["bench"]["images_ok"] == n and record["wall_s"] == run["wall_s"]
+        assert run["images_per_s"] == pytest.approx(n / record["wall_s"])
+        assert record["cpu_s_by_role"]["driver"] > 0 and record["cpu_s_by_role"]["ray"] > 0
+        assert run["cpu_s_per_image"] == pytest.approx(sum(record["cpu_s_by_role"].values()) / n)
+        assert [done for _, done, _ in record["progress"]][-1] == n
+        assert 0 < run["timeline"]["ray_start_s"] < run["timeline"]["first_done_s"] < run["wall_s"]
+        assert run["peak_processes"] >= 4 and 100e6 < run["peak_memory_bytes"] < 20e9  # driver, GCS, raylet, actor
+        files = harness.folder_bytes(work / f"dataset-{n}")
+        assert run["object_store_bytes_per_image"] == files / n
+    steady = res["pipeline"][-1]["timeline"]["steady_images_per_s"]  # 4 blocks of 1 image: a rate
+    assert _positive(steady) and steady > res["pipeline"][-1]["images_per_s"]
+    for name, target in res["targets"].items():
+        assert target["met"] == _holds(target["value"], target["target"]), name
+    text = out.with_suffix(".md").read_text()
+    assert text.startswith("| measure | value | note |") and "| pipeline_vs_bare >= 0.95 |" in text
+    assert "Command: `bench.py --quick" in text
+
+
+@pytest.mark.bench
+def test_preprocessing_quick_run(tmp_path):
+    res = _quick("preprocessing", tmp_path / "pre.json")
+    pre = res["preprocess"]
+    assert res["config"]["quick"] is True and pre["images"] == 3
+    assert all(_positive(pre[k]) for k in ("bare_decode_ms", "prepare_ms", "normalise_ms", "normalise_in_graph_ms",
+                                           "normalise_mlperf_numpy_ms", "total_ms"))
+    target = res["targets"]["preprocess_vs_decode"]
+    assert target["value"] == pre["ratio_to_decode"] and target["met"] == _holds(target["value"], target["target"])
+
+
+@pytest.mark.bench
+def test_int8_quick_run(tmp_path):
+    res = _quick("int8", tmp_path / "int8.json")
+    q = res["int8"]
+    assert q["standin"] is True and Path(q["model"]).name.endswith(".int8.onnx") and q["images"] == 1
+    assert _positive(q["speedup"]) and _positive(q["kernel_ceiling"]["speedup"])
+    assert isinstance(q["kernel_ceiling"]["vnni"], bool)
+    target = res["targets"]["int8_speedup"]
+    assert target["value"] == q["speedup"] and target["met"] == _holds(target["value"], target["target"])
+
+
+@pytest.mark.bench
+def test_prefetch_cap_bounds_what_waits_in_the_object_store(tmp_path):
+    """benchmarks/prefetch.py on a real local Ray, 12 and 48 files of 8 MiB
+    and a consumer taking 0.05 s a file: with the pipeline's cap, what waits
+    never exceeds the cap plus a block from each read task running when it
+    was reached. (That an uncapped run reads further ahead the larger the
+    dataset shows at the script's own sizes, hundreds of files: too long here.)"""
+    out = tmp_path / "prefetch.json"
+    stdout = run_script("prefetch", "--images", "12,48", "--seconds", "0.05", "--kb", "8192", "--out", str(out),
+                        cwd=tmp_path, timeout=300)
+    assert "max read ahead" in stdout
+    runs = json.loads(out.read_text())
+    assert [(r["capped"], r["images"]) for r in runs] == [(False, 12), (False, 48), (True, 12), (True, 48)]
+    for r in runs[2:]:
+        file_bytes = r["kb_per_image"] * 1024
+        assert r["max_images_ahead"] * file_bytes <= r["cap_bytes"] + r["read_tasks"] * r["block"] * file_bytes
+    assert all(0 < r["max_images_ahead"] <= r["images"] and 0 < r["consumer_busy"] <= 1.0 for r in runs)
+
+
+@pytest.mark.bench
+def test_ray_presence_quick_run(tmp_path):
+    out = tmp_path / "presence.json"
+    stdout = run_script("ray_presence", "--rounds", "1", "--images", "1", "--channels-divisor", "16", "--settle", "0",
+                        "--idle-workers", "1", "--out", str(out), "--workdir", str(tmp_path / "work"), cwd=tmp_path,
+                        timeout=300)
+    res = json.loads(out.read_text())
+    (r,) = res["rounds"]
+    assert res["idle_workers"] == 1 and _positive(r["alone_images_per_s"]) and _positive(r["beside_ray_images_per_s"])
+    assert res["median_ratio"] == r["ratio"] == r["beside_ray_images_per_s"] / r["alone_images_per_s"]
+    assert "bare loop beside an idle Ray: median" in stdout
+
+
+@pytest.mark.bench
+def test_session_options_quick_run(tmp_path):
+    out = tmp_path / "session_options.json"
+    stdout = run_script("session_options", "--channels-divisor", "16", "--rounds", "1", "--creation-rounds", "1",
+                        "--variants", "1 thread", "--out", str(out), cwd=tmp_path)
+    res = json.loads(out.read_text())
+    assert list(res["variants"]) == ["default", "1 thread"] and res["variants"]["default"]["relative_time"] == 1.0
+    assert all(_positive(res["creation"][m]["mean_s"]) for m in ("uncached", "cache miss", "cache hit"))
+    assert "cache hit / uncached" in stdout

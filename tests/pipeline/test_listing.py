@@ -4,16 +4,13 @@ the same files as one serial ``find``, locally and on the S3 test endpoint."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import fsspec
 import pytest
 
 from batchdet.pipeline.listing import find_files, list_images
-
-LISTING_BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "listing.py"
+from tests.helpers.benchmarks import run_script
 
 
 def _tree(root: Path) -> None:
@@ -54,16 +51,14 @@ def test_list_images_on_s3_by_prefix_with_progress(s3):
 @pytest.mark.bench
 def test_listing_benchmark_times_both_ways_over_http(tmp_path):
     out = tmp_path / "listing.json"
-    proc = subprocess.run([sys.executable, str(LISTING_BENCH), "--sizes", "2500", "--latency-ms", "20",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    stdout = run_script("listing", "--sizes", "2500", "--latency-ms", "20", "--json", str(out), timeout=300)
     (r,) = json.loads(out.read_text())["results"]
     assert r["n"] == 2500 and r["latency_ms"] == 20
     for way in ("serial", "by_prefix"):  # the script checks it listed every key once
         assert r[way]["keys_per_s"] == pytest.approx(2500 / r[way]["seconds"], rel=0.01)  # seconds are rounded
     assert r["serial"]["progress_reports"] == 1 and r["by_prefix"]["progress_reports"] == 1 + 3  # root, then 3 prefixes
     assert r["speedup"] == pytest.approx(r["serial"]["seconds"] / r["by_prefix"]["seconds"], abs=0.01)
-    row = next(line for line in proc.stdout.splitlines() if line.split()[:2] == ["2500", "20"])
+    row = next(line for line in stdout.splitlines() if line.split()[:2] == ["2500", "20"])
     assert f"{r['speedup']:.2f}x" in row
 
 

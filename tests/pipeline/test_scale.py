@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -27,8 +25,8 @@ from batchdet.output.layout import RUN_RECORD, STAGING_DIR, Output
 from batchdet.pipeline.listing import Listing
 from batchdet.pipeline.update import plan_update
 from batchdet.pipeline.writing import finish_run
+from tests.helpers.benchmarks import run_script, script
 
-SCALE = Path(__file__).resolve().parents[2] / "benchmarks" / "scale.py"
 RUN = "20250102T000000Z-0a0b0c"
 SHA = "f" * 64
 
@@ -165,11 +163,23 @@ N = 2000
 @pytest.fixture(scope="module")
 def scale_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("scale")
-    proc = subprocess.run([sys.executable, str(SCALE), "--sizes", str(N), "--rows-per-file", "64",
-                           "--workdir", str(work), "--json", str(work / "scale.json")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads((work / "scale.json").read_text()), proc.stdout
+    stdout = run_script("scale", "--sizes", str(N), "--rows-per-file", "64", "--workdir", str(work),
+                        "--json", str(work / "scale.json"))
+    return json.loads((work / "scale.json").read_text()), stdout
+
+
+def test_scale_size_figures_from_synthetic_steps():
+    scale = script("scale")
+    update = {"unchanged": 90, "new": 1, "retried": 8, "changed": 1, "gone": 1}
+    steps = {"baseline": {"rss_mb": 90.0, "seconds": 0.5, "others_cores": 0.9},
+             "commit": {"rss_mb": 400.0, "seconds": 121.0, "others_cores": 0.1},
+             "listing": {"rss_mb": 200.0, "seconds": 1.0, "others_cores": 0.2},
+             "resume": {"rss_mb": 1600.0, "seconds": 30.0, "others_cores": 0.3, **update}}
+    fig = scale.size_figures(100, 64, {"files": 2, "update": update}, steps, 1.04)
+    assert (fig["staged_files"], fig["staging_s"], fig["peak_rss_mb"], fig["others_cores"]) == (3, 1.0, 1600.0, 0.9)
+    assert fig["meets_targets"] == {"rss": False, "commit": False, "resume": True}  # 1.5 GB and 2 min at the most
+    with pytest.raises(RuntimeError, match="update plan"):
+        scale.size_figures(100, 64, {"files": 2, "update": {**update, "gone": 2}}, steps, 1.0)
 
 
 @pytest.mark.bench
