@@ -41,7 +41,7 @@ def test_driver_killed_then_resumed(narrow_model, many_images, tmp_path, ray_loc
     assert main(["detect", "--dataset", f"many={many_images}", "--output", str(out),
                  "--model", str(narrow_model)]) == 2
 
-    result = detect({"many": str(many_images)}, str(out), model=narrow_model, resume=True)
+    result = detect({"many": str(many_images)}, str(out), model=narrow_model, resume=True, execution=execution)
     assert_exactly_once(out, many_images)
     recovered = json.loads((out / "_runs" / f"{killed_run}.json").read_text())
     assert recovered["recovered"] is True and recovered["datasets"]["many"]["images"] >= 2
@@ -50,7 +50,7 @@ def test_driver_killed_then_resumed(narrow_model, many_images, tmp_path, ray_loc
     assert not list(out.glob("_staging/*"))
 
     # resuming a finished output does nothing but retry the error row
-    again = detect({"many": str(many_images)}, str(out), model=narrow_model, resume=True)
+    again = detect({"many": str(many_images)}, str(out), model=narrow_model, resume=True, execution=execution)
     assert again.datasets["many"].images == 1 and again.datasets["many"].images_error == 1
     assert_exactly_once(out, many_images)
 
