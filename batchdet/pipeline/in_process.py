@@ -34,9 +34,12 @@ from batchdet.pipeline.stages import InferenceStage, read_batch
 from batchdet.pipeline.writing import stage_rows
 from batchdet.progress import Counter, Halt, Progress, Reporter, Stalled
 
-#: Images above which ``execution="auto"`` hands a run to Ray Data. Below it
-#: Ray's fixed start-up is most of a run's cost; above it Ray's processes
-#: (reads beside inference, a kill losing one actor's block) are worth it.
+#: Images to process (after ``--resume``'s plan) above which
+#: ``execution="auto"`` hands a run to Ray Data: where Ray's ~15 s start is
+#: under a tenth of a full-model run on 2 cores, and a run goes where it can
+#: grow (more cores and nodes, retried actors, reads in their own processes).
+#: In-process is no slower at any size measured on one machine
+#: (benchmarks/README.md, "Small runs").
 MAX_IN_PROCESS_IMAGES = 64
 #: Seconds a halted or failed run waits for its inference threads to finish
 #: their block (the rows are staged for ``--resume``) before it returns

@@ -57,9 +57,12 @@ def result_settings(options: DetectOptions, model: ModelInfo) -> ResultSettings:
     return ResultSettings(model.sha256, options.score_threshold, options.max_pixels)
 
 
-def new_run_id() -> str:
-    """Sortable by time, unique across concurrent drivers."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+def new_run_id(now: float | None = None) -> str:
+    """Sortable by time to the millisecond (an image's latest row is the one of
+    the greatest run_id, and two in-process runs fit in one second), unique
+    across concurrent drivers: ``20261204T151949123Z-e70536``."""
+    now = time.time() if now is None else now
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}Z-" + secrets.token_hex(3)
 
 
 def check_writable(output: str, storage_options: dict[str, Any]) -> None:

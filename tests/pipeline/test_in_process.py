@@ -14,6 +14,7 @@ from PIL import Image
 from batchdet.options import DetectOptions
 from batchdet.pipeline import in_process
 from batchdet.pipeline.in_process import MAX_IN_PROCESS_IMAGES, choose_execution, layout
+from batchdet.pipeline.plan import new_run_id
 
 
 def test_sessions_share_the_cpus_and_never_outnumber_the_images():
@@ -99,3 +100,11 @@ def test_close_waits_for_inference_threads_until_the_deadline_and_never_for_the_
     assert 0.25 < time.monotonic() - start < 3 and not run.threads["inference-0"].is_alive()
     assert run.threads["read"].is_alive()
     release.set()
+
+
+def test_run_ids_sort_by_their_start_to_the_millisecond():
+    """An image's latest row is the one of the greatest run_id: two in-process
+    runs of a few images each begin within the same second."""
+    first, second = new_run_id(1796397589.572), new_run_id(1796397589.573)
+    assert first.startswith("20261204T151949572Z-") and first < second
+    assert new_run_id(1796397589.999) < new_run_id(1796397590.0)
