@@ -236,8 +236,10 @@ def test_bench_quick_run(tmp_path):
         assert run["peak_processes"] >= 4 and 100e6 < run["peak_memory_bytes"] < 20e9  # driver, GCS, raylet, actor
         files = harness.folder_bytes(work / f"dataset-{n}")
         assert run["object_store_bytes_per_image"] == files / n
-    steady = res["pipeline"][-1]["timeline"]["steady_images_per_s"]  # 4 blocks of 1 image: a rate
-    assert _positive(steady) and steady > res["pipeline"][-1]["images_per_s"]
+    # 4 blocks of 1 image: a rate, unless they all finished within the half
+    # second batchdet's own rate needs (a quiet machine), as its progress line says
+    steady = res["pipeline"][-1]["timeline"]["steady_images_per_s"]
+    assert steady is None or steady > res["pipeline"][-1]["images_per_s"] > 0
     for name, target in res["targets"].items():
         assert target["met"] == _holds(target["value"], target["target"]), name
     text = out.with_suffix(".md").read_text()
