@@ -191,7 +191,7 @@ _NON_NEGATIVE = _Kind(_number(0), _as(_numeral))
 _ACTORS = _Kind(_actors)
 _DATASETS = _Kind(_datasets, _dataset_flags, "append")
 _STORAGE = _Kind(_storage, parse_storage_options, "append")
-#: Where ``detect`` runs its job (batchdet.pipeline.engine.choose_execution).
+#: Where ``detect`` runs its job (batchdet.pipeline.in_process.choose_execution).
 EXECUTIONS = ("auto", "in-process", "ray")
 _EXECUTION = _Kind(_one_of(*EXECUTIONS))
 
@@ -246,7 +246,7 @@ class DetectOptions:
         _TEXT, "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)", "ADDR"))
     execution: str = field(default="auto", metadata=_option(
         _EXECUTION, "ray: Ray Data (a cluster, or a Ray of its own here); in-process: this process alone, no Ray "
-                    "to start; auto: in-process for a small set on this machine (no --address, no $RAY_ADDRESS), "
+                    "to start; auto: in-process for up to 64 images on this machine (no --address, no $RAY_ADDRESS), "
                     "else ray", "|".join(EXECUTIONS)))
     storage_options: dict[str, str | bool] = field(default_factory=dict, metadata=_option(
         _STORAGE, STORAGE_OPTION_HELP, "KEY=VALUE", "--storage-option"))

@@ -192,7 +192,7 @@ def _stream(plan: RunPlan, sessions: int, threads: int, block: int, counter: Cou
         run.start("read", reader)
         for i in range(sessions):
             run.start(f"inference-{i}", inference)
-        while run.alive() or not done.empty():
+        while (run.alive() and not run.stop.is_set()) or not done.empty():  # stopped: a thread failed
             try:
                 pending.append(done.get(timeout=0.1))  # a timed wait: a halt lands here
             except queue.Empty:

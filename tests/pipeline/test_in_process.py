@@ -43,6 +43,7 @@ def test_auto_runs_a_small_local_set_here_and_anything_that_may_grow_on_ray(no_r
     assert choose_execution(_options(), 1) == "in-process"
     assert choose_execution(_options(), MAX_IN_PROCESS_IMAGES) == "in-process"
     assert choose_execution(_options(), MAX_IN_PROCESS_IMAGES + 1) == "ray"
+    assert f"up to {MAX_IN_PROCESS_IMAGES} images" in DetectOptions.__dataclass_fields__["execution"].metadata["help"]
     assert choose_execution(_options(address="ray://head:10001"), 1) == "ray"
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     assert choose_execution(_options(), 1) == "ray"
