@@ -232,12 +232,9 @@ def cluster(_shared_cluster):
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests using the shared cluster run on one worker (one cluster, not
-    one per worker), and those marked ``breaks_cluster`` (they kill one of its
-    nodes) after the others, which then never wait for a node to be started again."""
-    for item in items:
-        if "cluster" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group("cluster"))
+    """Tests marked ``breaks_cluster`` (they kill one of the shared cluster's
+    nodes) run after the other tests that use the cluster, which then never
+    wait for a node to be started again."""
     breakers = [item for item in items if "cluster" in item.fixturenames and item.get_closest_marker("breaks_cluster")]
     rest = [item for item in items if item not in breakers]
     users = [i for i, item in enumerate(rest) if "cluster" in item.fixturenames]
