@@ -94,14 +94,10 @@ def breakdown(spawned: float, ended: float, timings: dict[str, float]) -> dict[s
 
 def measure(model: Path, kind: str, images: int, folder: Path, workdir: Path, env: dict[str, str]) -> dict:
     """One round at one size: bare, then each execution path, fresh processes."""
-    files = sorted(str(p) for p in folder.iterdir())[:images]
-    subset = workdir / f"images-{images}"
-    if not subset.exists():
-        subset.mkdir()
-        for f in files:
-            os.link(f, subset / Path(f).name)
+    files = sorted(folder.iterdir())[:images]
+    subset = harness.dataset_folder(workdir, files, images)
     with harness.Phase(harness.own_and_children_cpu) as phase:
-        spawned, ended = timed([sys.executable, __file__, "--bare", str(model), *files], env)
+        spawned, ended = timed([sys.executable, __file__, "--bare", str(model), *map(str, files)], env)
         result = {"model": kind, "images": images, "bare_s": round(ended - spawned, 3)}
         for execution in EXECUTIONS:
             output = Path(tempfile.mkdtemp(dir=workdir))
