@@ -17,6 +17,7 @@ import pytest
 
 from batchdet import api
 from batchdet.cli import main
+from batchdet.output.draw import draw
 from batchdet.output.query import query
 from batchdet.output.summary import summarize
 from batchdet.pipeline.detector import Detector
@@ -105,6 +106,8 @@ def test_rows_record_the_bytes_and_resume_brings_the_output_up_to_date(narrow_mo
     assert (d.images, d.ok, d.errors, d.gone, d.copied) == (7, 6, 1, 1, 2)
     n_detections = query(out, "SELECT count(*) AS n FROM detections").column("n")[0].as_py()
     assert n_detections == sum(len(r["detections"] or []) for r in rows.values())
+    gallery = draw(out, "x", tmp_path / "gallery", min_score=0.0)  # eval reads the same rows (read_dataset)
+    assert sorted([d.uri for d in gallery.drawn] + [uri for uri, _ in gallery.skipped]) == on_disk
 
     # the deleted image comes back: it is new again
     (inputs / "astronaut.png").write_bytes(photo("astronaut.png"))
