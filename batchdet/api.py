@@ -6,8 +6,10 @@ import dataclasses
 import logging
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable
 
+from batchdet.console import log_path
 from batchdet.options import DetectOptions
 from batchdet.output.layout import Output
 from batchdet.output.lease import Lease, acquire
@@ -15,7 +17,7 @@ from batchdet.output.manifest import RunResult
 from batchdet.output.settings import check_same_settings
 from batchdet.pipeline.in_process import choose_execution, run_in_process
 from batchdet.pipeline.plan import RunPlan, plan_run
-from batchdet.pipeline.run import ray_session, run_pipeline
+from batchdet.pipeline.run import ray_console_to, ray_session, run_pipeline
 from batchdet.pipeline.update import Update, UpdateCounts, fresh, plan_update, stage_gone
 from batchdet.pipeline.writing import begin_run, finish_run, recover, versions
 from batchdet.progress import Progress
@@ -29,6 +31,7 @@ def detect(
     *,
     on_progress: Callable[[Progress], None] | None = None,
     on_listing: Callable[[str, int], None] | None = None,
+    ray_log: Path | bool = True,
     **options: Any,
 ) -> RunResult:
     """Detect objects in every image of ``datasets`` ({name: url}) and write
@@ -38,11 +41,11 @@ def detect(
     (``model``, ``score_threshold``, ``actors``, ``batch_size``, ``resume``, …),
     with its defaults; see :func:`run`.
     """
-    return run(DetectOptions(datasets, output, **options), on_progress, on_listing)
+    return run(DetectOptions(datasets, output, **options), on_progress, on_listing, ray_log)
 
 
 def run(options: DetectOptions, on_progress: Callable[[Progress], None] | None = None,
-        on_listing: Callable[[str, int], None] | None = None) -> RunResult:
+        on_listing: Callable[[str, int], None] | None = None, ray_log: Path | bool = True) -> RunResult:
     """Run ``detect`` with ``options`` (what the CLI, job specs and ``detect()`` build).
 
     Inputs are listed and the model and output checked before Ray starts; a
@@ -57,7 +60,9 @@ def run(options: DetectOptions, on_progress: Callable[[Progress], None] | None =
     A run in which no image finishes for ``stall_timeout`` seconds (or four
     times the longest gap between blocks, if longer; 0: never) raises
     :class:`batchdet.progress.Stalled` naming the stage; what it wrote so far
-    is kept for ``resume``.
+    is kept for ``resume``. A run through Ray sends Ray's own log lines to
+    ``ray_log`` (True: a new file under ``$TMPDIR/batchdet-logs/``, named in
+    batchdet's INFO log; False: left on stderr where Ray puts them).
     """
     timings = Timings()
     plan = plan_run(options, on_listing)
@@ -75,7 +80,7 @@ def run(options: DetectOptions, on_progress: Callable[[Progress], None] | None =
         timings.mark("prepared")
         clock = time.perf_counter()
         if execution == "ray":
-            with ray_session(options.address) as local:
+            with ray_console_to(_ray_log(ray_log)), ray_session(options.address) as local:
                 timings.mark("engine_up")
                 timings.add(run_pipeline(todo, local, on_progress, known=update.known))
         elif execution:
@@ -87,6 +92,14 @@ def run(options: DetectOptions, on_progress: Callable[[Progress], None] | None =
     if missing:
         raise RuntimeError(f"{missing} image(s) of run {plan.run_id} have no row; run again with --resume")
     return result
+
+
+def _ray_log(ray_log: Path | bool) -> Path | None:
+    """The file Ray's log lines go to (see :func:`run`), or None: left as they are."""
+    if ray_log is True:
+        ray_log = log_path()
+        log.info("Ray's log lines: %s", ray_log)
+    return ray_log or None
 
 
 class Timings:

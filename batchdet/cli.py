@@ -60,7 +60,7 @@ def _detect_on_console(options: DetectOptions, verbose: bool) -> None:
     log = None
     try:
         with run_console(verbose) as (progress, log):
-            result = run(options, on_progress=progress, on_listing=progress.listing)
+            result = run(options, on_progress=progress, on_listing=progress.listing, ray_log=log or False)
         _print_result(result)
     finally:
         if log is not None:

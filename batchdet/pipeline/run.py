@@ -6,6 +6,7 @@ import contextlib
 import copy
 import logging
 import os
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pyarrow as pa
@@ -87,6 +88,43 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
     finally:
         if not address:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def ray_console_to(log: Path | None) -> Iterator[None]:
+    """Ray's and Ray Data's console log lines go to ``log`` while the job
+    runs, then back to where they went (None: left where they are).
+
+    Ray attaches a handler on stderr to its ``ray`` logger at import, and Ray
+    Data one to ``ray.data``: a job started from a library call would put
+    Ray's start-up, its warnings and Ray Data's execution lines on the
+    caller's terminal. Only those handlers' streams are swapped, not their
+    levels or formats, so the file reads as the terminal would have. (Ray's
+    C++ core writes its own lines to the process's stderr; only the CLI,
+    which owns its process, redirects that.)"""
+    import ray  # noqa: F401 (both attach their handlers at import)
+    import ray.data  # noqa: F401
+
+    if log is None:
+        yield
+        return
+    with open(log, "a", buffering=1) as f:
+        swapped = [(h, h.setStream(f)) for h in ray_console_handlers()]
+        try:
+            yield
+        finally:
+            for handler, stream in swapped:
+                handler.setStream(stream)
+
+
+def ray_console_handlers() -> list[logging.StreamHandler]:
+    """The stream (not file) handlers Ray made on ``ray`` and the loggers under
+    it, each once (a caller's own handlers there are left alone)."""
+    names = ["ray"] + [name for name in logging.root.manager.loggerDict if name.startswith("ray.")]
+    found = {id(h): h for name in names for h in logging.getLogger(name).handlers
+             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+             and type(h).__module__.startswith("ray.")}
+    return list(found.values())
 
 
 def actor_layout(plan: RunPlan, local: bool) -> tuple[int, tuple[int, int]]:

@@ -16,6 +16,7 @@ from PIL import Image
 from batchdet.api import detect
 from batchdet.cli import main
 from batchdet.pipeline.detector import Detector
+from batchdet.pipeline.run import ray_console_handlers
 from helpers import tiny_model
 from helpers.photos import photo
 
@@ -95,8 +96,13 @@ def test_local_two_datasets_api(ray_local, narrow_model, detector, local_inputs,
     datasets, expected = local_inputs
     out = str(tmp_path / "out")
     limits = ray.data.DataContext.get_current().execution_options.resource_limits
-    result = detect(datasets, out, model=narrow_model, batch_size=2, execution=execution)
+    consoles = {h: h.stream for h in ray_console_handlers()}
+    ray_log = tmp_path / "ray.log"
+    result = detect(datasets, out, model=narrow_model, batch_size=2, execution=execution, ray_log=ray_log)
     assert result.execution == execution
+    # Ray's and Ray Data's console lines went to the run's log, not the caller's stderr, and back after
+    assert consoles and {h: h.stream for h in ray_console_handlers()} == consoles
+    assert ("execution finished" in ray_log.read_text()) if execution == "ray" else not ray_log.exists()
     # the job caps the object store on its own copy of the context, not the caller's
     assert ray.data.DataContext.get_current().execution_options.resource_limits == limits
     rows = read_output(out)
