@@ -245,6 +245,14 @@ def remove(cluster: LocalRayCluster) -> None:
 NODE_PROFILE = f"marker-{uuid.uuid4().hex}"
 
 
+#: The shared cluster's GCS declares a node dead after three missed health
+#: checks a second apart (Ray's defaults: five, 3 s apart, ~15-30 s): the
+#: node-kill test waits for that. A node busy for a few seconds on a loaded
+#: 2-core machine still answers in time (each check waits 2 s).
+FAST_FAILURE_DETECTION = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "2000",
+                          "RAY_health_check_failure_threshold": "3"}
+
+
 class SharedCluster:
     """The session's one multi-node cluster, for every test that needs one:
     a head (1 CPU) and a worker (2 CPUs), token authentication on, S3
@@ -261,7 +269,7 @@ class SharedCluster:
     def running(self) -> LocalRayCluster:
         if self.cluster is None:
             c = make_cluster()
-            c.node_extra_env = {"AWS_SHARED_CREDENTIALS_FILE": str(self.credentials_file)}
+            c.node_extra_env = {"AWS_SHARED_CREDENTIALS_FILE": str(self.credentials_file), **FAST_FAILURE_DETECTION}
             self.cluster = c
             c.start(workers=1, head_cpus=1, worker_cpus=2)
         else:
