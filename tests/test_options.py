@@ -49,7 +49,7 @@ def captured(monkeypatch):
         def to_text(self):
             return "ok"
 
-    def fake_run(options, on_progress=None, on_listing=None):
+    def fake_run(options, on_progress=None, on_listing=None, ray_log=True):
         calls.append(options)
         return Result()
 
