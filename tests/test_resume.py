@@ -25,13 +25,13 @@ def test_driver_killed_then_resumed(narrow_model, many_images, tmp_path, ray_loc
          "--model", str(narrow_model), "--rows-per-file", "2", "--batch-size", "1", "--actors", "1",
          "--execution", execution],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        env=ray_local.env(),  # through Ray: joins the session's (the engine's kill, not Ray's start, is tested)
     )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(list(out.glob("_staging/*/dataset=many/*.parquet"))) < 2:
         assert proc.poll() is None, "the run finished before it could be killed"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, as a dying machine would
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, mid-run, as a dying machine would
     proc.wait()
     staged = list(out.glob("_staging/*"))
     assert len(staged) == 1 and not list(out.glob("_runs/*.json"))
