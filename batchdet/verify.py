@@ -34,6 +34,7 @@ from batchdet.errors import one_line
 from batchdet.model.distribution import local_model, resolve_model, split_ref
 from batchdet.model.spec import NMS_SCORE_THRESHOLD, PREPROCESSING_VERSION
 from batchdet.options import DEFAULT_MAX_PIXELS
+from batchdet.output.lease import current_holder
 from batchdet.output.layout import RUNS_DIR, STAGING_DIR, Output, manifest_run, run_of
 from batchdet.output.manifest import RunResult
 from batchdet.output.query import Snapshot, aligned_lines, open_output, run_sql
@@ -301,9 +302,9 @@ class _Checker:
         for run_id in self.out.staged_runs():
             self.report.notes.append(f"{STAGING_DIR}/{run_id}/: run {run_id} is running now or was killed "
                                      "(its staged rows are in no view; `detect --resume` commits them)")
-        generations = self.out.lease_generations()
-        if generations:
-            self.report.notes.append(f"_lease.{generations[-1]}.json: a run holds (or held) the output's lease; "
+        holder = current_holder(self.out)
+        if holder is not None:
+            self.report.notes.append(f"the output's lease is held by {holder.describe()}: "
                                      "a run writing now may add files while this checks")
 
 

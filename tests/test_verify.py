@@ -17,6 +17,7 @@ import json
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -255,12 +256,17 @@ def test_staged_runs_and_leases_are_notes_not_mismatches(made, output, capsys):
     staged = output / "_staging" / "20991231T000000Z-eeeeee" / "dataset=x"
     staged.mkdir(parents=True)
     shutil.copy(next(output.glob("dataset=x/*.parquet")), staged / "a.parquet")
-    (output / "_lease.3.json").write_text(json.dumps({"run_id": "20991231T000000Z-eeeeee"}))
+    now = datetime.now(timezone.utc).isoformat()
+    holder = {"run_id": "20991231T000000Z-eeeeee", "host": "h", "pid": 1, "machine": "m", "started": now,
+              "heartbeat": now}
+    (output / "_lease.3.json").write_text(json.dumps(holder))
     code, checks, mismatches, text = run_verify(capsys, output, "--sample", "0")
     assert (code, mismatches) == (0, [])
     assert checks["one current row per image"] == (IMAGES, 0)  # the staged row is in no view
     assert "note: _staging/20991231T000000Z-eeeeee/: run 20991231T000000Z-eeeeee is running now or was killed" in text
-    assert "note: _lease.3.json: a run holds (or held) the output's lease" in text
+    assert "note: the output's lease is held by run 20991231T000000Z-eeeeee on host h (pid 1)" in text
+    (output / "_lease.3.json").write_text(json.dumps({**holder, "released": True}))  # that run ended
+    assert "lease is held" not in run_verify(capsys, output, "--sample", "0")[3]
 
 
 def test_rows_without_content_identity_are_unverifiable(made, output, capsys):

@@ -18,7 +18,11 @@ is read back, which also covers a retried PUT whose first attempt did land,
 and narrows (does not close) the race on stores that ignore the header.
 Taking over a dead run's lease is creating the next generation, so of two
 runs taking over the same dead lease exactly one wins, and the dead run, if
-it was only frozen, sees the higher generation and commits nothing.
+it was only frozen, sees the higher generation and commits nothing. A run
+that ends marks its record released rather than deleting it, and only a
+new holder deletes the generations below its own: the highest generation
+never goes away, so a frozen run's late heartbeat, which may write its old
+record again, can never make that record the highest.
 
 A lease is dead when its heartbeat is older than :data:`STALE_AFTER_S`
 (``$BATCHDET_LEASE_STALE_S``), or at once when its holder ran on this very
@@ -102,13 +106,17 @@ class Holder:
     machine: str
     started: str
     heartbeat: str
+    released: bool = False  #: the run ended: nobody holds the lease (records before this field: absent)
 
     def age_s(self) -> float:
         """Seconds since the last heartbeat (never negative: clocks may differ a little)."""
         return max(0.0, (_now() - datetime.fromisoformat(self.heartbeat)).total_seconds())
 
     def is_alive(self, limit_s: float) -> bool:
-        """False when the heartbeat is stale, or the holder's process is gone from this machine."""
+        """False when released, when the heartbeat is stale, or when the holder's
+        process is gone from this machine."""
+        if self.released:
+            return False
         if self.machine == _machine() and not _process_exists(self.pid):
             return False
         return self.age_s() <= limit_s
@@ -206,10 +214,15 @@ class Lease:
                 if self._lost:
                     log.error("run %s lost its lease on %s to %s", self.run_id, self.out.url, self._lost)
                     return
-                self.holder = Holder(**{**asdict(self.holder), "heartbeat": _now().isoformat()})
-                replace_bytes(self.out.fs, self.out.lease(self.generation), json.dumps(asdict(self.holder)).encode())
+                self._write(heartbeat=_now().isoformat())
             except Exception as e:  # noqa: BLE001 - a beat must never kill the run; the next one retries
                 log.warning("lease heartbeat on %s failed: %s", self.out.url, one_line(e))
+
+    def _write(self, **changes) -> None:
+        """Write this run's record again with ``changes``. (Not atomic with the
+        check before it: see the module's docstring for why that is safe.)"""
+        self.holder = Holder(**{**asdict(self.holder), **changes})
+        replace_bytes(self.out.fs, self.out.lease(self.generation), json.dumps(asdict(self.holder)).encode())
 
     def check(self) -> None:
         """Raise :class:`LeaseLost` unless this run still holds the lease, as
@@ -220,13 +233,13 @@ class Lease:
                             "it commits nothing; its staged rows are left to a --resume")
 
     def release(self) -> None:
-        """Stop the heartbeat and delete the record, if it is still this run's."""
+        """Stop the heartbeat and mark the record released, if it is still this
+        run's and the highest (a record taken over is the new holder's to delete)."""
         self._stop.set()
         self._thread.join()
         try:
-            mine = _read(self.out, self.generation)
-            if mine is not None and mine.run_id == self.run_id:
-                self.out.fs.rm_file(self.out.lease(self.generation))
+            if self._taken_by() is None:
+                self._write(released=True)
         except Exception as e:  # noqa: BLE001 - the run's result stands; the lease just goes stale
             log.warning("could not release the lease on %s (%s: %s); it expires in %.0f s",
                         self.out.url, type(e).__name__, e, self.limit_s)
@@ -237,6 +250,13 @@ class Lease:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.release()
+
+
+def current_holder(out: Output) -> Holder | None:
+    """The record of the run holding ``out``'s lease now, None if no run holds it."""
+    generations = _generations(out)
+    current = _read(out, generations[-1]) if generations else None
+    return None if current is None or current.released else current
 
 
 def acquire(out: Output, run_id: str) -> Lease:
@@ -255,7 +275,7 @@ def acquire(out: Output, run_id: str) -> Lease:
         generation = generations[-1] + 1 if generations else 0
         current = _read(out, generations[-1]) if generations else None
         if generations and current is None:
-            continue  # released while we looked: look again
+            continue  # deleted while we looked (a new holder's clean-up): look again
         if current is not None and current.is_alive(limit):
             raise ValueError(f"output {out.url} is being written by {current.describe()}; wait for it or stop it")
         if _create(out, generation, me):
@@ -264,7 +284,7 @@ def acquire(out: Output, run_id: str) -> Lease:
                     out.fs.rm_file(out.lease(old))
                 except FileNotFoundError:
                     pass
-            if current is not None:
+            if current is not None and not current.released:
                 log.info("took over the lease on %s from a dead run (%s)", out.url, current.describe())
             return Lease(out, generation, me, limit)
     raise ValueError(f"output {out.url}: could not take its lease, other runs kept changing it; try again")

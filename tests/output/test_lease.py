@@ -71,8 +71,9 @@ def test_one_holder_refuses_the_next_until_released(store):
         assert re.fullmatch(REFUSAL.format(out=re.escape(store[0]), run="run-a", host=re.escape(socket.gethostname()),
                                            pid=os.getpid()), str(refused.value))
         held.check()
-    assert records(out) == {}
-    acquire(out, "run-b").release()
+    assert [(g, r["run_id"], r["released"]) for g, r in records(out).items()] == [(0, "run-a", True)]
+    acquire(out, "run-b").release()  # a released lease is nobody's: the next generation, the old one deleted
+    assert [(g, r["run_id"], r["released"]) for g, r in records(out).items()] == [(1, "run-b", True)]
 
 
 def _beaten(out: Output, since: str, generation: int = 0, timeout: float = 30) -> str:
@@ -114,7 +115,7 @@ def test_lease_of_a_process_gone_from_this_machine_is_taken_over_at_once(store):
     now = leasing._now().isoformat()
     _plant(out, 0, pid=int(gone.stdout), machine=leasing._machine(), heartbeat=now, host=socket.gethostname())
     acquire(out, "run-b").release()
-    _plant(out, 0, pid=int(gone.stdout), heartbeat=now)  # the same pid on another machine: alive
+    _plant(out, 2, pid=int(gone.stdout), heartbeat=now)  # the same pid on another machine: alive
     with pytest.raises(ValueError, match="being written by run run-dead on host elsewhere"):
         acquire(out, "run-b")
 
@@ -131,7 +132,27 @@ def test_a_run_that_lost_its_lease_neither_recovers_nor_commits(store):
         recover(out, frozen)
     assert out.fs.exists(out.join(STAGING_DIR, "run-killed", "_run.json"))
     frozen.release()
-    assert records(out)[0]["run_id"] == "run-b", "releasing a lost lease deleted the new holder's"
+    assert records(out)[0]["run_id"] == "run-b", "releasing a lost lease changed the new holder's"
+    assert "released" not in records(out)[0]
+
+
+def test_a_frozen_runs_late_heartbeat_never_makes_its_lease_current_again(store, quick_staleness, clock):
+    """A heartbeat is a check, then a write: a run frozen between the two, taken
+    over meanwhile by a run that then ended, writes its old record again.
+    That record is never the highest generation, so the frozen run knows it
+    lost, and the next run is not refused by it."""
+    out = Output(*store)
+    frozen = acquire(out, "run-a")
+    frozen._stop.set()  # frozen between a beat's check and its write
+    clock(quick_staleness + 1)
+    acquire(out, "run-b").release()  # took the lease over (run-a's record deleted), then ended
+    frozen._write(heartbeat=leasing._now().isoformat())  # the frozen beat's write lands, late
+    assert sorted(records(out)) == [0, 1] and records(out)[1]["released"]
+    with pytest.raises(LeaseLost, match="run run-a lost its lease"):
+        frozen.check()
+    assert leasing.current_holder(out) is None
+    with acquire(out, "run-c") as third:  # not refused by run-a's fresh-looking record
+        assert third.generation == 2 and sorted(records(out)) == [2]
 
 
 def test_racing_runs_take_one_lease(store):
@@ -245,7 +266,7 @@ def test_stalled_holder_refuses_then_is_taken_over(store, narrow_model, tmp_path
         recovered = out.manifests()[held_by]
         assert recovered["recovered"] is True and recovered["datasets"]["x"]["images_ok"] == 1
         assert result.datasets["x"].already_done == 1 and result.datasets["x"].images == 1
-        assert out.staged_runs() == [] and records(out) == {}
+        assert out.staged_runs() == [] and [r["released"] for r in records(out).values()] == [True]
 
         holder.send_signal(signal.SIGCONT)
         said, _ = holder.communicate("go\n", timeout=60)
