@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -102,8 +103,7 @@ def ray_console_to(log: Path | None) -> Iterator[None]:
     levels or formats, so the file reads as the terminal would have. (Ray's
     C++ core writes its own lines to the process's stderr; only the CLI,
     which owns its process, redirects that.)"""
-    import ray  # noqa: F401 (both attach their handlers at import)
-    import ray.data  # noqa: F401
+    importlib.import_module("ray.data")  # Ray and Ray Data attach their handlers at import
 
     if log is None:
         yield
