@@ -109,12 +109,21 @@ def ray_console_to(log: Path | None) -> Iterator[None]:
         yield
         return
     with open(log, "a", buffering=1) as f:
-        swapped = [(h, h.setStream(f)) for h in ray_console_handlers()]
+        swapped = [(h, _set_stream(h, f)) for h in ray_console_handlers()]
         try:
             yield
         finally:
             for handler, stream in swapped:
-                handler.setStream(stream)
+                _set_stream(handler, stream)
+
+
+def _set_stream(handler: logging.StreamHandler, stream):
+    """Point ``handler`` at ``stream``; return its old one. (Not
+    ``setStream``: it flushes the old stream, which may be closed, e.g. a
+    test's captured stderr that Ray's handler still holds.)"""
+    with handler.lock:
+        old, handler.stream = handler.stream, stream
+    return old
 
 
 def ray_console_handlers() -> list[logging.StreamHandler]:
