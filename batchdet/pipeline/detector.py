@@ -12,7 +12,8 @@ import numpy as np
 from batchdet.model.fetch import resolve_model_path
 from batchdet.model.spec import NMS_SCORE_THRESHOLD
 from batchdet.options import DEFAULT_MAX_PIXELS
-from batchdet.pipeline.precision import DEFAULT_CHOICE, Choice, make_backend
+from batchdet.pipeline.backend import make_backend
+from batchdet.pipeline.precision import DEFAULT_CHOICE, Choice
 from batchdet.pipeline.postprocess import as_dicts, select
 from batchdet.pipeline.preprocess import prepare
 

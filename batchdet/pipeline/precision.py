@@ -5,8 +5,9 @@
 the two, the CPU's flags and what is installed into a :class:`Choice`, or a
 one-line ValueError: a run is never silently slower than FP32 (bf16 without
 the CPU's bf16 instructions is emulated) nor silently another precision than
-asked. :func:`make_backend` then builds the chosen backend in each actor,
-which checks the CPU again (a cluster's nodes need not be the driver's).
+asked. :func:`batchdet.pipeline.backend.make_backend` then builds the chosen
+backend in each actor, which checks the CPU again (a cluster's nodes need not
+be the driver's).
 """
 
 from __future__ import annotations
@@ -119,16 +120,3 @@ def choose(precision: str, engine: str, gpus: float, model: ModelInfo) -> tuple[
     effective = INT8 if model.int8 else precision
     flags = present(BF16_FLAGS) if effective == BF16 else []
     return choose_engine(effective, engine, gpus, flags, openvino_version()), model
-
-
-def make_backend(choice: Choice, model_path: str | os.PathLike, threads: int | None = None, gpus: float = 0.0,
-                 checked: bool = False):
-    """The backend ``choice`` names, not yet loaded: each has ``name``, ``version``,
-    ``load()`` and ``predict()`` (:class:`batchdet.pipeline.inference.OnnxBackend`)."""
-    if choice.engine == OPENVINO:
-        from batchdet.pipeline.openvino_engine import OpenVinoBackend
-
-        return OpenVinoBackend(model_path, threads, choice.precision, checked=checked)
-    from batchdet.pipeline.inference import OnnxBackend
-
-    return OnnxBackend(model_path, threads, gpus, checked=checked)

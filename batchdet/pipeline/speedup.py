@@ -26,7 +26,8 @@ import numpy as np
 from batchdet.files import atomic_write, cache_root
 from batchdet.options import FP32, INT8, ONNXRUNTIME
 from batchdet.pipeline.inference import cpu_fingerprint
-from batchdet.pipeline.precision import Choice, make_backend
+from batchdet.pipeline.backend import make_backend
+from batchdet.pipeline.precision import Choice
 from batchdet.pipeline.preprocess import ImageError, prepare
 from batchdet.pipeline.reading import read_many
 
