@@ -23,7 +23,11 @@ from batchdet.pipeline.openvino_engine import OpenVinoBackend
 from batchdet.pipeline.precision import Choice
 from batchdet.pipeline.preprocess import normalize, prepare
 from batchdet.pipeline.speedup import Speedup, measure_once, time_interleaved
+from batchdet.pipeline.inference import OUTPUTS
+from helpers.benchmarks import script
 from helpers.photos import photo, photo_path
+
+agreement = script("precision").agreement  # the benchmark's measure of agreement
 
 PHOTOS = ("rocket.jpg", "chelsea.png", "astronaut.png")
 #: the stand-in's tensors before NMS (batchdet.model.standin_graph.build_postprocess)
@@ -38,15 +42,6 @@ def with_pre_nms(narrow_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("pre-nms") / "narrow-pre-nms.onnx"
     onnx.save(model, str(path))
     return path
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box of ``a`` [N, 4] with every box of ``b`` [M, 4] (x_min, y_min, x_max, y_max)."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
 
 
 def test_openvino_fp32_computes_what_onnxruntime_computes(with_pre_nms):
@@ -64,13 +59,9 @@ def test_openvino_fp32_computes_what_onnxruntime_computes(with_pre_nms):
         np.testing.assert_allclose(mine["postprocess.softmax"], probs, rtol=1e-3, atol=1e-5)
         np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5)  # they are probabilities
         # every onnxruntime detection found by OpenVINO: same label, IoU >= 0.99, score within 1e-4
-        ref, got = theirs, mine
-        iou = _iou(ref["bboxes"][0], got["bboxes"][0])
-        same = (ref["labels"][0][:, None] == got["labels"][0][None, :]) & (iou >= 0.99)
-        close = np.abs(ref["scores"][0][:, None] - got["scores"][0][None, :]) <= 1e-4
-        matched = (same & close).any(axis=1)
-        assert len(ref["scores"][0]) == len(got["scores"][0]) > 100
-        assert matched.mean() >= 0.98, f"{name}: {matched.mean():.3f} of onnxruntime's detections matched"
+        assert len(theirs["scores"][0]) == len(mine["scores"][0]) > 100
+        found = agreement({k: theirs[k][0] for k in OUTPUTS}, {k: mine[k][0] for k in OUTPUTS}, 0.0, 0.99)
+        assert found["matched"] >= 0.98 * found["wanted"] and found["max_score_diff"] <= 1e-4, (name, found)
 
 
 def test_detector_on_openvino(narrow_model):
