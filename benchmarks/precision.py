@@ -146,17 +146,12 @@ def measure(runs: list[dict], images: list[np.ndarray], rounds: int, threads: in
     after one untimed run each), and its detections compared with onnxruntime fp32's."""
     from batchdet.pipeline.backend import make_backend
     from batchdet.pipeline.precision import Choice
+    from batchdet.pipeline.speedup import time_interleaved
 
     live = [r for r in runs if not r["reason"]]
     backends = [make_backend(Choice(r["engine"], r["precision"]), r["model"], threads).load() for r in live]
     outputs = [[vars(b.predict(x)) for x in images] for b in backends]  # also the untimed first runs
-    times: list[list[float]] = [[] for _ in live]
-    for _ in range(rounds):
-        for x in images:
-            for backend, spent in zip(backends, times):
-                t = time.perf_counter()
-                backend.predict(x)
-                spent.append(time.perf_counter() - t)
+    times = time_interleaved(backends, images, rounds, warm=False)
     reference = outputs[0]
     for r, spent, found in zip(live, times, outputs):
         r["times"] = spent

@@ -260,5 +260,5 @@ def compare_speed(fp32: str | os.PathLike, int8: str | os.PathLike, images: list
     from batchdet.pipeline.speedup import time_interleaved
 
     backends = [OnnxBackend(fp32, threads).load(), OnnxBackend(int8, threads).load()]
-    fp32_s, int8_s = time_interleaved(backends, images, rounds)
-    return SpeedComparison(fp32_s, int8_s, len(images), rounds, backends[0].threads)
+    fp32_s, int8_s = map(np.median, time_interleaved(backends, images, rounds))
+    return SpeedComparison(float(fp32_s), float(int8_s), len(images), rounds, backends[0].threads)

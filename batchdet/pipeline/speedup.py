@@ -62,13 +62,15 @@ class Speedup:
         return asdict(self)
 
 
-def time_interleaved(backends: Sequence[Any], images: Sequence[np.ndarray], rounds: int) -> list[float]:
-    """Median seconds per image of each loaded backend on ``images`` (uint8 planes):
-    one untimed run each, then image by image, the backends alternately, ``rounds``
-    times, so that every backend sees the same load."""
+def time_interleaved(backends: Sequence[Any], images: Sequence[np.ndarray], rounds: int,
+                     warm: bool = True) -> list[list[float]]:
+    """Seconds of each ``predict`` of each loaded backend on ``images`` (uint8 planes):
+    one untimed run each first (unless ``warm`` is False: the caller ran them), then
+    image by image, the backends alternately, ``rounds`` times, so that every
+    backend sees the same load."""
     if not images:
         raise ValueError("no image to time the models on")
-    for backend in backends:
+    for backend in backends if warm else ():
         backend.predict(images[0])
     times: list[list[float]] = [[] for _ in backends]
     for _ in range(rounds):
@@ -77,7 +79,7 @@ def time_interleaved(backends: Sequence[Any], images: Sequence[np.ndarray], roun
                 t = time.perf_counter()
                 backend.predict(image)
                 spent.append(time.perf_counter() - t)
-    return [statistics.median(t) for t in times]
+    return times
 
 
 def prepared_planes(uris: Sequence[str], storage_options: dict[str, Any] | None = None) -> list[np.ndarray]:
@@ -128,8 +130,8 @@ def measure_once(choice: Choice, model_path: str, model_sha256: str, uris: Seque
     images = prepared_planes(uris[:SAMPLE_IMAGES * 2], storage_options)[:SAMPLE_IMAGES]
     if not images:
         return None, False
-    mine, theirs = time_interleaved(
-        [backend.load(), make_backend(baseline_choice, model_path, threads, checked=True).load()], images, ROUNDS)
+    mine, theirs = map(statistics.median, time_interleaved(
+        [backend.load(), make_backend(baseline_choice, model_path, threads, checked=True).load()], images, ROUNDS))
     result = Speedup(engine, baseline, mine, theirs, len(images), ROUNDS, threads,
                      datetime.now(timezone.utc).isoformat(timespec="seconds"))
     try:

@@ -101,9 +101,10 @@ class _Clock:
 
 def test_time_interleaved_runs_each_once_untimed_then_alternately():
     slow, fast = _Clock(0.02), _Clock(0.005)
-    s_slow, s_fast = time_interleaved([slow, fast], [np.zeros(1)] * 3, rounds=2)
-    assert slow.calls == fast.calls == 1 + 3 * 2
-    assert 0.02 <= s_slow < 0.04 and 0.005 <= s_fast < 0.02
+    t_slow, t_fast = time_interleaved([slow, fast], [np.zeros(1)] * 3, rounds=2)
+    assert slow.calls == fast.calls == 1 + 3 * 2 and len(t_slow) == len(t_fast) == 3 * 2
+    assert all(0.02 <= t < 0.05 for t in t_slow) and all(0.005 <= t < 0.02 for t in t_fast)
+    assert len(time_interleaved([slow], [np.zeros(1)], rounds=1, warm=False)[0]) == 1 and slow.calls == 8
     with pytest.raises(ValueError, match="no image"):
         time_interleaved([slow], [], 1)
 
