@@ -173,3 +173,28 @@ def test_bf16_on_a_cpu_without_it_is_refused_in_one_line_before_any_work(narrow_
     assert err.startswith("batchdet: error: --precision bf16 needs a CPU with AVX512_BF16 or AMX-BF16") and \
         err.count("\n") == 1
     assert not out.exists() and not started  # nothing written, no Ray started
+
+
+def test_each_execution_runs_openvino_in_its_sessions(ray_local, narrow_model, tmp_path, execution):
+    """The plan's choice reaches the actors (Ray) and the in-process sessions: the
+    rows are OpenVINO's own scores, bit for bit, which differ from onnxruntime's in
+    their last bits."""
+    from batchdet.output.query import query
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in PHOTOS:
+        (folder / name).write_bytes(photo(name))
+    result = api.detect({"x": str(folder)}, str(tmp_path / "out"), model=narrow_model, engine=OPENVINO,
+                        execution=execution, threads_per_actor=1)
+    assert result.execution == execution and result.settings["engine"] == OPENVINO
+    rows = {r["uri"]: r for r in query(str(tmp_path / "out"), "SELECT uri, detections FROM images").to_pylist()}
+    scores = lambda detections: [d["score"] for d in detections]  # noqa: E731
+    openvino = Detector(narrow_model, threads=1, choice=Choice(OPENVINO, FP32))
+    onnxruntime = Detector(narrow_model, threads=1)
+    differ = 0
+    for name in PHOTOS:
+        stored = scores(rows[str(folder / name)]["detections"])
+        assert stored == scores(openvino.detect(photo(name)).detections)
+        differ += stored != scores(onnxruntime.detect(photo(name)).detections)
+    assert differ  # so the equality above tells the engines apart
