@@ -70,7 +70,6 @@ def run(options: DetectOptions, on_progress: Callable[[Progress], None] | None =
     timings = Timings()
     plan = plan_run(options, on_listing)
     timings.mark("planned")
-    engine = engine_record(plan)
     for name, listing in plan.listings.items():
         log.info("dataset %s: %d images listed (%d other files skipped) in %.2f s",
                  name, len(listing.uris), listing.skipped, listing.seconds)
@@ -79,7 +78,8 @@ def run(options: DetectOptions, on_progress: Callable[[Progress], None] | None =
         update = _prepare_output(out, plan, lease)
         todo = dataclasses.replace(plan, listings=update.todo)
         execution = choose_execution(options, todo.num_images) if todo.num_images else None
-        begin_run(out, {**_record(plan, update), "execution": execution, "engine": engine})
+        # after the output's checks, on images this run will process: nothing is timed for a refused run
+        begin_run(out, {**_record(plan, update), "execution": execution, "engine": engine_record(todo)})
         stage_gone(out, plan.run_id, update.gone)
         timings.mark("prepared")
         clock = time.perf_counter()
@@ -146,8 +146,9 @@ def _prepare_output(out: Output, plan: RunPlan, lease: Lease) -> Update:
 
 def engine_record(plan: RunPlan) -> dict[str, Any]:
     """What runs the model (the manifest's ``engine``). For OpenVINO, also its speed
-    against onnxruntime on this CPU: measured in this process on the run's first
-    images the first time (:func:`batchdet.pipeline.speedup.measure_once`), remembered after."""
+    against onnxruntime on this CPU: measured in this process on the first images
+    ``plan`` lists the first time (:func:`batchdet.pipeline.speedup.measure_once`),
+    remembered after."""
     choice = plan.choice
     record: dict[str, Any] = {"name": choice.engine, "precision": choice.precision,
                               "version": openvino_version() if choice.engine == OPENVINO else versions()["onnxruntime"]}
