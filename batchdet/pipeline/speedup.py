@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -98,7 +99,8 @@ def prepared_planes(uris: Sequence[str], storage_options: dict[str, Any] | None 
 
 def cache_path(model_sha256: str, engine: str, baseline: str, threads: int, cache_dir: Path | None = None) -> Path:
     """Where the measurement of one model × engine × baseline × threads × this CPU is kept."""
-    key = f"{model_sha256[:24]}-{engine}-vs-{baseline}-t{threads}-cpu{cpu_fingerprint()}".replace(" ", "_")
+    key = f"{model_sha256[:24]}-{engine}-vs-{baseline}-t{threads}-cpu{cpu_fingerprint()}"
+    key = re.sub(r"[^A-Za-z0-9._-]", "_", key)  # a version may hold "/" or spaces: one file name whatever it says
     return (cache_dir or cache_root() / "speedups") / f"{key}.json"
 
 

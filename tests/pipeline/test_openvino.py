@@ -22,7 +22,7 @@ from batchdet.pipeline.inference import OnnxBackend
 from batchdet.pipeline.openvino_engine import OpenVinoBackend
 from batchdet.pipeline.precision import Choice
 from batchdet.pipeline.preprocess import normalize, prepare
-from batchdet.pipeline.speedup import Speedup, measure_once, time_interleaved
+from batchdet.pipeline.speedup import Speedup, cache_path, measure_once, time_interleaved
 from batchdet.pipeline.inference import OUTPUTS
 from helpers.benchmarks import script
 from helpers.photos import photo, photo_path
@@ -132,6 +132,8 @@ def test_speedup_is_measured_once_per_cpu_then_remembered(narrow_model, tmp_path
     assert measure_once(choice, str(narrow_model), "ab" * 32, uris, cache_dir=tmp_path / "c", threads=2)[1]
     assert measure_once(choice, str(narrow_model), "ef" * 32, [str(tmp_path / "none.jpg")],
                         cache_dir=tmp_path / "c") == (None, False)
+    odd = cache_path("ab" * 32, "openvino 2026.4.1-1/releases/2026 bf16", "onnxruntime 1.32.0 fp32", 2, tmp_path)
+    assert odd.parent == tmp_path and odd.name.startswith("abababababababababababab-openvino_2026.4.1-1_releases_")
 
 
 def test_a_run_on_openvino_records_it_and_prints_its_speedup_once(narrow_model, tmp_path, monkeypatch):
