@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from batchdet.console import log_path
-from batchdet.options import DetectOptions
+from batchdet.model.distribution import local_model
+from batchdet.options import OPENVINO, DetectOptions
 from batchdet.output.layout import Output
 from batchdet.output.lease import Lease, acquire
 from batchdet.output.manifest import RunResult
 from batchdet.output.settings import check_same_settings
 from batchdet.pipeline.in_process import choose_execution, run_in_process
 from batchdet.pipeline.plan import RunPlan, plan_run
+from batchdet.pipeline.precision import openvino_version
+from batchdet.pipeline.speedup import SAMPLE_IMAGES, measure_once
 from batchdet.pipeline.run import ray_console_to, ray_session, run_pipeline
 from batchdet.pipeline.update import Update, UpdateCounts, fresh, plan_update, stage_gone
 from batchdet.pipeline.writing import begin_run, finish_run, recover, versions
@@ -75,7 +78,8 @@ def run(options: DetectOptions, on_progress: Callable[[Progress], None] | None =
         update = _prepare_output(out, plan, lease)
         todo = dataclasses.replace(plan, listings=update.todo)
         execution = choose_execution(options, todo.num_images) if todo.num_images else None
-        begin_run(out, {**_record(plan, update), "execution": execution})
+        # after the output's checks, on images this run will process: nothing is timed for a refused run
+        begin_run(out, {**_record(plan, update), "execution": execution, "engine": engine_record(todo)})
         stage_gone(out, plan.run_id, update.gone)
         timings.mark("prepared")
         clock = time.perf_counter()
@@ -138,6 +142,24 @@ def _prepare_output(out: Output, plan: RunPlan, lease: Lease) -> Update:
         log.info("dataset %s: %d unchanged, %d new, %d changed, %d errors to retry, %d gone",
                  name, c.unchanged, c.new, c.changed, c.retried, c.gone)
     return update
+
+
+def engine_record(plan: RunPlan) -> dict[str, Any]:
+    """What runs the model (the manifest's ``engine``). For OpenVINO, also its speed
+    against onnxruntime on this CPU: measured in this process on the first images
+    ``plan`` lists the first time (:func:`batchdet.pipeline.speedup.measure_once`),
+    remembered after."""
+    choice = plan.choice
+    record: dict[str, Any] = {"name": choice.engine, "precision": choice.precision,
+                              "version": openvino_version() if choice.engine == OPENVINO else versions()["onnxruntime"]}
+    if choice.engine == OPENVINO:
+        uris = [uri for listing in plan.listings.values() for uri in listing.uris[:2 * SAMPLE_IMAGES]]
+        model = local_model(plan.model.path, storage_options=plan.options.storage_options)  # a URL model: the cached copy
+        speedup, measured = measure_once(choice, str(model), plan.model.sha256, uris,
+                                         plan.options.storage_options)
+        if speedup is not None:
+            record.update(speedup=speedup.to_dict(), speedup_text=speedup.to_text(), speedup_measured=measured)
+    return record
 
 
 def _planned(c: UpdateCounts) -> dict[str, int]:

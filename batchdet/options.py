@@ -194,6 +194,16 @@ _STORAGE = _Kind(_storage, parse_storage_options, "append")
 #: Where ``detect`` runs its job (batchdet.pipeline.in_process.choose_execution).
 EXECUTIONS = ("auto", "in-process", "ray")
 _EXECUTION = _Kind(_one_of(*EXECUTIONS))
+#: The arithmetic of the convolutions (batchdet.pipeline.precision): FP32 is
+#: MLPerf's own, in which its accuracy target is defined, hence the default.
+FP32, BF16, INT8 = "fp32", "bf16", "int8"
+PRECISIONS = (FP32, BF16, INT8)
+_PRECISION = _Kind(_one_of(*PRECISIONS))
+#: What runs the model: onnxruntime (batchdet's default), OpenVINO (the
+#: ``[openvino]`` extra; bf16 on CPUs that have it), or the fastest for the precision.
+AUTO, ONNXRUNTIME, OPENVINO = "auto", "onnxruntime", "openvino"
+ENGINES = (AUTO, ONNXRUNTIME, OPENVINO)
+_ENGINE = _Kind(_one_of(*ENGINES))
 
 
 def _option(kind: _Kind, help_text: str, metavar: str | None = None, flag: str | None = None) -> dict[str, Any]:
@@ -221,6 +231,13 @@ class DetectOptions:
         _FRACTION, "detections below it are not stored; keep 0.05 for COCO AP", "SCORE"))
     actors: tuple[int, int] | None = field(default=None, metadata=_option(
         _ACTORS, "inference actor pool (default: CPUs/threads; on a cluster 1:CPUs/threads)", "MIN[:MAX]"))
+    precision: str = field(default=FP32, metadata=_option(
+        _PRECISION, "the convolutions' arithmetic: fp32 (MLPerf's); bf16 (OpenVINO, on CPUs with AVX512_BF16 or "
+                    "AMX: ~2x fp32); int8 (the model's `batchdet model quantize` copy beside it). Check the "
+                    "accuracy of bf16 and int8 with `batchdet eval` on your data", "|".join(PRECISIONS)))
+    engine: str = field(default=AUTO, metadata=_option(
+        _ENGINE, "what runs the model: auto (OpenVINO for bf16, else onnxruntime), onnxruntime, or openvino "
+                 "(CPU only; pip install 'batchdet[openvino]')", "|".join(ENGINES)))
     threads_per_actor: int | None = field(default=None, metadata=_option(
         _POSITIVE, "onnxruntime threads per actor (default: 1, one actor per CPU; with GPUs the node's CPUs, "
                   "at most 4)", "N"))
@@ -240,7 +257,7 @@ class DetectOptions:
     resume: bool = field(default=False, metadata=_option(
         _SWITCH, "bring an output up to date: commit what killed runs left, skip images unchanged since their ok "
                  "row (same size and version), redo new, changed and failed ones, mark vanished ones missing; "
-                 "refused if the result settings (model, --score-threshold, --max-pixels) differ"))
+                 "refused if the result settings (model, --score-threshold, --max-pixels, --precision, engine) differ"))
     overwrite: bool = field(default=False, metadata=_option(_SWITCH, "delete the output's earlier results first"))
     address: str | None = field(default=None, metadata=_option(
         _TEXT, "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)", "ADDR"))

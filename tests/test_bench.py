@@ -18,6 +18,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers.benchmarks import run_script, script
@@ -157,6 +158,49 @@ def test_int8_speedup_is_fp32_time_over_int8_time():
                                                                "int8_s_per_image": 0.2, "speedup": 2.0}
 
 
+def _detections(boxes, labels, scores) -> dict:
+    return {"bboxes": np.array(boxes, np.float32).reshape(-1, 4), "labels": np.array(labels, np.int64),
+            "scores": np.array(scores, np.float32)}
+
+
+def test_precision_agreement_counts_fp32_detections_above_the_score_matched_by_label_and_iou():
+    precision = script("precision")
+    ref = _detections([[0, 0, 10, 10], [20, 20, 30, 30], [0, 0, 10, 10], [50, 50, 60, 60]], [1, 2, 3, 4],
+                      [0.9, 0.8, 0.7, 0.2])  # the last one is below 0.3: not wanted
+    # box 1 moved by one unit along x: IoU 90/110 = 0.818 < 0.9; box 0 found by a box of IoU 0.9 (area 90 inside);
+    # box 2's only overlap has another label
+    got = _detections([[0, 0, 10, 9], [21, 20, 31, 30], [0, 0, 10, 10], [50, 50, 60, 60]], [1, 2, 4, 4],
+                      [0.85, 0.8, 0.7, 0.2])
+    assert precision.box_iou(ref["bboxes"][:1], got["bboxes"][:1])[0, 0] == pytest.approx(0.9)
+    a = precision.agreement(ref, got)
+    assert (a["wanted"], a["matched"]) == (3, 1) and a["max_score_diff"] == pytest.approx(0.05)
+    assert precision.agreement(ref, ref) == {"wanted": 3, "matched": 3, "max_score_diff": 0.0}
+    assert precision.agreement(ref, _detections([], [], [])) == {"wanted": 3, "matched": 0, "max_score_diff": None}
+    assert precision.agreement(_detections([], [], []), ref) == {"wanted": 0, "matched": 0, "max_score_diff": None}
+
+
+def test_precision_lines_are_medians_over_fp32_and_pooled_agreement():
+    precision = script("precision")
+    agree = lambda wanted, matched, diff: {"wanted": wanted, "matched": matched, "max_score_diff": diff}  # noqa: E731
+    records = [
+        {"engine": "onnxruntime", "precision": "fp32", "reason": None, "times": [2.0, 2.4, 2.2],
+         "agreements": [agree(10, 10, 0.0), agree(6, 6, 0.0)]},
+        {"engine": "openvino", "precision": "bf16", "reason": None, "times": [1.0, 1.2, 1.1],
+         "agreements": [agree(10, 9, 0.02), agree(6, 3, 0.05)]},
+        {"engine": "onnxruntime", "precision": "int8", "reason": "no INT8 copy (--int8 none)"},
+        {"engine": "openvino", "precision": "int8", "reason": None, "times": [0.5], "agreements": [agree(0, 0, None)]},
+    ]
+    fp32, bf16, int8, ov_int8 = precision.summarise(records)
+    assert fp32["speedup"] == 1.0 and fp32["agreement"] == 1.0 and fp32["s_per_image"] == 2.2
+    assert bf16 == {"engine": "openvino", "precision": "bf16", "s_per_image": 1.1, "speedup": 2.0, "wanted": 16,
+                    "matched": 12, "agreement": 0.75, "max_score_diff": 0.05}
+    assert int8 == {"engine": "onnxruntime", "precision": "int8", "reason": "no INT8 copy (--int8 none)"}
+    assert ov_int8["speedup"] == 4.4 and ov_int8["agreement"] is None and ov_int8["max_score_diff"] is None
+    table = precision.rows([fp32, bf16, int8])
+    assert table[1][:2] == ("openvino bf16", "1.100 s/image") and "x2.00 fp32" in table[1][2]
+    assert "agreement with fp32 75.0% of 16" in table[1][2] and table[2][2] == "not run: no INT8 copy (--int8 none)"
+
+
 def test_preprocessing_ratio_is_prepare_and_normalise_over_decode():
     fig = script("preprocessing").preprocessing_figures(
         {"bare_decode": 0.004, "prepare": 0.006}, {"table": 0.002, "in_graph": 0.003, "mlperf_numpy": 0.01},
@@ -267,6 +311,22 @@ def test_int8_quick_run(tmp_path):
     assert isinstance(q["kernel_ceiling"]["vnni"], bool)
     target = res["targets"]["int8_speedup"]
     assert target["value"] == q["speedup"] and target["met"] == _holds(target["value"], target["target"])
+
+
+@pytest.mark.bench
+def test_precision_quick_run(tmp_path):
+    res = _quick("precision", tmp_path / "precision.json")
+    lines = {(line["engine"], line["precision"]): line for line in res["lines"]}
+    assert set(lines) == {("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("openvino", "fp32"),
+                          ("openvino", "int8"), ("openvino", "bf16")}
+    fp32 = lines["onnxruntime", "fp32"]
+    assert fp32["speedup"] == 1.0 and fp32["agreement"] == 1.0 and fp32["max_score_diff"] == 0.0
+    assert lines["openvino", "fp32"]["agreement"] >= 0.9  # the same arithmetic, another engine
+    bf16 = lines["openvino", "bf16"]
+    if "reason" in bf16:  # a CPU without bf16: listed, not run, and no target judged
+        assert "AVX512_BF16" in bf16["reason"] and res["targets"]["bf16_speedup"]["met"] is None
+    else:
+        assert res["targets"]["bf16_speedup"]["value"] == bf16["speedup"]
 
 
 @pytest.mark.bench

@@ -18,7 +18,7 @@ PACKAGE = Path(batchdet.__file__).resolve().parent
 #: names a module decides its layer.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("helpers", ("batchdet", "batchdet.errors", "batchdet.files", "batchdet.storage", "batchdet.progress",
-                 "batchdet.console")),
+                 "batchdet.console", "batchdet.cpu")),
     ("model", ("batchdet.model",)),
     ("output", ("batchdet.output",)),
     ("options", ("batchdet.options", "batchdet.config")),

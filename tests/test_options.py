@@ -27,15 +27,17 @@ FLAGS = ["--dataset", "coco=s3://b/coco", "--dataset", "shop=/data/shop", "--out
          "--model", f"s3://b/m.onnx#sha256={SHA}", "--score-threshold", "0.3", "--actors", "2:8",
          "--threads-per-actor", "4", "--gpus-per-actor", "0.5", "--batch-size", "8", "--rows-per-file", "128",
          "--max-pixels", "50000000", "--stall-timeout", "60", "--resume", "--execution", "ray",
+         "--precision", "int8", "--engine", "openvino",
          "--storage-option", "endpoint_url=http://h:9000", "--storage-option", "anon=false"]
 SPEC = {"datasets": {"coco": "s3://b/coco", "shop": "/data/shop"}, "output": "s3://b/out",
         "model": "s3://b/m.onnx", "model_sha256": SHA, "score_threshold": 0.3, "actors": [2, 8],
         "threads_per_actor": 4, "gpus_per_actor": 0.5, "batch_size": 8, "rows_per_file": 128,
         "max_pixels": 50_000_000, "stall_timeout": 60, "resume": True, "execution": "ray",
-        "storage_options": {"endpoint_url": "http://h:9000", "anon": False}}
+        "precision": "int8", "engine": "openvino", "storage_options": {"endpoint_url": "http://h:9000", "anon": False}}
 KWARGS = {"model": f"s3://b/m.onnx#sha256={SHA}", "score_threshold": 0.3, "actors": (2, 8), "threads_per_actor": 4,
           "gpus_per_actor": 0.5, "batch_size": 8, "rows_per_file": 128, "max_pixels": 50_000_000,
-          "stall_timeout": 60, "resume": True, "execution": "ray", "storage_options": {"endpoint_url": "http://h:9000", "anon": False}}
+          "stall_timeout": 60, "resume": True, "execution": "ray", "precision": "int8", "engine": "openvino",
+          "storage_options": {"endpoint_url": "http://h:9000", "anon": False}}
 
 
 @pytest.fixture
@@ -83,6 +85,8 @@ BAD = [  # option, as typed on the command line, as a YAML/Python value, the mes
     ("score_threshold", "2", 2, "'score_threshold' must be within [0, 1], got 2"),
     ("gpus_per_actor", "-1", -1, "'gpus_per_actor' must be >= 0, got -1"),
     ("stall_timeout", "-0.5", -0.5, "'stall_timeout' must be >= 0, got -0.5"),
+    ("precision", "fp16", "fp16", "'precision' must be one of 'fp32', 'bf16', 'int8', got text 'fp16'"),
+    ("engine", "tensorrt", "tensorrt", "'engine' must be one of 'auto', 'onnxruntime', 'openvino', got text 'tensorrt'"),
     ("actors", "3:1", "3:1", "'actors' must be N, \"MIN:MAX\" or [MIN, MAX] (whole numbers, 1 <= MIN <= MAX), "
                              "got text '3:1'"),
 ]

@@ -219,3 +219,29 @@ def test_an_output_from_before_content_identity_reads_and_resumes(narrow_model, 
     rows = _rows(str(out))
     assert all(r["run_id"] == again.run_id != first.run_id for r in rows.values())
     assert all(r["sha256"] == _sha(Path(uri).read_bytes()) for uri, r in rows.items())
+
+
+def test_resume_with_another_engine_or_precision_is_refused(narrow_model, tmp_path, capsys):
+    """Rows of another engine or precision never mix with the output's; an output
+    written before batchdet recorded them resumes as what it was (onnxruntime, fp32)."""
+    import json
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(photo("rocket.jpg"))
+    out = tmp_path / "out"
+    detect({"x": str(folder)}, str(out), model=narrow_model)
+    argv = ["detect", "--dataset", f"x={folder}", "--output", str(out), "--execution", "in-process", "--resume",
+            "--model", str(narrow_model)]
+    capsys.readouterr()
+    assert main([*argv, "--engine", "openvino"]) == 2
+    (err,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("batchdet: error:")]
+    assert "--engine openvino (the output's: onnxruntime)" in err and "--overwrite" in err
+
+    (manifest,) = (out / "_runs").glob("*.json")
+    record = json.loads(manifest.read_text())
+    assert (record["settings"].pop("engine"), record["settings"].pop("precision")) == ("onnxruntime", "fp32")
+    manifest.write_text(json.dumps(record))  # as batchdet wrote it before --precision
+    assert main([*argv, "--engine", "openvino", "--precision", "fp32"]) == 2
+    assert "--engine openvino (the output's: onnxruntime)" in capsys.readouterr().err
+    assert main(argv) == 0  # the defaults are what the older output was made with

@@ -24,8 +24,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from batchdet.cpu import present
 from batchdet.files import AtomicFile
 from batchdet.model.spec import INPUT_NAME, QUANTIZED_KEY, SOURCE_SHA_KEY, check_model
+from batchdet.pipeline.precision import int8_copy_path
 
 #: metadata keys written on the quantized model, besides the source's own:
 #: QUANTIZED_KEY (what was quantized, how), SOURCE_SHA_KEY (the source file's
@@ -45,9 +47,8 @@ DEFAULT_IMAGES = 32
 
 
 def default_output(model: str | os.PathLike) -> Path:
-    """``<dir>/<name>.int8.onnx`` beside the model."""
-    p = Path(model)
-    return p.with_name(p.stem + ".int8.onnx")
+    """``<dir>/<name>.int8.onnx`` beside the model, where ``--precision int8`` looks for it."""
+    return int8_copy_path(model)
 
 
 def _pick(uris: list[str], n: int) -> list[str]:
@@ -195,17 +196,7 @@ def int8_cpu_flags(cpuinfo: str | None = None) -> list[str] | None:
     ``/proc/cpuinfo``, read when None): ``[]`` for an x86 CPU without any, so
     INT8 convolutions run at about FP32's speed; None when it cannot tell (no
     x86 ``flags`` line: another architecture, or no ``/proc/cpuinfo``)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return None
-    for line in cpuinfo.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == "flags":  # the first processor speaks for all
-            flags = set(value.split())
-            return [f for f in INT8_DOT_FLAGS if f in flags]
-    return None
+    return present(INT8_DOT_FLAGS, cpuinfo)
 
 
 def int8_cpu_hint(flags: list[str] | None) -> str | None:
@@ -253,19 +244,9 @@ def calibration_samples(calibrate: str | os.PathLike, images: int = DEFAULT_IMAG
     ``images``, spread over them, as the uint8 planes the pipeline feeds the
     model ([3, 1200, 1200]); unreadable ones are left out."""
     from batchdet.pipeline.listing import list_images
-    from batchdet.pipeline.preprocess import ImageError, prepare
-    from batchdet.pipeline.reading import read_many
+    from batchdet.pipeline.speedup import prepared_planes
 
-    uris = _pick(_pick(list_images(str(calibrate), storage_options).uris, images), n)
-    samples = []
-    for data in read_many(uris, storage_options):
-        if isinstance(data, ImageError):
-            continue
-        try:
-            samples.append(prepare(data).image)
-        except ImageError:
-            continue
-    return samples
+    return prepared_planes(_pick(_pick(list_images(str(calibrate), storage_options).uris, images), n), storage_options)
 
 
 def compare_speed(fp32: str | os.PathLike, int8: str | os.PathLike, images: list[np.ndarray],
@@ -276,18 +257,8 @@ def compare_speed(fp32: str | os.PathLike, int8: str | os.PathLike, images: list
     defaulting to every CPU): one untimed run each, then image by image,
     FP32 and INT8 alternately, ``rounds`` times; medians."""
     from batchdet.pipeline.inference import OnnxBackend
+    from batchdet.pipeline.speedup import time_interleaved
 
-    if not images:
-        raise ValueError("no image to time the models on")
     backends = [OnnxBackend(fp32, threads).load(), OnnxBackend(int8, threads).load()]
-    for backend in backends:
-        backend.predict(images[0])
-    times: list[list[float]] = [[], []]
-    for _ in range(rounds):
-        for image in images:
-            for backend, spent in zip(backends, times):
-                t = time.perf_counter()
-                backend.predict(image)
-                spent.append(time.perf_counter() - t)
-    return SpeedComparison(float(np.median(times[0])), float(np.median(times[1])), len(images), rounds,
-                           backends[0].threads)
+    fp32_s, int8_s = map(np.median, time_interleaved(backends, images, rounds))
+    return SpeedComparison(float(fp32_s), float(int8_s), len(images), rounds, backends[0].threads)

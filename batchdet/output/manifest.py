@@ -58,6 +58,10 @@ class RunResult:
     ran_twice: int = 0  # images whose bytes the model ran on more than once in this run (in different actors)
     execution: str | None = None  # "in-process" or "ray" (None: nothing to process, or not recorded)
     timings: dict[str, float] = field(default_factory=dict)  # seconds since the run began, per step (api.Timings)
+    # what ran the model: name, version, precision; for another engine than onnxruntime also its
+    # "speedup" over it (pipeline.speedup.Speedup), "speedup_text", and "speedup_measured" (True: by
+    # this run, the first of its kind on its CPU; False: remembered from an earlier one)
+    engine: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -76,7 +80,7 @@ class RunResult:
             model=dict(model), arguments=d.get("arguments") or {}, versions=d.get("versions") or {},
             files=list(d.get("files") or []), recovered=bool(d.get("recovered")),
             settings=d.get("settings") or {}, ran_twice=int(d.get("ran_twice") or 0),
-            execution=d.get("execution"), timings=d.get("timings") or {},
+            execution=d.get("execution"), timings=d.get("timings") or {}, engine=d.get("engine") or {},
         )
 
     @property
@@ -108,6 +112,11 @@ class RunResult:
             lines.append(f"  copied: detections of the same bytes (sha256) already computed, not run again; "
                          f"ran twice in different actors: {self.ran_twice}")
         lines.append(f"  model: {self.model.get('kind', 'kind not recorded')}, sha256 {self.model.get('sha256', '')[:12]}")
+        if self.engine:
+            lines.append(f"  engine: {self.engine.get('name')} {self.engine.get('version', '')}, "
+                         f"precision {self.engine.get('precision')}")
+        if self.engine.get("speedup_measured"):  # once per model, engine and CPU: later runs reuse it silently
+            lines.append(f"  speed: {self.engine.get('speedup_text')}")
         return "\n".join(lines)
 
 

@@ -1,7 +1,9 @@
 """A row's result settings: everything besides the image that decides its detections.
 
 Two rows of one image agree only if the model (by sha256), the score
-threshold, the pixel limit and batchdet's preprocessing were the same. Each
+threshold, the pixel limit, batchdet's preprocessing, the engine and the
+precision it ran at were the same (bf16 or another engine's kernels move
+scores in their last digits, and boxes with them). Each
 run records them in its manifest (``settings``); ``--resume`` refuses to add
 rows made with other settings than the output's, so no output ever mixes
 them in its current rows (docs/output.md, "Result settings").
@@ -25,6 +27,9 @@ class ResultSettings:
     score_threshold: float | None  # None: not recorded (an older run's), never compared
     max_pixels: int | None
     preprocessing: int = PREPROCESSING_VERSION
+    # runs written before batchdet had --precision and --engine ran onnxruntime at fp32
+    engine: str = "onnxruntime"
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,6 +59,8 @@ class ResultSettings:
             "max_pixels": lambda mine, theirs: f"--max-pixels {mine:,} (the output's: {theirs:,})",
             "preprocessing": lambda mine, theirs: (f"batchdet's preprocessing is version {mine}, "
                                                    f"the output's rows were made with version {theirs}"),
+            "engine": lambda mine, theirs: f"--engine {mine} (the output's: {theirs})",
+            "precision": lambda mine, theirs: f"--precision {mine} (the output's: {theirs})",
         }
         return [phrases[f.name](getattr(self, f.name), getattr(other, f.name)) for f in fields(self)
                 if None not in (getattr(self, f.name), getattr(other, f.name))

@@ -12,7 +12,8 @@ import numpy as np
 from batchdet.model.fetch import resolve_model_path
 from batchdet.model.spec import NMS_SCORE_THRESHOLD
 from batchdet.options import DEFAULT_MAX_PIXELS
-from batchdet.pipeline.inference import OnnxBackend
+from batchdet.pipeline.backend import make_backend
+from batchdet.pipeline.precision import DEFAULT_CHOICE, Choice
 from batchdet.pipeline.postprocess import as_dicts, select
 from batchdet.pipeline.preprocess import prepare
 
@@ -42,9 +43,11 @@ class Detector:
         score_threshold: float = NMS_SCORE_THRESHOLD,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         checked: bool = False,
+        choice: Choice = DEFAULT_CHOICE,
     ):
-        """``checked``: see :class:`batchdet.pipeline.inference.OnnxBackend`."""
-        self.backend = OnnxBackend(resolve_model_path(model_path), threads, gpus, checked=checked).load()
+        """``checked``: see :class:`batchdet.pipeline.inference.OnnxBackend`; ``choice``: the
+        engine and precision (:func:`batchdet.pipeline.precision.choose` made it and checked it)."""
+        self.backend = make_backend(choice, resolve_model_path(model_path), threads, gpus, checked=checked).load()
         self.score_threshold = score_threshold
         self.max_pixels = max_pixels
 

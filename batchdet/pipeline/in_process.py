@@ -182,7 +182,7 @@ def _stream(plan: RunPlan, sessions: int, threads: int, block: int, counter: Cou
                                score_threshold=o.score_threshold, max_pixels=o.max_pixels,
                                prepare_threads=max(1, threads - 1) if o.gpus_per_actor else 0,
                                storage_options=o.storage_options, progress=counter, known=known,
-                               output=o.output)
+                               output=o.output, choice=plan.choice)
         while (batch := run.get(read)) is not None:
             done.put(stage(batch))
 

@@ -151,7 +151,7 @@ def session_options(
 
 
 # --- optimized-model cache -----------------------------------------------------
-def _cpu_fingerprint() -> str:
+def cpu_fingerprint() -> str:
     """A short tag of this CPU: ORT_ENABLE_ALL bakes hardware-specific layouts
     (NCHWc block size follows AVX2/AVX-512) into the optimized graph."""
     text = platform.machine()
@@ -179,7 +179,7 @@ def optimized_cache_dir() -> Path | None:
 
 def optimized_cache_path(cache_dir: Path, model_sha256: str, ort_version: str, level: str = "all") -> Path:
     """The cache file of one model × onnxruntime version × level × CPU."""
-    key = f"{model_sha256[:24]}-ort{ort_version}-{level}-cpu{_cpu_fingerprint()}"
+    key = f"{model_sha256[:24]}-ort{ort_version}-{level}-cpu{cpu_fingerprint()}"
     return cache_dir / f"{key}.onnx"
 
 
@@ -329,6 +329,16 @@ class OnnxBackend:
             except OSError:
                 self.load_source = "uncached"
         return session
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the model, by name, for the float input ``x`` [1, 3, 1200, 1200]
+        (the CPU path's; a graph with the uint8 front end takes planes, see :meth:`predict`)."""
+        if self.session is None:
+            self.load()
+        if self.normalise_in_graph:
+            raise ValueError("run() takes the float input; this session normalises in its graph")
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, {INPUT_NAME: x})))
 
     def predict(self, image: np.ndarray) -> RawDetections:
         """uint8 RGB planes [3, 1200, 1200] → raw detections."""

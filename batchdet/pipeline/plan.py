@@ -2,7 +2,8 @@
 
 Bad arguments must fail fast with one line, not minutes into a cluster job.
 The options checked themselves when built (:mod:`batchdet.options`); here:
-the model file, every input URL (listed here, so "no images" and "unknown
+the model file, whether this CPU and the installed engines can run the
+precision asked for, every input URL (listed here, so "no images" and "unknown
 bucket" surface now) and whether the output can be written.
 """
 
@@ -25,6 +26,7 @@ from batchdet.options import DetectOptions
 from batchdet.output.layout import RUNS_DIR, Output
 from batchdet.output.settings import ResultSettings, check_same_settings
 from batchdet.pipeline.listing import Listing, list_images
+from batchdet.pipeline.precision import DEFAULT_CHOICE, Choice, choose
 from batchdet.storage import redact
 
 
@@ -37,6 +39,7 @@ class RunPlan:
     options: DetectOptions
     listings: dict[str, Listing]
     model: ModelInfo
+    choice: Choice = DEFAULT_CHOICE  # the engine and precision (pipeline.precision.choose)
 
     @property
     def num_images(self) -> int:
@@ -44,7 +47,7 @@ class RunPlan:
 
     def settings(self) -> ResultSettings:
         """What this run's rows depend on besides the images (recorded in its manifest)."""
-        return result_settings(self.options, self.model)
+        return result_settings(self.options, self.model, self.choice)
 
     def arguments(self) -> dict[str, Any]:
         """The run's arguments as a user would re-type them, secrets removed."""
@@ -52,9 +55,10 @@ class RunPlan:
                 "storage_options": redact(self.options.storage_options)}
 
 
-def result_settings(options: DetectOptions, model: ModelInfo) -> ResultSettings:
-    """The result settings ``options`` give with ``model``."""
-    return ResultSettings(model.sha256, options.score_threshold, options.max_pixels)
+def result_settings(options: DetectOptions, model: ModelInfo, choice: Choice) -> ResultSettings:
+    """The result settings ``options`` give with ``model`` run as ``choice``."""
+    return ResultSettings(model.sha256, options.score_threshold, options.max_pixels,
+                          engine=choice.engine, precision=choice.precision)
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -94,12 +98,14 @@ def plan_run(options: DetectOptions, on_listing: Callable[[str, int], None] | No
     check_working_directory()
     # A URL model is fetched into this node's cache and checked here; info.path keeps URL#sha256=<hex>.
     info = resolve_model(options.model, options.storage_options)
+    # this CPU and the installed engines can run what was asked, and which file (an INT8 copy for int8)
+    choice, info = choose(options.precision, options.engine, options.gpus_per_actor, info)
     if options.resume:  # before a long listing; checked again once the output's lease is held
-        check_same_settings(Output(options.output, options.storage_options), result_settings(options, info))
+        check_same_settings(Output(options.output, options.storage_options), result_settings(options, info, choice))
     listings = {
         name: list_images(url, options.storage_options,
                           on_progress=on_listing and functools.partial(on_listing, name))
         for name, url in options.datasets.items()
     }
     check_writable(options.output, options.storage_options)
-    return RunPlan(run_id=new_run_id(), options=options, listings=listings, model=info)
+    return RunPlan(run_id=new_run_id(), options=options, listings=listings, model=info, choice=choice)

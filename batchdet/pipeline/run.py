@@ -313,6 +313,7 @@ def _stream(plan: RunPlan, threads: int, low: int, high: int, block: int, progre
             "progress": progress,
             # once in the object store for every actor; in a list, so that it reaches them unresolved
             "known": None if known is None else [ray.put(known)], "output": o.output, "own_process": True,
+            "choice": plan.choice,
         },
         batch_format="pyarrow", batch_size=block,
         # one block at a time per CPU actor: the first actor up cannot hoard

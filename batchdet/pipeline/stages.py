@@ -34,6 +34,7 @@ from batchdet.output.layout import Output
 from batchdet.output.schema import SCHEMA, STATUS_ERROR, STATUS_OK
 from batchdet.pipeline.detector import Detector
 from batchdet.pipeline.postprocess import detections_column, selected_from
+from batchdet.pipeline.precision import DEFAULT_CHOICE, Choice
 from batchdet.pipeline.preprocess import ImageError, Prepared, own_pixel_limit, prepare
 from batchdet.pipeline.reading import read_many
 
@@ -60,7 +61,7 @@ def read_batch(batch: pa.Table, storage_options: dict[str, Any] | None = None, p
 
 
 class InferenceStage:
-    """One onnxruntime session per actor, loaded once; each block of files is
+    """One model session per actor (onnxruntime or OpenVINO), loaded once; each block of files is
     decoded, resized, normalised, run image by image (the MLPerf file's batch
     axis is fixed to 1) and turned into output columns.
 
@@ -89,6 +90,7 @@ class InferenceStage:
         known: Any = None,
         output: str | None = None,
         own_process: bool = False,
+        choice: Choice = DEFAULT_CHOICE,
     ):
         """``progress``: a :class:`batchdet.progress.Counter` (or its actor's client) told
         when the model is loaded and of each finished block, or None.
@@ -96,7 +98,8 @@ class InferenceStage:
         reference (a list, so that Ray hands the reference over unresolved), with
         ``output`` the output it indexes; None: nothing known yet. ``own_process``:
         the actor's process is batchdet's alone (a Ray actor), so Pillow's
-        process-wide bomb guard may give way to ``max_pixels``."""
+        process-wide bomb guard may give way to ``max_pixels``. ``choice``: the
+        engine and precision the plan chose (:func:`batchdet.pipeline.precision.choose`)."""
         from batchdet.model.distribution import local_model
 
         if own_process:
@@ -105,7 +108,7 @@ class InferenceStage:
         model_path = local_model(model_path, storage_options=storage_options)
         # the driver checked the model before the run (plan_run); a URL model was verified by its sha256
         self.detector = Detector(model_path, threads=threads, gpus=gpus, score_threshold=score_threshold,
-                                 max_pixels=max_pixels, checked=True)
+                                 max_pixels=max_pixels, checked=True, choice=choice)
         self.run_id = run_id
         self._planes = np.empty((3, INPUT_SIZE, INPUT_SIZE), np.uint8)  # the sequential path's reused image
         self.prepare_threads = prepare_threads

@@ -34,6 +34,7 @@ from batchdet.output.layout import RUNS_DIR, Output, committed_name, dataset_of
 from batchdet.output.lease import Lease
 from batchdet.output.manifest import DatasetCounts, RunResult
 from batchdet.output.schema import STATUS_MISSING, STATUS_OK
+from batchdet.pipeline.precision import openvino_version
 
 
 def stage_rows(out: Output, run_id: str, table: pa.Table) -> None:
@@ -164,7 +165,7 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
         datasets=counts, model=record["model"], arguments=record["arguments"],
         versions=record["versions"], files=files, recovered=recovered,
         settings=record.get("settings", {}), ran_twice=ran_twice,
-        execution=record.get("execution"), timings=timings or {},
+        execution=record.get("execution"), timings=timings or {}, engine=record.get("engine") or {},
     )
     _write_manifest(out, result)
     out.fs.rm(out.staging(run_id), recursive=True)
@@ -208,5 +209,6 @@ def versions() -> dict[str, str]:
     whichever of its distributions provides it)."""
     import onnxruntime
 
+    openvino = openvino_version()
     return {"batchdet": __version__, "ray": version("ray"), "onnxruntime": onnxruntime.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), **({"openvino": openvino} if openvino else {})}
