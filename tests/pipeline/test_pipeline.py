@@ -102,7 +102,7 @@ def test_local_two_datasets_api(ray_local, narrow_model, detector, local_inputs,
     assert result.execution == execution
     # Ray's and Ray Data's console lines went to the run's log, not the caller's stderr, and back after
     assert consoles and {h: h.stream for h in ray_console_handlers()} == consoles
-    assert ("execution finished" in ray_log.read_text()) if execution == "ray" else not ray_log.exists()
+    assert ("Data sink WriteStaging finished" in ray_log.read_text()) if execution == "ray" else not ray_log.exists()
     # the job caps the object store on its own copy of the context, not the caller's
     assert ray.data.DataContext.get_current().execution_options.resource_limits == limits
     rows = read_output(out)
