@@ -215,7 +215,7 @@ def test_detect_prints_progress_and_summary_and_keeps_ray_in_its_log(narrow_mode
                                                                  for x in lines)
     assert any(x.split()[:2] == ["many", "31"] for x in lines)  # the summary's row
     log = next(x.split("log: ", 1)[1] for x in lines if x.startswith("  log: "))
-    text = open(log).read()
+    text = open(log, encoding="utf-8", errors="replace").read()
     assert "dataset many: 31 images listed" in text
     ray_lines = ["Started a local Ray instance", "Data sink WriteStaging finished"]
     assert [x in text for x in ray_lines] == [execution == "ray"] * 2, text

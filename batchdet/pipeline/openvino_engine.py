@@ -10,6 +10,7 @@ into one reused buffer), so both engines see the same float tensor.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -25,6 +26,11 @@ from batchdet.pipeline.preprocess import normalize
 #: runs its quantized convolutions in int8 and the rest (decode, NMS) in f32,
 #: as onnxruntime runs it.
 INFERENCE_PRECISION = {FP32: "f32", BF16: "bf16", INT8: "f32"}
+#: One model load at a time in a process: OpenVINO's reader sets the C
+#: locale and puts the old one back around its work, so two loads on two
+#: threads (the in-process engine's sessions) could leave the caller's
+#: process in the "C" locale (its default text encoding then ASCII).
+_LOADING = threading.Lock()
 
 
 class OpenVinoBackend:
@@ -70,8 +76,9 @@ class OpenVinoBackend:
         cache = optimized_cache_dir()
         if cache is not None:  # compiled blobs, keyed by OpenVINO on model, device and config
             config["CACHE_DIR"] = str(cache / "openvino")
-        core = ov.Core()
-        self.compiled = core.compile_model(core.read_model(self.model_path), "CPU", config)
+        with _LOADING:
+            core = ov.Core()
+            self.compiled = core.compile_model(core.read_model(self.model_path), "CPU", config)
         got = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
         if self.precision == BF16 and "bf16" not in got:
             raise ValueError(f"OpenVINO {self.version} would run {self.model_path} in {got}, not bf16, on this CPU")

@@ -108,7 +108,7 @@ def ray_console_to(log: Path | None) -> Iterator[None]:
     if log is None:
         yield
         return
-    with open(log, "a", buffering=1) as f:
+    with open(log, "a", buffering=1, encoding="utf-8") as f:
         swapped = [(h, _set_stream(h, f)) for h in ray_console_handlers()]
         try:
             yield

@@ -6,6 +6,7 @@ CPU; and the bf16 refusal on a CPU without bf16, before any work."""
 from __future__ import annotations
 
 import json
+import locale
 
 import numpy as np
 import onnx
@@ -142,7 +143,9 @@ def test_a_run_on_openvino_records_it_and_prints_its_speedup_once(narrow_model, 
     folder.mkdir()
     for name in PHOTOS:
         (folder / name).write_bytes(photo(name))
+    caller_locale = locale.setlocale(locale.LC_ALL)
     first = api.detect({"x": str(folder)}, str(tmp_path / "a"), model=narrow_model, engine=OPENVINO)
+    assert locale.setlocale(locale.LC_ALL) == caller_locale  # OpenVINO's loads on two threads left it "C"
     assert first.settings["engine"] == OPENVINO and first.settings["precision"] == FP32
     assert first.engine["name"] == OPENVINO and first.engine["version"] == precision.openvino_version()
     assert first.engine["speedup_measured"] is True and "speed: measured on this CPU" in first.to_text()
