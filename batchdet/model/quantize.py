@@ -34,6 +34,7 @@ import numpy as np
 from batchdet.cpu import present
 from batchdet.files import AtomicFile
 from batchdet.model.spec import (
+    CONVERTED_FROM_KEY,
     INPUT_NAME,
     OUTPUT_NAMES,
     QUANTIZED_KEY,
@@ -47,12 +48,10 @@ from batchdet.pipeline.precision import int8_copy_path
 #: metadata keys written on the quantized model, besides the source's own:
 #: QUANTIZED_KEY (what was quantized, how), SOURCE_SHA_KEY (the source file's
 #: sha256: an INT8 copy of the official file is told by it, see
-#: ``spec.ModelInfo.kind_id``), the source's kind and the calibration used.
+#: ``spec.ModelInfo.kind_id``), CONVERTED_FROM_KEY (the source's opset, when
+#: it was converted first), the source's kind and the calibration used.
 SOURCE_KIND_KEY = "batchdet.quantized.source_kind"
 CALIBRATION_KEY = "batchdet.quantized.calibration"
-#: the opset of a source converted before quantizing (absent when it was not converted)
-CONVERTED_FROM_KEY = "batchdet.quantized.converted_from_opset"
-
 #: Per-channel Q/DQ (DequantizeLinear's ``axis``) first exists in opset 13:
 #: an older source is converted to it, the smallest step that makes the
 #: quantized file valid.

@@ -31,16 +31,16 @@ from batchdet.model.spec import (
     LABELS,
     MAX_DETECTIONS,
     NMS_SCORE_THRESHOLD,
+    OFFICIAL_MIN_OPSET,
     SCORES,
     STANDIN,
     STANDIN_KEY,
+    STANDIN_OPSETS,
 )
 
-#: The default: NonMaxSuppression first exists in opset 10, and the official
-#: file's graph uses it, so 10 is the lowest opset that file can have.
-OPSET = 10
-#: The opsets the builder emits and the tests cover; 18 moves ReduceMin's axes to an input.
-OPSETS = tuple(range(10, 18))
+#: the default opset: the lowest the official file's graph can have (spec.OFFICIAL_MIN_OPSET)
+OPSET = OFFICIAL_MIN_OPSET
+OPSETS = STANDIN_OPSETS
 
 # --- default boxes and heads (docs/model.md) ---------------------
 FEAT_SIZES = (50, 25, 13, 7, 3, 3)
