@@ -157,8 +157,8 @@ def build_postprocess(graph: onnx.GraphProto, loc: str, conf: str, opset: int = 
     # Softmax before opset 13 flattens its input to 2-D at ``axis``, so it
     # runs with the class axis last, where both meanings agree.
     by_box = g.op("Transpose", [conf], p + "logits_by_box", perm=[0, 2, 1])
-    probs = g.op("Softmax", [by_box], p + "softmax", axis=2)
-    probs = g.op("Transpose", [probs], p + "probs", perm=[0, 2, 1])  # [1, 81, boxes]
+    probs = g.op("Softmax", [by_box], p + "softmax_by_box", axis=2)
+    probs = g.op("Transpose", [probs], p + "softmax", perm=[0, 2, 1])  # [1, 81, boxes], the name it always had
     # scores per foreground class: [1, 80, boxes], NMS's layout
     fg = g.op("Slice", [probs, i64("start1", [1]), i64("end_classes", [NUM_CLASSES]), i64("axis1", [1])],
               p + "foreground")

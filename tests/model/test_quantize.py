@@ -259,7 +259,7 @@ def _hardmax_scores(nodes) -> None:
     """Class scores by a Hardmax over axis 1 of [1, boxes, 81]: before opset 13 that is one 1 among
     all boxes and classes, on the strongest logit, a background one (no detection); onnx 1.23's
     converter keeps axis 1, which at 13 means a 1 per class at its best box (80 detections)."""
-    softmax = nodes["postprocess.softmax"]
+    softmax = nodes["postprocess.softmax_by_box"]
     softmax.op_type = "Hardmax"
     softmax.attribute[0].i = 1
 
