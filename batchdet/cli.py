@@ -122,8 +122,8 @@ def _cmd_model_standin(args: argparse.Namespace) -> int:
     from batchdet.model.standin import write_standin
 
     to = args.to or resolve_model_path(None).with_name("standin-ssd1200.onnx")
-    path = write_standin(to, seed=args.seed, channels_divisor=args.channels_divisor)
-    print(f"stand-in written: {path}")
+    path = write_standin(to, seed=args.seed, channels_divisor=args.channels_divisor, opset=args.opset)
+    print(f"stand-in written: {path} (opset {args.opset})")
     print("  random weights: its detections are meaningless; use it for pipelines, speed and scale only")
     return 0
 
@@ -141,7 +141,7 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
         print(f"quantized:   by batchdet from sha256 {info.source_sha256 or '(not recorded)'}{source}")
     print(f"size:        {info.size:,} bytes")
     print(f"parameters:  {info.parameters:,}")
-    print(f"opset:       {info.opset}")
+    print(f"opset:       {info.opset_text}")
     print(f"input:       image {list(info.input_shape)} float32 RGB, (x/255 - mean)/std")
     for name, shape in info.outputs.items():
         print(f"output:      {name} {list(shape)}")
@@ -185,6 +185,8 @@ def _cmd_model_quantize(args: argparse.Namespace) -> int:
 
 
 def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    from batchdet.model.spec import OFFICIAL_MIN_OPSET, STANDIN_OPSETS
+
     model = sub.add_parser("model", help="get, build or inspect the ONNX model")
     msub = model.add_subparsers(dest="model_command", required=True)
 
@@ -198,6 +200,9 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--channels-divisor", type=int, default=1,
                    help="divide every channel count (8 gives the narrow model used in tests)")
+    p.add_argument("--opset", type=int, default=OFFICIAL_MIN_OPSET, choices=STANDIN_OPSETS, metavar="N",
+                   help=f"ONNX opset to build at, {STANDIN_OPSETS[0]}..{STANDIN_OPSETS[-1]} (default "
+                        f"{OFFICIAL_MIN_OPSET}: the lowest the official file can have; same outputs at each)")
     p.set_defaults(func=_cmd_model_standin)
 
     p = msub.add_parser("info", help="interface, parameters, sha256, official or not")

@@ -9,6 +9,13 @@ official one bit for bit. The result keeps the model contract (float32 input
 ``image``, the three outputs), so ``batchdet.model.spec.check_model`` accepts it and
 ``--model`` runs it; a quantized stand-in keeps the stand-in flag.
 
+A model older than opset 13 (the official file's graph is opset 10) is first
+converted with onnx's version converter: per-channel Q/DQ nodes need
+DequantizeLinear's ``axis``, which opset 13 introduced, and onnxruntime's
+quantizer would otherwise write them into an opset-10/11 file where they are
+invalid. The converted model must give the original's outputs on calibration
+images before it is quantized; otherwise the file is refused.
+
 Accuracy is *not* guaranteed by construction: check it with ``batchdet eval``
 on COCO val2017 with the official weights (docs/model.md, "INT8").
 """
@@ -26,15 +33,33 @@ import numpy as np
 
 from batchdet.cpu import present
 from batchdet.files import AtomicFile
-from batchdet.model.spec import INPUT_NAME, QUANTIZED_KEY, SOURCE_SHA_KEY, check_model
+from batchdet.model.spec import (
+    CONVERTED_FROM_KEY,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    QUANTIZED_KEY,
+    SOURCE_SHA_KEY,
+    ModelError,
+    ModelInfo,
+    check_model,
+)
 from batchdet.pipeline.precision import int8_copy_path
 
 #: metadata keys written on the quantized model, besides the source's own:
 #: QUANTIZED_KEY (what was quantized, how), SOURCE_SHA_KEY (the source file's
 #: sha256: an INT8 copy of the official file is told by it, see
-#: ``spec.ModelInfo.kind_id``), the source's kind and the calibration used.
+#: ``spec.ModelInfo.kind_id``), CONVERTED_FROM_KEY (the source's opset, when
+#: it was converted first), the source's kind and the calibration used.
 SOURCE_KIND_KEY = "batchdet.quantized.source_kind"
 CALIBRATION_KEY = "batchdet.quantized.calibration"
+#: Per-channel Q/DQ (DequantizeLinear's ``axis``) first exists in opset 13:
+#: an older source is converted to it, the smallest step that makes the
+#: quantized file valid.
+QUANTIZE_OPSET = 13
+#: How far a converted model's boxes and scores may stray from the
+#: original's: float rounding of rearranged arithmetic, far below what a
+#: changed operator meaning gives (labels and counts must match exactly).
+CONVERSION_ATOL = 1e-5
 
 #: Operators quantized. Conv carries ~all the FLOPs; Relu is then absorbed
 #: into the convolution's output quantization (no float pass between two
@@ -143,10 +168,15 @@ def quantize_model(
     reader = ImageCalibrationReader(uris, storage_options, progress=progress)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="batchdet-quantize-") as tmp:
+        source = Path(info.path)
+        if info.opset < QUANTIZE_OPSET:
+            source = Path(tmp) / "converted.onnx"
+            samples = calibration_samples(calibrate, images, storage_options=storage_options)
+            convert_opset(info, source, samples)
         pre = Path(tmp) / "pre.onnx"
         # folds BatchNormalization into the convolutions and infers shapes, so
         # that every Conv quantizes with its BN scale in its weights
-        quant_pre_process(str(info.path), str(pre), skip_symbolic_shape=True)
+        quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
         quantized = Path(tmp) / "int8.onnx"
         quantize_static(
             str(pre), str(quantized), reader,
@@ -164,9 +194,13 @@ def quantize_model(
             raise ValueError(f"no usable calibration image under {calibrate}: {reader.skipped[:3]}")
         result = onnx.load(str(quantized))
     metadata = dict(info.metadata)
+    converted = info.opset < QUANTIZE_OPSET
+    if converted:
+        metadata[CONVERTED_FROM_KEY] = str(info.opset)
     metadata.update({
         QUANTIZED_KEY: f"int8 static QDQ per-channel ({'+'.join(op_types)}), activations uint8, weights int8"
-                       + (" 7-bit" if reduce_range else ""),
+                       + (" 7-bit" if reduce_range else "")
+                       + (f"; converted from opset {info.opset} to {QUANTIZE_OPSET} first" if converted else ""),
         SOURCE_SHA_KEY: info.sha256,
         SOURCE_KIND_KEY: info.kind_id,
         CALIBRATION_KEY: f"{reader.used} images from {calibrate} (MinMax); "
@@ -183,6 +217,66 @@ def quantize_model(
         file.commit()
     check_model(out)  # the contract still holds
     return out
+
+
+def convert_opset(info: ModelInfo, to: Path, samples: list[np.ndarray], opset: int = QUANTIZE_OPSET) -> None:
+    """Write the model ``info`` describes, converted to ``opset`` by onnx's
+    version converter, to ``to`` -- once its outputs on ``samples`` (uint8
+    planes, see :func:`calibration_samples`) match the original's.
+
+    The converter's adapters are per operator and not all are right (onnx
+    1.23 turns an opset-12 Hardmax, which flattens its input, into an
+    opset-13 one over a single axis), so the result is run, not trusted.
+    Raises :class:`ModelError` in one line when the conversion fails or an
+    output differs.
+    """
+    import onnx
+    from onnx import helper, version_converter
+
+    refuse = f"cannot quantize {info.path}: converting it from opset {info.opset} to {opset}"
+    if not samples:
+        raise ModelError(f"{refuse} needs a readable calibration image to check the converted model on")
+    try:
+        converted = version_converter.convert_version(onnx.load(info.path), opset)
+        # the converter keeps the source's IR version, too old for the new opset
+        converted.ir_version = max(converted.ir_version,
+                                   helper.find_min_ir_version_for([helper.make_opsetid("", opset)]))
+        onnx.checker.check_model(converted, full_check=True)
+    except Exception as e:  # the converter and checker raise assorted types; the message says what
+        raise ModelError(f"{refuse} failed: {_first_line(e)}") from None
+    onnx.save(converted, str(to))
+    difference = output_difference(info.path, str(to), samples)
+    if difference:
+        raise ModelError(f"{refuse} changed its outputs ({difference}); quantize a copy exported at opset {opset}")
+
+
+def output_difference(original: str, converted: str, samples: list[np.ndarray]) -> str | None:
+    """How the two models' outputs first differ on ``samples``, in a few words; None when they agree
+    (same count and labels, boxes and scores within :data:`CONVERSION_ATOL`)."""
+    import onnxruntime as ort
+
+    from batchdet.pipeline.preprocess import normalize
+
+    try:
+        sessions = [ort.InferenceSession(path, providers=["CPUExecutionProvider"]) for path in (original, converted)]
+    except Exception as e:  # onnxruntime's errors carry the node that does not load
+        return f"it does not load in onnxruntime: {_first_line(e)}"
+    for i, planes in enumerate(samples, start=1):
+        x = normalize(planes)
+        want, got = [dict(zip(OUTPUT_NAMES, s.run(list(OUTPUT_NAMES), {INPUT_NAME: x}))) for s in sessions]
+        for name in OUTPUT_NAMES:
+            a, b = want[name], got[name]
+            if a.shape != b.shape:
+                return f"image {i}: {name} shape {list(a.shape)} became {list(b.shape)}"
+            exact = a.dtype.kind in "iu"
+            if not (np.array_equal(a, b) if exact else np.allclose(a, b, rtol=0.0, atol=CONVERSION_ATOL)):
+                return f"image {i}: {name} differ by up to {np.max(np.abs(a.astype(np.float64) - b)):g}"
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 #: x86 extensions with an 8-bit dot product (``/proc/cpuinfo`` flag names):

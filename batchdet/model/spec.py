@@ -26,6 +26,15 @@ MIRROR_URL = (
     "ssd-resnet34-1200-onnx/resnet34-ssd1200.onnx"
 )
 
+#: The official file's opset is not read from it (it cannot be downloaded
+#: here): MLPerf's table says "opset-8", but its graph uses
+#: NonMaxSuppression, which first exists in opset 10, as do the ONNX model
+#: zoo's conversions of it (opset 10 and 12). So 10 is the lowest it can be,
+#: and what stand-ins are built at by default (docs/model.md, "Opset").
+OFFICIAL_MIN_OPSET = 10
+#: The opsets a stand-in can be built at, each tested; 18 moves ReduceMin's axes to an input.
+STANDIN_OPSETS = tuple(range(OFFICIAL_MIN_OPSET, 18))
+
 # --- input ------------------------------------------------------------------
 INPUT_NAME = "image"
 INPUT_SIZE = 1200  # H = W; the graph's 15,130 default boxes only fit 1200x1200
@@ -55,6 +64,8 @@ STANDIN_KEY = "batchdet.standin"
 #: source's own metadata, so a quantized stand-in is still a stand-in).
 QUANTIZED_KEY = "batchdet.quantized"
 SOURCE_SHA_KEY = "batchdet.quantized.source_sha256"
+#: the opset of a source the quantizer converted first (absent when it was not converted)
+CONVERTED_FROM_KEY = "batchdet.quantized.converted_from_opset"
 
 #: the four kinds: the official file (by sha256); an INT8 copy of it (by the
 #: quantizer's record of its source); a stand-in (random weights, by its
@@ -113,6 +124,18 @@ class ModelInfo:
     def source_sha256(self) -> str | None:
         """sha256 of the file an INT8 copy was quantized from, as the quantizer recorded it."""
         return self.metadata.get(SOURCE_SHA_KEY)
+
+    @property
+    def converted_from_opset(self) -> int | None:
+        """The opset of the file an INT8 copy was converted from before quantizing; None if it was not."""
+        value = self.metadata.get(CONVERTED_FROM_KEY, "")
+        return int(value) if value.isdigit() else None
+
+    @property
+    def opset_text(self) -> str:
+        """The opset as ``model info`` says it, with the conversion an INT8 copy went through."""
+        source = self.converted_from_opset
+        return f"{self.opset} (converted from opset {source} to quantize)" if source is not None else str(self.opset)
 
     @property
     def kind_id(self) -> str:

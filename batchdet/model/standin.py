@@ -35,8 +35,10 @@ from batchdet.model.spec import INPUT_NAME, INPUT_SIZE, KIND_KEY, MEAN, STANDIN,
 from batchdet.model.standin_graph import (
     BOXES_PER_CELL,
     FEAT_SIZES,
+    OPSET,
     Graph,
     build_postprocess,
+    check_opset,
     finish_model,
 )
 
@@ -208,15 +210,18 @@ class _Network(Graph):
         return self._emit_conv(x, name, w, bias, HEAD_STRIDE, HEAD_PAD)  # no shadows: nothing downstream is normalised
 
 
-def build_standin(seed: int = 0, channels_divisor: int = 1) -> onnx.ModelProto:
+def build_standin(seed: int = 0, channels_divisor: int = 1, opset: int = OPSET) -> onnx.ModelProto:
     """The stand-in model: official architecture and interface, weights from ``default_rng(seed)``.
 
     ``channels_divisor`` = 1 is the full model (≈20.0 M parameters, ≈433
     GFLOPs at 1200²); larger divisors (a power of two up to 64) divide every
     internal channel count for fast tests, keeping the interface intact.
+    ``opset`` (10..17, default 10 as the official file's graph) changes how
+    the file spells its nodes, not its weights or outputs.
     """
     if channels_divisor < 1 or STEM_CHANNELS % channels_divisor:
         raise ValueError(f"channels_divisor must divide {STEM_CHANNELS}, got {channels_divisor}")
+    check_opset(opset)  # before minutes of building, not after
     c = lambda n: n // channels_divisor  # noqa: E731
     graph = helper.make_graph(
         [], "batchdet_standin_ssd_resnet34",
@@ -257,8 +262,8 @@ def build_standin(seed: int = 0, channels_divisor: int = 1) -> onnx.ModelProto:
             out.append(net.op("Reshape", [y, shape], f"{kind}.{m}.flat"))
     loc = net.op("Concat", locs, "loc", axis=2)
     conf = net.op("Concat", confs, "conf", axis=2)
-    build_postprocess(graph, loc, conf)
-    return finish_model(graph, standin_metadata(seed, channels_divisor))
+    build_postprocess(graph, loc, conf, opset)
+    return finish_model(graph, standin_metadata(seed, channels_divisor), opset)
 
 
 def standin_metadata(seed: int, channels_divisor: int) -> dict[str, str]:
@@ -276,7 +281,7 @@ def _class_bias() -> np.ndarray:
     return bias
 
 
-def write_standin(path: str | os.PathLike, seed: int = 0, channels_divisor: int = 1) -> Path:
+def write_standin(path: str | os.PathLike, seed: int = 0, channels_divisor: int = 1, opset: int = OPSET) -> Path:
     """Build the stand-in and write it to ``path`` atomically; returns the path.
 
     Several workers may race to create the same file: each writes a temp file
@@ -285,7 +290,7 @@ def write_standin(path: str | os.PathLike, seed: int = 0, channels_divisor: int 
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    data = build_standin(seed, channels_divisor).SerializeToString()
+    data = build_standin(seed, channels_divisor, opset).SerializeToString()
     with atomic_write(target, mode=0o644) as f:  # readable by other users, whatever the umask
         f.write(data)
     return target

@@ -80,11 +80,14 @@ def test_the_official_file_is_told_by_its_sha256_alone(metadata, tmp_path, monke
 
 
 def test_the_narrow_stand_in_is_a_stand_in(narrow_model, capsys):
+    """The suite's stand-in, at the official file's lowest possible opset, and ``model info`` says both."""
     info = check_model(narrow_model)
     assert (info.kind_id, info.metadata[KIND_KEY], info.metadata["batchdet.channels_divisor"]) == ("standin",
                                                                                                   "standin", "8")
+    assert info.opset == onnx.load(str(narrow_model)).opset_import[0].version == 10
     assert main(["model", "info", str(narrow_model)]) == 0
-    assert capsys.readouterr().out.endswith(STANDIN_WARNING + "\n")
+    out = capsys.readouterr().out
+    assert "\nopset:       10\n" in out and out.endswith(STANDIN_WARNING + "\n")
 
 
 def _result(kind: str | None, official: bool = False) -> RunResult:

@@ -21,12 +21,17 @@ from batchdet.model.quantize import (
     SOURCE_KIND_KEY,
     SOURCE_SHA_KEY,
     SpeedComparison,
+    calibration_samples,
+    convert_opset,
     default_output,
     int8_cpu_flags,
     int8_cpu_hint,
+    quantize_model,
 )
-from batchdet.model.spec import KIND_KEY, STANDIN_KEY, check_model
+from batchdet.model.spec import CONVERTED_FROM_KEY, KIND_KEY, STANDIN_KEY, ModelError, check_model
+from batchdet.model.standin import build_standin
 from batchdet.pipeline.detector import Detector
+from batchdet.pipeline.preprocess import normalize, prepare
 from helpers import tiny_model
 from helpers.photos import photo, photo_path
 
@@ -71,8 +76,15 @@ def test_quantize_cli_writes_a_conforming_int8_model(quantized):
     assert info.metadata[SOURCE_KIND_KEY] == "standin"
     assert "per-channel" in info.metadata[QUANTIZED_KEY]
     assert info.metadata[CALIBRATION_KEY].startswith("3 images") and "1 skipped" in info.metadata[CALIBRATION_KEY]
+    # the stand-in is at the official file's opset 10, too old for per-channel Q/DQ: converted to 13 first
+    assert (check_model(model).opset, info.opset, info.metadata[CONVERTED_FROM_KEY]) == (10, 13, "10")
+    assert info.metadata[QUANTIZED_KEY].endswith("; converted from opset 10 to 13 first")
+    assert info.opset_text == "13 (converted from opset 10 to quantize)"
 
-    graph = onnx.load(str(int8)).graph
+    quantized_model = onnx.load(str(int8))
+    # valid ONNX: the per-channel DequantizeLinear's axis is an opset-13 attribute
+    onnx.checker.check_model(quantized_model, full_check=True)
+    graph = quantized_model.graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("QuantizeLinear") > 10 and "DequantizeLinear" in ops
     # decode, softmax, NMS and TopK are the float post-processing, untouched:
@@ -170,6 +182,7 @@ def test_quantized_official_is_an_int8_copy_of_the_official(calibration_folder, 
     assert (info.kind_id, info.int8, info.official) == ("official-int8", True, False)
     assert info.metadata[SOURCE_SHA_KEY] == spec.OFFICIAL_SHA256 and info.metadata[SOURCE_KIND_KEY] == "official"
     assert STANDIN_KEY not in info.metadata and KIND_KEY not in info.metadata
+    assert CONVERTED_FROM_KEY not in info.metadata and info.opset == 13  # an opset-13 source is quantized as it is
     assert ("  kind: INT8 copy of the official MLPerf weights (accuracy: check it with `batchdet eval`)\n"
             in out)
     assert "STAND-IN" not in out and "speed on this CPU" not in out
@@ -207,3 +220,72 @@ def test_quantize_refuses_bad_arguments(quantized, tmp_path, capsys):
     assert "no images" in capsys.readouterr().err
     assert main(["model", "quantize", str(tmp_path / "missing.onnx"), "--calibrate", str(folder)]) == 2
     assert "model file not found" in capsys.readouterr().err
+
+
+# --- opset conversion before quantizing ------------------------------------------------
+
+
+def _outputs(path, image: bytes) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["bboxes", "labels", "scores"], {"image": normalize(prepare(image).image)})
+
+
+def test_opset_10_model_converts_to_13_with_the_same_outputs(narrow_model, calibration_folder, tmp_path):
+    """The conversion the quantizer makes, on its own: opset 13, IR 7, onnx's full check, and the
+    same detections as the opset-10 original on photos the conversion check did not use."""
+    converted = tmp_path / "converted.onnx"
+    convert_opset(check_model(narrow_model), converted, calibration_samples(calibration_folder, 4))
+    model = onnx.load(str(converted))
+    assert ([o.version for o in model.opset_import], model.ir_version) == ([13], 7)
+    onnx.checker.check_model(model, full_check=True)
+    for name in ("rocket.jpg", "retina.jpg"):
+        want, got = _outputs(narrow_model, photo(name)), _outputs(converted, photo(name))
+        assert want[2].shape[1] > 0
+        for a, b in zip(want, got):
+            np.testing.assert_array_equal(a, b)
+
+
+def _edited_standin(path, edit) -> str:
+    """The narrow opset-10 stand-in with one post-processing node changed by ``edit``."""
+    model = build_standin(seed=0, channels_divisor=8)
+    edit({n.name: n for n in model.graph.node})
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _hardmax_scores(nodes) -> None:
+    """Class scores by a Hardmax over axis 1 of [1, boxes, 81]: before opset 13 that is one 1 among
+    all boxes and classes, on the strongest logit, a background one (no detection); onnx 1.23's
+    converter keeps axis 1, which at 13 means a 1 per class at its best box (80 detections)."""
+    softmax = nodes["postprocess.softmax_by_box"]
+    softmax.op_type = "Hardmax"
+    softmax.attribute[0].i = 1
+
+
+def _gathernd_scores(nodes) -> None:
+    """The selected scores by a GatherND (opset 11) while the file declares opset 10: the
+    mislabelled file onnxruntime's quantizer writes when it changes a declared opset without
+    converting the nodes."""
+    gather = nodes["postprocess.selected_scores"]
+    gather.op_type = "GatherND"
+    gather.input[:] = ["postprocess.foreground", "postprocess.nms"]
+    del gather.attribute[:]
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (_hardmax_scores, r"changed its outputs \(image 1: bboxes shape \[1, 0, 4\] became \[1, 80, 4\]\); "
+                      r"quantize a copy exported at opset 13$"),
+    (_gathernd_scores, r"failed: .*No Adapter From Version \$10 for GatherND"),
+], ids=["outputs-differ", "conversion-fails"])
+def test_a_model_whose_conversion_fails_or_differs_is_refused(edit, reason, calibration_folder, tmp_path, capsys):
+    source = _edited_standin(tmp_path / "old.onnx", edit)
+    with pytest.raises(ModelError, match=f"cannot quantize {re.escape(str(check_model(source).path))}: "
+                                         f"converting it from opset 10 to 13 {reason}") as e:
+        quantize_model(source, calibration_folder, images=2)
+    assert "\n" not in str(e.value)
+    assert main(["model", "quantize", source, "--calibrate", str(calibration_folder), "--images", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("batchdet: error: cannot quantize") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.onnx"]  # nothing written

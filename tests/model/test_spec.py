@@ -83,5 +83,6 @@ def test_model_info_cli(tiny, capsys):
     assert main(["model", "info", str(tiny)]) == 0
     out = capsys.readouterr().out
     assert "official:    no" in out and "output:      bboxes" in out and check_model(tiny).sha256 in out
+    assert "\nopset:       13\n" in out  # the oracle's, read from the file
     assert main(["model", "info", "/nonexistent.onnx"]) == 2
     assert "batchdet: error: model file not found" in capsys.readouterr().err

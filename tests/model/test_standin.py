@@ -29,8 +29,11 @@ from batchdet.model.spec import (
     STD,
     check_model,
 )
+from batchdet.cli import main
 from batchdet.model.standin import build_standin, write_standin
 from batchdet.model.standin_graph import build_postprocess_model, default_boxes
+from batchdet.pipeline.preprocess import normalize, prepare
+from helpers.photos import photo
 
 NUM_BOXES = 15130
 NARROW = 8
@@ -52,9 +55,11 @@ def narrow_proto() -> onnx.ModelProto:
     return build_standin(seed=0, channels_divisor=NARROW)
 
 
-@pytest.fixture(scope="module")
-def postprocess_session() -> ort.InferenceSession:
-    return _session(build_postprocess_model())
+@pytest.fixture(scope="module", params=[10, 17], ids=["opset10", "opset17"])
+def postprocess_session(request) -> ort.InferenceSession:
+    """The post-processing at the official file's opset and at the newest, whose
+    Softmax and Unsqueeze differ in meaning and spelling."""
+    return _session(build_postprocess_model(opset=request.param))
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -222,13 +227,85 @@ def test_narrow_model_is_much_smaller_with_the_same_interface(full_proto, narrow
     meta = {p.key: p.value for p in narrow_proto.metadata_props}
     assert meta == {KIND_KEY: "standin", STANDIN_KEY: "true", "batchdet.seed": "0",
                     "batchdet.channels_divisor": str(NARROW)}
-    assert [o.version for o in narrow_proto.opset_import] == [17]
+    assert [(o.domain, o.version) for o in narrow_proto.opset_import] == [("", 10)]
+    assert narrow_proto.ir_version == 5
 
 
 @pytest.mark.parametrize("divisor", [0, 3, 128])
 def test_channels_divisor_must_divide_the_widths(divisor):
     with pytest.raises(ValueError):
         build_standin(channels_divisor=divisor)
+
+
+# --- 2b. opsets ---------------------------------------------------------------------
+
+#: the IR version each opset first appeared with (onnx's docs/Versioning.md table)
+IR_OF_OPSET = {10: 5, 11: 6, 12: 7, 13: 7, 14: 7, 15: 8, 16: 8, 17: 8}
+OPSET_PHOTOS = ("rocket.jpg", "astronaut.png", "coffee.png")
+
+
+def test_default_stand_in_has_the_official_files_known_interface(narrow_proto):
+    """Opset 10 (NonMaxSuppression's first), IR 5, valid by onnx's full check, and what is known of
+    the official graph: input ``image``, outputs ``bboxes``/``labels``/``scores``, and
+    NonMaxSuppression fed by the box Concat and a class-score Slice (docs/model.md, "Opset")."""
+    onnx.checker.check_model(narrow_proto, full_check=True)
+    assert [i.name for i in narrow_proto.graph.input] == [INPUT_NAME]
+    assert [o.name for o in narrow_proto.graph.output] == [BBOXES, LABELS, SCORES]
+    producers = {out: n.op_type for n in narrow_proto.graph.node for out in n.output}
+    (nms,) = [n for n in narrow_proto.graph.node if n.op_type == "NonMaxSuppression"]
+    assert [producers[nms.input[0]], producers[nms.input[1]]] == ["Concat", "Slice"]
+    # an op newer than opset 10 would have been refused by the checker; these two are the ones
+    # the opset-17 graph used to need (GatherND is opset 11, an integer Min opset 12)
+    assert not {"GatherND", "Min"} & set(producers.values())
+
+
+@pytest.fixture(scope="module")
+def photo_inputs() -> list[np.ndarray]:
+    """Real photos as the pipeline feeds them to the model."""
+    return [normalize(prepare(photo(name)).image) for name in OPSET_PHOTOS]
+
+
+@pytest.mark.parametrize("opset", sorted(IR_OF_OPSET))
+def test_every_opset_gives_the_same_detections_on_photos(narrow_proto, photo_inputs, opset):
+    """Same seed, another opset: a valid file of that opset's IR version whose outputs on real
+    photos are bit for bit the default's (a Softmax left over the wrong axis before 13, or a
+    dropped TopK order, would change them), with the same operators."""
+    model = build_standin(seed=0, channels_divisor=NARROW, opset=opset)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", opset)]
+    assert model.ir_version == IR_OF_OPSET[opset]
+    onnx.checker.check_model(model, full_check=True)
+    assert sorted(n.op_type for n in model.graph.node) == sorted(n.op_type for n in narrow_proto.graph.node)
+    want, got = _session(narrow_proto), _session(model)
+    for x in photo_inputs:
+        reference, outputs = _run(want, {INPUT_NAME: x}), _run(got, {INPUT_NAME: x})
+        assert _check_contract(reference) > 0
+        for name in (BBOXES, LABELS, SCORES):
+            np.testing.assert_array_equal(outputs[name], reference[name], err_msg=f"opset {opset}: {name}")
+
+
+@pytest.mark.parametrize("opset", [9, 18])
+def test_an_opset_outside_the_tested_range_is_refused(opset, tmp_path, capsys):
+    with pytest.raises(ValueError, match=f"opset must be one of 10..17 .*got {opset}") as e:
+        build_standin(channels_divisor=NARROW, opset=opset)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        main(["model", "standin", "--to", str(tmp_path / "m.onnx"), "--opset", str(opset)])
+    assert e.value.code == 2
+    assert f"argument --opset: invalid choice: {opset}" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_model_standin_cli_builds_at_the_asked_opset(tmp_path, capsys):
+    """Default: the official file's lowest possible opset; ``--opset`` another, which ``model info`` prints."""
+    default, newer = tmp_path / "default.onnx", tmp_path / "opset12.onnx"
+    assert main(["model", "standin", "--to", str(default), "--channels-divisor", str(NARROW)]) == 0
+    assert main(["model", "standin", "--to", str(newer), "--channels-divisor", str(NARROW), "--opset", "12"]) == 0
+    out = capsys.readouterr().out
+    assert f"stand-in written: {default} (opset 10)" in out and f"stand-in written: {newer} (opset 12)" in out
+    assert (check_model(default).opset, check_model(newer).opset) == (10, 12)
+    assert [o.version for o in onnx.load(str(newer)).opset_import] == [12]
+    assert main(["model", "info", str(newer)]) == 0
+    assert "\nopset:       12\n" in capsys.readouterr().out
 
 
 # --- 3. inference ------------------------------------------------------------------
