@@ -41,6 +41,7 @@ from batchdet.output.query import Snapshot, aligned_lines, open_output, run_sql
 from batchdet.output.schema import STATUS_OK
 from batchdet.output.settings import ResultSettings
 from batchdet.pipeline.detector import Detector, ImageDetections
+from batchdet.pipeline.precision import Choice
 from batchdet.pipeline.preprocess import ImageError
 from batchdet.pipeline.reading import read_many
 from batchdet.storage import full_uri
@@ -379,16 +380,22 @@ class _Sampler:
             return None
         threshold = NMS_SCORE_THRESHOLD if settings.score_threshold is None else settings.score_threshold
         max_pixels = DEFAULT_MAX_PIXELS if settings.max_pixels is None else settings.max_pixels
-        key = (info.path, settings.model_sha256, threshold, max_pixels)
+        choice = Choice(settings.engine, settings.precision)  # the rows' arithmetic, not this machine's default
+        key = (info.path, settings.model_sha256, threshold, max_pixels, choice)
         if key not in self.detectors:
+            where = split_ref(info.path)[0]
+            self.detectors[key] = None
             if info.sha256 != settings.model_sha256:
-                where = split_ref(info.path)[0]
                 self.checker.mismatch(MODEL, where, f"model at {where} has sha256 {info.sha256}, "
                                                     f"rows were made with {settings.model_sha256}")
-                self.detectors[key] = None
-            else:
-                local = local_model(info.path, storage_options=self.checker.storage_options)  # a URL's cached copy
-                self.detectors[key] = Detector(local, score_threshold=threshold, max_pixels=max_pixels, checked=True)
+                return None
+            local = local_model(info.path, storage_options=self.checker.storage_options)  # a URL's cached copy
+            try:
+                self.detectors[key] = Detector(local, score_threshold=threshold, max_pixels=max_pixels,
+                                               checked=True, choice=choice)
+            except ValueError as e:  # e.g. bf16 rows on a CPU without bf16, OpenVINO not installed
+                self.checker.mismatch(MODEL, where, f"run {run_id}'s rows were made by {choice.engine} at "
+                                                    f"{choice.precision}, which cannot run here: {one_line(e)}")
         return self.detectors[key]
 
     def _model(self, recorded: str | None, run_id: str) -> Any:

@@ -27,7 +27,9 @@ import pytest
 
 from batchdet import api
 from batchdet.cli import main
+from batchdet.cpu import present
 from batchdet.model.standin import write_standin
+from batchdet.pipeline.precision import BF16_FLAGS
 from batchdet.verify import BOX_TOLERANCE_PX, CHECKS, REDETECT, SCORE_TOLERANCE, match_detections
 from helpers.photos import photo
 
@@ -234,6 +236,31 @@ def test_an_output_brought_up_to_date_passes(narrow_model, tmp_path, capsys):
                       "row counts (run, dataset)": (2, 0), "one current row per image": (now, 0),
                       "one set of result settings": (2, 0), "sampled bytes unchanged": (now, 0),
                       "recorded model (sha256)": (1, 0), "sampled rows re-detected": (now, 0)}
+
+
+def test_rows_are_re_detected_by_the_engine_and_precision_that_made_them(narrow_model, tmp_path, capsys):
+    """An OpenVINO output is re-detected on OpenVINO and verifies clean; rows
+    recorded at bf16 are re-detected at bf16, so on a CPU without it they are
+    named as what cannot run here (not compared with FP32's)."""
+    images = tmp_path / "in"
+    images.mkdir()
+    for name in PHOTOS[:3]:
+        (images / name).write_bytes(photo(name))
+    out = tmp_path / "out"
+    run = detect({"x": str(images)}, str(out), model=narrow_model, engine="openvino")
+    code, checks, mismatches, _ = run_verify(capsys, out, "--sample", "100")
+    assert (code, mismatches, checks[REDETECT]) == (0, [], (3, 0))
+    manifest = out / "_runs" / f"{run.run_id}.json"
+    record = json.loads(manifest.read_text())
+    record["settings"]["precision"] = "bf16"
+    manifest.write_text(json.dumps(record))
+    if present(BF16_FLAGS):
+        return  # this CPU runs bf16: the refusal below is for CPUs without it (this project's CI)
+    code, checks, mismatches, _ = run_verify(capsys, out, "--sample", "100")
+    path = Path(narrow_model).resolve()
+    assert code == 1 and checks[REDETECT] == (0, 0) and len(mismatches) == 1
+    assert mismatches[0].startswith(f"MISMATCH {path}: run {run.run_id}'s rows were made by openvino at bf16, "
+                                    "which cannot run here: ValueError: --precision bf16 needs a CPU with AVX512_BF16")
 
 
 def test_a_file_no_committed_run_wrote_is_caught(made, output, capsys):
