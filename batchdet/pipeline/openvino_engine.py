@@ -9,8 +9,11 @@ into one reused buffer), so both engines see the same float tensor.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import threading
+from typing import Iterator
 
 import numpy as np
 
@@ -31,6 +34,34 @@ INFERENCE_PRECISION = {FP32: "f32", BF16: "bf16", INT8: "f32"}
 #: threads (the in-process engine's sessions) could leave the caller's
 #: process in the "C" locale (its default text encoding then ASCII).
 _LOADING = threading.Lock()
+
+
+class _StackT(ctypes.Structure):
+    """C's ``stack_t``, as ``sigaltstack(2)`` reads and writes it."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _signal_stack_kept() -> Iterator[None]:
+    """The calling thread's alternate signal stack as it was, after the block.
+
+    Compiling a model points the thread's signal stack at memory of
+    OpenVINO's, which it may free later without pointing it back: the next
+    signal handled on that thread (the caller's Ctrl-C, on its main thread)
+    then kills the process with SIGSEGV. Found by the test suite; see
+    docs/notes/2026-12-04-precision.md. No-op where libc has no sigaltstack.
+    """
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "sigaltstack"):
+        yield
+        return
+    saved = _StackT()
+    libc.sigaltstack(None, ctypes.byref(saved))
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(saved), None)
 
 
 class OpenVinoBackend:
@@ -76,7 +107,7 @@ class OpenVinoBackend:
         cache = optimized_cache_dir()
         if cache is not None:  # compiled blobs, keyed by OpenVINO on model, device and config
             config["CACHE_DIR"] = str(cache / "openvino")
-        with _LOADING:
+        with _LOADING, _signal_stack_kept():
             core = ov.Core()
             self.compiled = core.compile_model(core.read_model(self.model_path), "CPU", config)
         got = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
