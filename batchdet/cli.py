@@ -27,7 +27,7 @@ def _storage_flag(parser: argparse.ArgumentParser) -> None:
 
 
 STANDIN_WARNING = (
-    "!! STAND-IN MODEL: random weights with the official architecture. Its detections are\n"
+    "!! STAND-IN MODEL: made-up weights with the official architecture. Its detections are\n"
     "!! meaningless; run `batchdet model fetch` for the official MLPerf weights."
 )
 
@@ -122,9 +122,14 @@ def _cmd_model_standin(args: argparse.Namespace) -> int:
     from batchdet.model.standin import write_standin
 
     to = args.to or resolve_model_path(None).with_name("standin-ssd1200.onnx")
-    path = write_standin(to, seed=args.seed, channels_divisor=args.channels_divisor, opset=args.opset)
+    path = write_standin(to, seed=args.seed, channels_divisor=args.channels_divisor, opset=args.opset,
+                         smooth=args.smooth)
     print(f"stand-in written: {path} (opset {args.opset})")
-    print("  random weights: its detections are meaningless; use it for pipelines, speed and scale only")
+    if args.smooth:
+        print("  smooth weights: its detections are stable enough to compare (batchdet against the reference,\n"
+              "  INT8 against FP32) but meaningless; use it for fidelity, pipelines, speed and scale only")
+    else:
+        print("  random weights: its detections are meaningless; use it for pipelines, speed and scale only")
     return 0
 
 
@@ -195,7 +200,7 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", help="destination (default: $BATCHDET_MODEL or the cache path)")
     p.set_defaults(func=_cmd_model_fetch)
 
-    p = msub.add_parser("standin", help="build a same-architecture model with random weights")
+    p = msub.add_parser("standin", help="build a same-architecture model with random (or smooth) weights")
     p.add_argument("--to", help="destination (default: standin-ssd1200.onnx in the model cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--channels-divisor", type=int, default=1,
@@ -203,6 +208,9 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=OFFICIAL_MIN_OPSET, choices=STANDIN_OPSETS, metavar="N",
                    help=f"ONNX opset to build at, {STANDIN_OPSETS[0]}..{STANDIN_OPSETS[-1]} (default "
                         f"{OFFICIAL_MIN_OPSET}: the lowest the official file can have; same outputs at each)")
+    p.add_argument("--smooth", action="store_true",
+                   help="weights chosen so that detections are stable under noise, as a trained network's: "
+                        "for comparing detections (docs/model.md, \"Stand-ins\")")
     p.set_defaults(func=_cmd_model_standin)
 
     p = msub.add_parser("info", help="interface, parameters, sha256, official or not")

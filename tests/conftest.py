@@ -166,6 +166,15 @@ def narrow_model(tmp_path_factory):
     return write_standin(tmp_path_factory.mktemp("models") / "narrow.onnx", seed=0, channels_divisor=8)
 
 
+@pytest.fixture(scope="session")
+def smooth_model(tmp_path_factory):
+    """The narrow smooth stand-in: detections stable under noise, for tests where a
+    difference of detections must mean a real difference (docs/model.md, "Stand-ins")."""
+    from batchdet.model.standin import write_standin
+
+    return write_standin(tmp_path_factory.mktemp("models") / "smooth.onnx", seed=0, channels_divisor=8, smooth=True)
+
+
 @dataclass
 class LocalRay:
     """The session's Ray: its GCS address and the folder holding its sessions (and logs)."""

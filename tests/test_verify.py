@@ -3,7 +3,8 @@ an output stops matching its manifests or its inputs is caught, named, and
 exits 1 — a hand-edited detection, a removed data file, a changed or deleted
 image, the model file swapped on disk, a file no committed run wrote.
 
-The outputs come from real runs (the narrow stand-in, a local Ray; locally and
+The outputs come from real runs (the narrow smooth stand-in, whose detections
+move only when something real changes; in-process or on a local Ray; locally and
 on S3), tampered with as a user or a bug would: files rewritten, removed or
 copied, images and the model overwritten. Expected values are computed here,
 independently: sha256 with hashlib, rows with pyarrow.
@@ -53,12 +54,12 @@ class Made:
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory, narrow_model) -> Made:
+def made(tmp_path_factory, smooth_model) -> Made:
     """Four photographs and a broken file, one row per data file (so one can go
-    missing alone), made with a copy of the narrow model that tests may swap."""
+    missing alone), made with a copy of the smooth model that tests may swap."""
     root = tmp_path_factory.mktemp("verify")
     model = root / "model.onnx"
-    shutil.copy(narrow_model, model)
+    shutil.copy(smooth_model, model)
     images = root / "in"
     images.mkdir()
     for name in PHOTOS:
@@ -191,7 +192,7 @@ def test_a_model_swapped_on_disk_is_caught_and_a_copy_can_stand_in(made, capsys,
     copy = tmp_path / "copy.onnx"
     shutil.copy(made.model, copy)
     recorded = hashlib.sha256(copy.read_bytes()).hexdigest()
-    other = write_standin(tmp_path / "other.onnx", seed=1, channels_divisor=8).read_bytes()
+    other = write_standin(tmp_path / "other.onnx", seed=1, channels_divisor=8, smooth=True).read_bytes()
     with replaced(made.model, other):
         code, checks, mismatches, _ = run_verify(capsys, made.out, "--sample", "100")
         assert code == 1
@@ -212,7 +213,7 @@ def test_a_model_swapped_on_disk_is_caught_and_a_copy_can_stand_in(made, capsys,
                           f"found: {path}; pass --model PATH to a copy of it"]
 
 
-def test_an_output_brought_up_to_date_passes(narrow_model, tmp_path, capsys):
+def test_an_output_brought_up_to_date_passes(smooth_model, tmp_path, capsys):
     """The issue's user: change, delete and copy inputs, ``--resume``, verify. A
     second run with a ``missing`` row and a copied row adds up, and every
     current row matches the bytes now at its URI."""
@@ -222,11 +223,11 @@ def test_an_output_brought_up_to_date_passes(narrow_model, tmp_path, capsys):
         (images / name).write_bytes(photo(name))
     (images / "broken.jpg").write_bytes(b"not an image")
     out = str(tmp_path / "out")
-    detect({"x": str(images)}, out, model=narrow_model)
+    detect({"x": str(images)}, out, model=smooth_model)
     (images / PHOTOS[0]).write_bytes(photo("camera.png"))
     (images / PHOTOS[1]).unlink()
     (images / "copy.png").write_bytes(photo(PHOTOS[2]))
-    second = detect({"x": str(images)}, out, model=narrow_model, resume=True)
+    second = detect({"x": str(images)}, out, model=smooth_model, resume=True)
     assert (second.datasets["x"].gone, second.datasets["x"].copied) == (1, 1)
     code, checks, mismatches, _ = run_verify(capsys, out, "--sample", "100")
     assert (code, mismatches) == (0, [])
@@ -238,7 +239,7 @@ def test_an_output_brought_up_to_date_passes(narrow_model, tmp_path, capsys):
                       "recorded model (sha256)": (1, 0), "sampled rows re-detected": (now, 0)}
 
 
-def test_rows_are_re_detected_by_the_engine_and_precision_that_made_them(narrow_model, tmp_path, capsys):
+def test_rows_are_re_detected_by_the_engine_and_precision_that_made_them(smooth_model, tmp_path, capsys):
     """An OpenVINO output is re-detected on OpenVINO and verifies clean; rows
     recorded at bf16 are re-detected at bf16, so on a CPU without it they are
     named as what cannot run here (not compared with FP32's)."""
@@ -247,7 +248,7 @@ def test_rows_are_re_detected_by_the_engine_and_precision_that_made_them(narrow_
     for name in PHOTOS[:3]:
         (images / name).write_bytes(photo(name))
     out = tmp_path / "out"
-    run = detect({"x": str(images)}, str(out), model=narrow_model, engine="openvino")
+    run = detect({"x": str(images)}, str(out), model=smooth_model, engine="openvino")
     code, checks, mismatches, _ = run_verify(capsys, out, "--sample", "100")
     assert (code, mismatches, checks[REDETECT]) == (0, [], (3, 0))
     manifest = out / "_runs" / f"{run.run_id}.json"
@@ -257,7 +258,7 @@ def test_rows_are_re_detected_by_the_engine_and_precision_that_made_them(narrow_
     if present(BF16_FLAGS):
         return  # this CPU runs bf16: the refusal below is for CPUs without it (this project's CI)
     code, checks, mismatches, _ = run_verify(capsys, out, "--sample", "100")
-    path = Path(narrow_model).resolve()
+    path = Path(smooth_model).resolve()
     assert code == 1 and checks[REDETECT] == (0, 0) and len(mismatches) == 1
     assert mismatches[0].startswith(f"MISMATCH {path}: run {run.run_id}'s rows were made by openvino at bf16, "
                                     "which cannot run here: ValueError: --precision bf16 needs a CPU with AVX512_BF16")
@@ -309,7 +310,7 @@ def test_rows_without_content_identity_are_unverifiable(made, output, capsys):
             "batchdet") in text
 
 
-def test_an_s3_output_passes(s3, narrow_model, capsys, tmp_path):
+def test_an_s3_output_passes(s3, smooth_model, capsys, tmp_path):
     """Images, model and output on S3: the rows' bytes and the model are read
     back through the storage options; a changed object and a swapped model are caught there too."""
     fs = s3.filesystem()
@@ -317,7 +318,7 @@ def test_an_s3_output_passes(s3, narrow_model, capsys, tmp_path):
     for name in PHOTOS[:2]:
         fs.pipe_file(f"{bucket}/in/{name}", photo(name))
     fs.pipe_file(f"{bucket}/in/broken.jpg", b"not an image")
-    fs.put_file(str(narrow_model), f"{bucket}/models/narrow.onnx")
+    fs.put_file(str(smooth_model), f"{bucket}/models/narrow.onnx")
     model, out = f"s3://{bucket}/models/narrow.onnx", f"s3://{bucket}/out"
     detect({"x": f"s3://{bucket}/in"}, out, model=model, storage_options=s3.storage_options)
     flags = [f for k, v in s3.storage_options.items() for f in ("--storage-option", f"{k}={v}")]
@@ -330,11 +331,11 @@ def test_an_s3_output_passes(s3, narrow_model, capsys, tmp_path):
     assert code == 1 and len(mismatches) == 1
     assert mismatches[0].startswith(f"MISMATCH s3://{bucket}/in/{PHOTOS[0]}: bytes changed since run ")
 
-    other = write_standin(tmp_path / "other.onnx", seed=1, channels_divisor=8).read_bytes()
+    other = write_standin(tmp_path / "other.onnx", seed=1, channels_divisor=8, smooth=True).read_bytes()
     fs.pipe_file(f"{bucket}/models/narrow.onnx", other)
     code, _, mismatches, _ = run_verify(capsys, out, "--sample", "100", *flags)
     assert code == 1 and f"MISMATCH {model}: model at {model} has sha256 {hashlib.sha256(other).hexdigest()}, " \
-                          f"rows were made with {hashlib.sha256(narrow_model.read_bytes()).hexdigest()}" in mismatches
+                          f"rows were made with {hashlib.sha256(smooth_model.read_bytes()).hexdigest()}" in mismatches
 
 
 def _det(label_id: int, score: float, box: tuple[float, float, float, float]) -> dict:

@@ -60,6 +60,9 @@ MAX_DETECTIONS = 200
 #: which is all that stand-ins built before the kind key carry; either marks one.
 KIND_KEY = "batchdet.kind"
 STANDIN_KEY = "batchdet.standin"
+#: ``batchdet.weights = smooth`` on a smooth stand-in (batchdet/model/standin.py); absent: random weights
+WEIGHTS_KEY = "batchdet.weights"
+SMOOTH = "smooth"
 #: Metadata ``batchdet model quantize`` writes on its INT8 copy (with the
 #: source's own metadata, so a quantized stand-in is still a stand-in).
 QUANTIZED_KEY = "batchdet.quantized"
@@ -78,6 +81,9 @@ KIND_TEXT = {
     STANDIN: "STAND-IN (random weights: detections are meaningless)",
     OTHER: "other conforming model (unofficial file: meets the interface, accuracy unknown)",
 }
+#: a smooth stand-in's text, FP32 and quantized: the same kind, other weights
+SMOOTH_TEXT = "STAND-IN (smooth weights: stable detections, still meaningless)"
+SMOOTH_TEXT_INT8 = "STAND-IN, INT8 copy (smooth weights: stable detections, still meaningless)"
 #: the same, quantized (an INT8 copy of the official file is its own kind above)
 KIND_TEXT_INT8 = {
     STANDIN: "STAND-IN, INT8 copy (random weights: detections are meaningless)",
@@ -154,8 +160,15 @@ class ModelInfo:
         return OTHER
 
     @property
+    def smooth(self) -> bool:
+        """A smooth stand-in (or its INT8 copy): detections stable enough to compare (docs/model.md)."""
+        return self.kind_id == STANDIN and self.metadata.get(WEIGHTS_KEY) == SMOOTH
+
+    @property
     def kind(self) -> str:
         """What the model is, in one line (:data:`KIND_TEXT`)."""
+        if self.smooth:
+            return SMOOTH_TEXT_INT8 if self.int8 else SMOOTH_TEXT
         kind_id = self.kind_id
         return KIND_TEXT_INT8.get(kind_id, KIND_TEXT[kind_id]) if self.int8 else KIND_TEXT[kind_id]
 

@@ -1,4 +1,4 @@
-"""A stand-in for MLPerf's ``resnet34-ssd1200.onnx``: same graph, random weights.
+"""A stand-in for MLPerf's ``resnet34-ssd1200.onnx``: same graph, made-up weights.
 
 The official file cannot be downloaded where batchdet is built and tested, so
 this module builds, with onnx and numpy only, a model with the official
@@ -9,6 +9,18 @@ in-graph decode, softmax and NonMaxSuppression). Everything downstream
 (pre-processing, batching, Ray actors, Parquet writing, timing) therefore
 exercises the same shapes, operators and cost as with the real weights; only
 the detections are meaningless. See docs/model.md.
+
+Two kinds of weights, both from a seed:
+
+- **random** (the default): He-initialised kernels, as an untrained network.
+  Its detections are chaotic: noise far below what a camera adds changes
+  most of them, so no comparison of detections means anything with it.
+- **smooth** (``smooth=True``): every spatial kernel a blur that mixes
+  channels, plus a tenth of a random kernel, so pixel noise averages away
+  and colour and shape at the scale of each map drive the detections. They
+  are as stable as a trained network's, which makes agreement of
+  detections (batchdet against the reference maths, INT8 against FP32) a
+  measurement; they are no more meaningful.
 
 ``channels_divisor`` narrows every internal channel count for fast tests
 while keeping the input size, the 15,130 default boxes, the 81 classes and
@@ -31,7 +43,17 @@ from onnx import TensorProto, helper
 
 from batchdet.files import atomic_write
 from batchdet.model.labels import NUM_CLASSES
-from batchdet.model.spec import INPUT_NAME, INPUT_SIZE, KIND_KEY, MEAN, STANDIN, STANDIN_KEY, STD
+from batchdet.model.spec import (
+    INPUT_NAME,
+    INPUT_SIZE,
+    KIND_KEY,
+    MEAN,
+    SMOOTH,
+    STANDIN,
+    STANDIN_KEY,
+    STD,
+    WEIGHTS_KEY,
+)
 from batchdet.model.standin_graph import (
     BOXES_PER_CELL,
     FEAT_SIZES,
@@ -74,6 +96,26 @@ CONF_GAINS = (2.9, 3.9, 4.5, 7.4, 10.7, 14.0)
 BACKGROUND_BIAS = 9.0
 #: flat colour images the BN statistics are measured on: this many levels per RGB channel.
 FLAT_LEVELS = 5
+
+# --- smooth weights ----------------------------------------------------------
+#: the share of a random (He) kernel added to each blur kernel: enough that
+#: channels also see edges and texture, small enough that noise still
+#: averages away (docs/notes/2026-12-04-smooth.md: the stability measured).
+SMOOTH_PERTURBATION = 0.1
+#: conf head of the smooth stand-in: the gain of its structure kernels (as
+#: CONF_GAINS), the spread of its colour term (logits of unit spread over the
+#: flat colours, times this) and the background logit per map, raised by
+#: SMOOTH_NARROWING per halving of the width: narrower models answer more
+#: strongly to texture. Tuned on scikit-image's photographs, seed 0, widths
+#: 1, 8 and 16: a few to about a hundred detections at score >= 0.5 per
+#: photo, of every size and most classes, below the 200 cap that would make
+#: the last ones a matter of rank.
+SMOOTH_CONF_GAIN = 10.0
+SMOOTH_COLOUR_GAIN = 2.0
+SMOOTH_BACKGROUND = (6.5, 6.5, 6.0, 4.5, 3.0, 3.0)
+SMOOTH_NARROWING = 0.7
+#: loc head of the smooth stand-in: its structure kernels' gain (offsets of about ±1 on photos)
+SMOOTH_LOC_GAIN = 6.0
 
 class _Network(Graph):
     """Adds layers with seeded random weights, named like the PyTorch reference.
@@ -195,23 +237,80 @@ class _Network(Graph):
         return self.relu(self.conv(x, name, w, bias, stride, pad), relu_name)
 
     def head(self, x: str, name: str, cin: int, cout: int, gain: float, bias: np.ndarray) -> str:
-        """A 3x3 stride-3 head conv whose kernels respond to 2-D structure only.
+        """A 3x3 stride-3 head conv whose kernels respond to 2-D structure only (:meth:`structure_kernels`)."""
+        return self.emit_head(x, name, self.structure_kernels(cout, cin, gain), bias)
+
+    def structure_kernels(self, cout: int, cin: int, gain: float) -> np.ndarray:
+        """Random head kernels that answer to 2-D structure only.
 
         Each kernel is double-centred (every row and every column of taps
         sums to zero per input channel), so flat regions, straight edges and
-        the rows/columns the zero padding touches give exactly ``bias``. A
+        the rows/columns the zero padding touches give exactly the bias. A
         plain random kernel would answer mostly to each channel's mean, which
         is the same for every image: the same few classes would win
         everywhere, strongest along the padded border.
         """
         w = self.rng.standard_normal((cout, cin, HEAD_KERNEL, HEAD_KERNEL), dtype=np.float32)
         w = w - w.mean(axis=2, keepdims=True) - w.mean(axis=3, keepdims=True) + w.mean(axis=(2, 3), keepdims=True)
-        w *= np.float32(gain / math.sqrt(cin * HEAD_KERNEL * HEAD_KERNEL))
-        return self._emit_conv(x, name, w, bias, HEAD_STRIDE, HEAD_PAD)  # no shadows: nothing downstream is normalised
+        return w * np.float32(gain / math.sqrt(cin * HEAD_KERNEL * HEAD_KERNEL))
+
+    def emit_head(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray) -> str:
+        """The head conv (3x3, stride 3, pad 1); no shadows: nothing downstream is normalised."""
+        return self._emit_conv(x, name, weight, bias, HEAD_STRIDE, HEAD_PAD)
+
+    def heads(self, m: int, x: str, cin: int, nd: int) -> tuple[str, str]:
+        """Map ``m``'s loc and conf heads (``nd`` default boxes per cell): offsets of about ±1,
+        logits spread by CONF_GAINS[m] around a background offset that decides how much
+        spread it takes to pass the 0.05 threshold."""
+        loc = self.head(x, f"loc.{m}", cin, 4 * nd, LOC_GAIN, np.zeros(4 * nd))
+        conf = self.head(x, f"conf.{m}", cin, NUM_CLASSES * nd, CONF_GAINS[m],
+                         np.repeat(_class_bias(BACKGROUND_BIAS), nd))
+        return loc, conf
 
 
-def build_standin(seed: int = 0, channels_divisor: int = 1, opset: int = OPSET) -> onnx.ModelProto:
-    """The stand-in model: official architecture and interface, weights from ``default_rng(seed)``.
+class _SmoothNetwork(_Network):
+    """The smooth stand-in's weights: blur kernels that mix channels, and heads that read colour too.
+
+    Every spatial kernel is ``M[o, i] · blur + SMOOTH_PERTURBATION · He``:
+    on what varies slowly it is a 1x1 channel mix (a random, He-scaled
+    ``M``), and pixel-scale noise is averaged away at every layer instead of
+    amplified. 1x1 kernels stay random. BN statistics come from the same
+    shadows as the random stand-in's, so activations keep their scale.
+
+    The heads add to the random stand-in's structure kernels a colour
+    term: class logits a random projection of the map's local mean
+    features, centred and scaled by their values on the flat colours, so
+    every class spreads alike and regions of different colour and texture
+    favour different classes with wide margins.
+    """
+
+    def __init__(self, graph: onnx.GraphProto, rng: np.random.Generator, channels_divisor: int) -> None:
+        super().__init__(graph, rng)
+        self.halvings = math.log2(channels_divisor)
+
+    def he(self, cout: int, cin: int, kernel: int) -> np.ndarray:
+        random = super().he(cout, cin, kernel)
+        if kernel == 1:
+            return random
+        mix = self.rng.standard_normal((cout, cin)) * math.sqrt(2.0 / cin)
+        return (mix[:, :, None, None] * _blur(kernel) + SMOOTH_PERTURBATION * random).astype(np.float32)
+
+    def heads(self, m: int, x: str, cin: int, nd: int) -> tuple[str, str]:
+        loc = self.emit_head(x, f"loc.{m}", self.structure_kernels(4 * nd, cin, SMOOTH_LOC_GAIN), np.zeros(4 * nd))
+        w = self.structure_kernels(NUM_CLASSES * nd, cin, SMOOTH_CONF_GAIN)
+        flat = self.flat[x]  # [colours, cin]: the map on each flat colour image
+        mean, spread = flat.mean(axis=0), flat.std(axis=0) + 1e-6
+        mix = self.rng.standard_normal((NUM_CLASSES * nd, cin)) / spread
+        mix *= SMOOTH_COLOUR_GAIN / (((flat - mean) @ mix.T).std(axis=0)[:, None] + 1e-9)  # unit spread per class
+        w = w + (mix[:, :, None, None] / (HEAD_KERNEL * HEAD_KERNEL)).astype(np.float32)  # the 3x3 mean
+        background = np.repeat(_class_bias(SMOOTH_BACKGROUND[m] + SMOOTH_NARROWING * self.halvings), nd)
+        return loc, self.emit_head(x, f"conf.{m}", w, background - mix @ mean)
+
+
+def build_standin(seed: int = 0, channels_divisor: int = 1, opset: int = OPSET, smooth: bool = False
+                  ) -> onnx.ModelProto:
+    """The stand-in model: official architecture and interface, weights from ``default_rng(seed)``,
+    random or (``smooth``) chosen to be stable (see the module's docstring).
 
     ``channels_divisor`` = 1 is the full model (≈20.0 M parameters, ≈433
     GFLOPs at 1200²); larger divisors (a power of two up to 64) divide every
@@ -227,7 +326,8 @@ def build_standin(seed: int = 0, channels_divisor: int = 1, opset: int = OPSET) 
         [], "batchdet_standin_ssd_resnet34",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [1, 3, INPUT_SIZE, INPUT_SIZE])], [],
     )
-    net = _Network(graph, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    net = _SmoothNetwork(graph, rng, channels_divisor) if smooth else _Network(graph, rng)
 
     # backbone: ResNet-34 stem, layer1-3 (layer3 all stride 1): 1200 -> 150
     x = net.conv(INPUT_NAME, "backbone.conv1", net.he(c(STEM_CHANNELS), 3, 7), stride=2, pad=3)
@@ -253,35 +353,44 @@ def build_standin(seed: int = 0, channels_divisor: int = 1, opset: int = OPSET) 
     # d·H·W + y·W + x, the default_boxes() order.
     locs, confs = [], []
     for m, (fmap, ch, nd, feat) in enumerate(zip(maps, map_channels, BOXES_PER_CELL, FEAT_SIZES)):
-        for kind, per_box, gain, bias, out in (
-            ("loc", 4, LOC_GAIN, np.zeros(4 * nd), locs),
-            ("conf", NUM_CLASSES, CONF_GAINS[m], np.repeat(_class_bias(), nd), confs),
-        ):
-            y = net.head(fmap, f"{kind}.{m}", ch, per_box * nd, gain, bias)
+        for kind, per_box, y, out in zip(("loc", "conf"), (4, NUM_CLASSES), net.heads(m, fmap, ch, nd), (locs, confs)):
             shape = net.const(f"{kind}.{m}.shape", np.array([1, per_box, nd * feat * feat], dtype=np.int64))
             out.append(net.op("Reshape", [y, shape], f"{kind}.{m}.flat"))
     loc = net.op("Concat", locs, "loc", axis=2)
     conf = net.op("Concat", confs, "conf", axis=2)
     build_postprocess(graph, loc, conf, opset)
-    return finish_model(graph, standin_metadata(seed, channels_divisor), opset)
+    return finish_model(graph, standin_metadata(seed, channels_divisor, smooth), opset)
 
 
-def standin_metadata(seed: int, channels_divisor: int) -> dict[str, str]:
+def standin_metadata(seed: int, channels_divisor: int, smooth: bool = False) -> dict[str, str]:
     """What a stand-in says about itself (``batchdet model info`` prints it):
-    its kind, and the seed and divisor that rebuild it byte for byte.
-    ``batchdet.standin`` is the flag older versions recognise stand-ins by."""
-    return {KIND_KEY: STANDIN, STANDIN_KEY: "true", "batchdet.seed": str(seed),
+    its kind, its weights if smooth, and the seed and divisor that rebuild it byte for
+    byte. ``batchdet.standin`` is the flag older versions recognise stand-ins by."""
+    weights = {WEIGHTS_KEY: SMOOTH} if smooth else {}  # none: random, as every stand-in before smooth ones
+    return {KIND_KEY: STANDIN, STANDIN_KEY: "true", **weights, "batchdet.seed": str(seed),
             "batchdet.channels_divisor": str(channels_divisor)}
 
 
-def _class_bias() -> np.ndarray:
+def _class_bias(background: float) -> np.ndarray:
     """Per-class conf bias: only background is offset, so no class is favoured everywhere."""
     bias = np.zeros(NUM_CLASSES)
-    bias[0] = BACKGROUND_BIAS
+    bias[0] = background
     return bias
 
 
-def write_standin(path: str | os.PathLike, seed: int = 0, channels_divisor: int = 1, opset: int = OPSET) -> Path:
+def _blur(kernel: int) -> np.ndarray:
+    """A separable low-pass kernel whose taps sum to 1: binomial for 3x3, a
+    Gaussian of sigma 1.5 for the stem's 7x7 (it anti-aliases the stride 2)."""
+    if kernel == 7:
+        taps = np.exp(-0.5 * ((np.arange(7) - 3) / 1.5) ** 2)
+    else:
+        taps = np.array([math.comb(kernel - 1, i) for i in range(kernel)], dtype=np.float64)
+    taps /= taps.sum()
+    return np.outer(taps, taps)
+
+
+def write_standin(path: str | os.PathLike, seed: int = 0, channels_divisor: int = 1, opset: int = OPSET,
+                  smooth: bool = False) -> Path:
     """Build the stand-in and write it to ``path`` atomically; returns the path.
 
     Several workers may race to create the same file: each writes a temp file
@@ -290,7 +399,7 @@ def write_standin(path: str | os.PathLike, seed: int = 0, channels_divisor: int 
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    data = build_standin(seed, channels_divisor, opset).SerializeToString()
+    data = build_standin(seed, channels_divisor, opset, smooth).SerializeToString()
     with atomic_write(target, mode=0o644) as f:  # readable by other users, whatever the umask
         f.write(data)
     return target

@@ -136,7 +136,7 @@ def render_summary(summary: Summary) -> str:
 #: the model column: what the manifest's kind says, else whether it was the official file
 _LABELS = {OFFICIAL: "official", OFFICIAL_INT8: "official INT8", STANDIN: "stand-in", OTHER: "other"}
 _NOTES = {
-    STANDIN: "NOTE: runs marked stand-in used random weights; their detections mean nothing.",
+    STANDIN: "NOTE: runs marked stand-in used made-up weights; their detections mean nothing.",
     OFFICIAL_INT8: "NOTE: runs marked official INT8 used an INT8 copy of the official weights; "
                    "check its accuracy with `batchdet eval`.",
     OTHER: "NOTE: runs marked other used a model that is not the official file; its accuracy is unknown.",

@@ -12,6 +12,14 @@ from pathlib import Path
 from PIL import Image
 
 
+#: the photographs among scikit-image's files (not its drawings or test patterns): 20 real
+#: scenes, colour and grey, 300 to 1411 pixels a side, JPEG and PNG
+REAL_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
+               "coffee.png", "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
+               "microaneurysms.png", "moon.png", "motorcycle_left.png", "motorcycle_right.png", "page.png",
+               "retina.jpg", "rocket.jpg", "text.png")
+
+
 def photo_path(name: str) -> Path:
     """``rocket.jpg`` (640×427 JPEG), ``retina.jpg`` (1411×1411 JPEG),
     ``chelsea.png`` (451×300 RGB PNG), ``camera.png`` (512×512 grey PNG), ..."""

@@ -119,7 +119,7 @@ def test_model_kind_of_each_run(tmp_path) -> None:
     assert [re.split(r"\s{2,}", line)[2] for line in lines[start:start + 8]] == [label for *_, label in KIND_RUNS]
     assert lines[start + 8:] == [
         "",
-        "NOTE: runs marked stand-in used random weights; their detections mean nothing.",
+        "NOTE: runs marked stand-in used made-up weights; their detections mean nothing.",
         "NOTE: runs marked official INT8 used an INT8 copy of the official weights; "
         "check its accuracy with `batchdet eval`.",
         "NOTE: runs marked other used a model that is not the official file; its accuracy is unknown.",
