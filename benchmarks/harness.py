@@ -110,6 +110,8 @@ def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
     """The arguments every measuring script takes: the model, where to work and where to write."""
     p.add_argument("--model", help="ONNX model (default: the full stand-in, built once into the cache)")
     p.add_argument("--channels-divisor", type=int, default=1, help="stand-in width divisor (8 for a fast smoke run)")
+    p.add_argument("--smooth", action="store_true",
+                   help="the smooth stand-in (detections stable enough to compare; docs/model.md, \"Stand-ins\")")
     p.add_argument("--workdir", help="images, outputs and logs (default: work/ beside --out)")
     p.add_argument("--out", default=out)
 
@@ -210,18 +212,21 @@ def folder_bytes(folder: Path) -> int:
 
 # --- models ---------------------------------------------------------------------
 def resolve_model(args: argparse.Namespace, workdir: Path) -> Path:
-    """``--model``, else the stand-in at ``--channels-divisor`` (built once, cached)."""
+    """``--model``, else the stand-in at ``--channels-divisor``, smooth with
+    ``--smooth`` (built once, cached)."""
     if args.model:
         return Path(args.model).resolve()
     from batchdet.model.fetch import resolve_model_path
     from batchdet.model.standin import write_standin
 
-    name = "standin-ssd1200.onnx" if args.channels_divisor == 1 else f"standin-ssd1200-div{args.channels_divisor}.onnx"
+    smooth = getattr(args, "smooth", False)
+    name = ("standin-ssd1200" + ("-smooth" if smooth else "")
+            + ("" if args.channels_divisor == 1 else f"-div{args.channels_divisor}") + ".onnx")
     path = resolve_model_path(None).with_name(name)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"building the stand-in ({name}) ...", flush=True)
-        write_standin(path, seed=0, channels_divisor=args.channels_divisor)
+        write_standin(path, seed=0, channels_divisor=args.channels_divisor, smooth=smooth)
     return path
 
 

@@ -12,12 +12,14 @@ detections scoring above 0.3 that it matches (IoU >= 0.9, same label), and
 the largest score difference of a matched pair. The INT8 copy is made as
 ``batchdet model quantize`` makes it, calibrated on the same photos.
 
-With the stand-in (random weights) the agreement of detections measures the
-stand-in's chaos as much as the precision (docs/model.md); with the official
-weights it is the figure to read. The target is bf16's speed-up, a ratio
+With the random stand-in the agreement of detections measures the stand-in's
+chaos as much as the precision; ``--smooth`` (the smooth stand-in, whose
+detections hold still under noise) makes it a measurement of the precision,
+still a proxy: real accuracy needs ``batchdet eval`` with the official
+weights (docs/model.md, "Stand-ins"). The target is bf16's speed-up, a ratio
 within this run, judged only on a CPU with bf16.
 
-    python benchmarks/precision.py --out bench-out/precision.json
+    python benchmarks/precision.py --smooth --out bench-out/precision.json
     python benchmarks/precision.py --quick --out bench-out/precision-quick.json   # CI smoke
 """
 
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 import harness
+from batchdet.model.spec import INPUT_SIZE
 
 TARGETS = {"bf16_speedup": (">=", 1.8)}
 #: scikit-image's photographs (its data folder): real scenes, several sizes
@@ -55,28 +58,32 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def agreement(reference: dict, candidate: dict, min_score: float = MIN_SCORE, min_iou: float = MIN_IOU) -> dict:
-    """How far ``candidate``'s detections of an image (``bboxes`` [N, 4], ``labels``,
-    ``scores``) agree with ``reference``'s: of the reference's detections scoring
-    above ``min_score``, how many a candidate detection of the same label overlaps by
-    IoU >= ``min_iou`` (``matched`` of ``wanted``), and the largest score difference
-    between a matched detection and its best-overlapping match (None: nothing matched)."""
+    """How far ``candidate``'s detections of an image (``bboxes`` [N, 4], normalised,
+    ``labels``, ``scores``) agree with ``reference``'s: of the reference's detections
+    scoring above ``min_score``, how many a candidate detection of the same label
+    overlaps by IoU >= ``min_iou`` (``matched`` of ``wanted``); between a matched
+    detection and its best-overlapping match, the largest score difference and the
+    largest difference of a box edge in pixels of the 1200 input (None: nothing matched)."""
     keep = reference["scores"] > min_score
     ref_boxes, ref_labels, ref_scores = reference["bboxes"][keep], reference["labels"][keep], reference["scores"][keep]
     if not len(ref_scores):
-        return {"wanted": 0, "matched": 0, "max_score_diff": None}
+        return {"wanted": 0, "matched": 0, "max_score_diff": None, "max_box_diff_px": None}
     iou = box_iou(ref_boxes, candidate["bboxes"])
     iou = np.where(ref_labels[:, None] == candidate["labels"][None, :], iou, 0.0)
-    matched = iou.max(axis=1, initial=0.0) >= min_iou
-    diffs = [abs(float(ref_scores[i]) - float(candidate["scores"][int(np.argmax(iou[i]))]))
-             for i in np.flatnonzero(matched)]
-    return {"wanted": int(len(ref_scores)), "matched": int(matched.sum()), "max_score_diff": max(diffs, default=None)}
+    matched = np.flatnonzero(iou.max(axis=1, initial=0.0) >= min_iou)
+    pair = iou[matched].argmax(axis=1) if len(matched) else np.zeros(0, np.int64)
+    score_diffs = np.abs(ref_scores[matched].astype(np.float64) - candidate["scores"][pair])
+    box_diffs = np.abs(ref_boxes[matched].astype(np.float64) - candidate["bboxes"][pair]).max(axis=1, initial=0.0)
+    worst = lambda d: float(d.max()) if len(d) else None  # noqa: E731
+    return {"wanted": int(len(ref_scores)), "matched": int(len(matched)), "max_score_diff": worst(score_diffs),
+            "max_box_diff_px": worst(box_diffs * INPUT_SIZE)}
 
 
 def summarise(records: list[dict]) -> list[dict]:
     """One line per engine x precision from its ``times`` (s per image) and per-image
     ``agreements`` (:func:`agreement`): median s/image, speed-up over onnxruntime fp32
     (its median over this one's), the fraction of FP32's detections matched over all
-    images, the largest score difference; an unavailable one keeps its ``reason``."""
+    images, the largest score and box differences; an unavailable one keeps its ``reason``."""
     base = next(statistics.median(r["times"]) for r in records if (r["engine"], r["precision"]) == BASELINE)
     lines = []
     for r in records:
@@ -86,11 +93,11 @@ def summarise(records: list[dict]) -> list[dict]:
             continue
         s = statistics.median(r["times"])
         wanted = sum(a["wanted"] for a in r["agreements"])
-        diffs = [a["max_score_diff"] for a in r["agreements"] if a["max_score_diff"] is not None]
+        worst = lambda key: max((a[key] for a in r["agreements"] if a[key] is not None), default=None)  # noqa: E731
         lines.append({**line, "s_per_image": s, "speedup": base / s, "wanted": wanted,
                       "matched": sum(a["matched"] for a in r["agreements"]),
                       "agreement": sum(a["matched"] for a in r["agreements"]) / wanted if wanted else None,
-                      "max_score_diff": max(diffs, default=None)})
+                      "max_score_diff": worst("max_score_diff"), "max_box_diff_px": worst("max_box_diff_px")})
     return lines
 
 
@@ -103,9 +110,10 @@ def rows(lines: list[dict]) -> list[tuple[str, str, str]]:
             continue
         agree = "n/a" if line["agreement"] is None else f"{line['agreement']:.1%} of {line['wanted']}"
         diff = "n/a" if line["max_score_diff"] is None else f"{line['max_score_diff']:.4f}"
+        box = "n/a" if line["max_box_diff_px"] is None else f"{line['max_box_diff_px']:.2f} px"
         out.append((name, f"{line['s_per_image']:.3f} s/image",
                     f"x{line['speedup']:.2f} fp32; agreement with fp32 {agree} (score > {MIN_SCORE}, IoU >= "
-                    f"{MIN_IOU}, same label), max score diff {diff}"))
+                    f"{MIN_IOU}, same label), max score diff {diff}, max box diff {box}"))
     return out
 
 

@@ -178,14 +178,18 @@ def test_precision_agreement_counts_fp32_detections_above_the_score_matched_by_l
     assert precision.box_iou(ref["bboxes"][:1], got["bboxes"][:1])[0, 0] == pytest.approx(0.9)
     a = precision.agreement(ref, got)
     assert (a["wanted"], a["matched"]) == (3, 1) and a["max_score_diff"] == pytest.approx(0.05)
-    assert precision.agreement(ref, ref) == {"wanted": 3, "matched": 3, "max_score_diff": 0.0}
-    assert precision.agreement(ref, _detections([], [], [])) == {"wanted": 3, "matched": 0, "max_score_diff": None}
-    assert precision.agreement(_detections([], [], []), ref) == {"wanted": 0, "matched": 0, "max_score_diff": None}
+    assert a["max_box_diff_px"] == pytest.approx(1 * 1200)  # box 0's y_max moved by one unit of the normalised box
+    same = {"wanted": 3, "matched": 3, "max_score_diff": 0.0, "max_box_diff_px": 0.0}
+    assert precision.agreement(ref, ref) == same
+    none = {"max_score_diff": None, "max_box_diff_px": None}
+    assert precision.agreement(ref, _detections([], [], [])) == {"wanted": 3, "matched": 0, **none}
+    assert precision.agreement(_detections([], [], []), ref) == {"wanted": 0, "matched": 0, **none}
 
 
 def test_precision_lines_are_medians_over_fp32_and_pooled_agreement():
     precision = script("precision")
-    agree = lambda wanted, matched, diff: {"wanted": wanted, "matched": matched, "max_score_diff": diff}  # noqa: E731
+    agree = lambda wanted, matched, diff: {"wanted": wanted, "matched": matched, "max_score_diff": diff,  # noqa: E731
+                                           "max_box_diff_px": diff and diff * 100}
     records = [
         {"engine": "onnxruntime", "precision": "fp32", "reason": None, "times": [2.0, 2.4, 2.2],
          "agreements": [agree(10, 10, 0.0), agree(6, 6, 0.0)]},
@@ -197,7 +201,7 @@ def test_precision_lines_are_medians_over_fp32_and_pooled_agreement():
     fp32, bf16, int8, ov_int8 = precision.summarise(records)
     assert fp32["speedup"] == 1.0 and fp32["agreement"] == 1.0 and fp32["s_per_image"] == 2.2
     assert bf16 == {"engine": "openvino", "precision": "bf16", "s_per_image": 1.1, "speedup": 2.0, "wanted": 16,
-                    "matched": 12, "agreement": 0.75, "max_score_diff": 0.05}
+                    "matched": 12, "agreement": 0.75, "max_score_diff": 0.05, "max_box_diff_px": 5.0}
     assert int8 == {"engine": "onnxruntime", "precision": "int8", "reason": "no INT8 copy (--int8 none)"}
     assert ov_int8["speedup"] == 4.4 and ov_int8["agreement"] is None and ov_int8["max_score_diff"] is None
     table = precision.rows([fp32, bf16, int8])
