@@ -209,7 +209,9 @@ def test_detect_prints_progress_and_summary_and_keeps_ray_in_its_log(narrow_mode
     rows = pads.dataset(tmp_path / "out", format="parquet", partitioning="hive").to_table(columns=["status"])
     assert sorted(rows.column("status").to_pylist()) == ["error"] + ["ok"] * 30
     lines = (proc.stdout + proc.stderr).splitlines()
-    assert len(lines) <= 12, lines
+    # off a terminal the progress line repeats every 30 s (more of them on a loaded machine); the rest is bounded
+    progress = [x for x in lines if x.strip().split(" ", 1)[0].endswith("/31")]
+    assert 1 <= len(progress) and len(lines) - len(progress) <= 10, lines
     assert not [x for x in lines if " INFO " in x or "core_worker" in x or "WARNING" in x], lines
     assert lines[-1].startswith("31/31 images (1 error)") or any(x.strip().startswith("31/31 images (1 error)")
                                                                  for x in lines)

@@ -114,8 +114,10 @@ SMOOTH_CONF_GAIN = 10.0
 SMOOTH_COLOUR_GAIN = 2.0
 SMOOTH_BACKGROUND = (6.5, 6.5, 6.0, 4.5, 3.0, 3.0)
 SMOOTH_NARROWING = 0.7
-#: loc head of the smooth stand-in: its structure kernels' gain (offsets of about ±1 on photos)
-SMOOTH_LOC_GAIN = 6.0
+#: loc head of the smooth stand-in: its structure kernels' gain, low so that boxes move by a pixel
+#: only for real differences of input (offsets of about ±0.3 on photos; notes: the 1-px agreement)
+SMOOTH_LOC_GAIN = 1.0
+
 
 class _Network(Graph):
     """Adds layers with seeded random weights, named like the PyTorch reference.
