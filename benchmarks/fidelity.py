@@ -38,6 +38,8 @@ TARGETS = {"agreement": (">=", 0.99)}
 BOX_PX = 1.0
 SCORE_DIFF = 1e-3
 EDGES = ("x_min", "y_min", "x_max", "y_max")
+#: why a reference detection was not found (see match_image)
+REASONS = ("score", "box", "label")
 DATASET = "photos"
 
 
@@ -64,14 +66,17 @@ def match_image(uri: str, reference: list[dict], found: list[dict], width: int, 
     reference detection takes the closest unused batchdet detection with the
     same ``label_id``, every edge within ``box_px`` and the score within
     ``score_diff``. Returns the counts, the worst box and score differences of
-    the pairs (None: no pair), and each detection not found with batchdet's
-    nearest one by box (any label; None when batchdet has none)."""
+    the pairs (None: no pair), and each detection not found with why, among
+    batchdet's detections not yet taken (``score``: one of its label within
+    ``box_px``, none with the score close enough; ``box``: of its label, none
+    within ``box_px``; ``label``: none of its label) and batchdet's nearest
+    detection by box (any label, taken or not; None when batchdet has none)."""
     used: set[int] = set()
     box_diffs, score_diffs, unmatched = [], [], []
     for ref in (clip_box(d, width, height) for d in reference):
-        fits = [(box_diff(ref, c), abs(ref["score"] - c["score"]), i) for i, c in enumerate(found)
-                if i not in used and c["label_id"] == ref["label_id"]]
-        fits = [f for f in fits if f[0] <= box_px and f[1] <= score_diff]
+        same_label = [(box_diff(ref, c), abs(ref["score"] - c["score"]), i) for i, c in enumerate(found)
+                      if i not in used and c["label_id"] == ref["label_id"]]
+        fits = [f for f in same_label if f[0] <= box_px and f[1] <= score_diff]
         if fits:
             box, score, i = min(fits)
             used.add(i)
@@ -79,7 +84,8 @@ def match_image(uri: str, reference: list[dict], found: list[dict], width: int, 
             score_diffs.append(score)
             continue
         nearest = min(found, key=lambda c: box_diff(ref, c), default=None)
-        unmatched.append({"uri": uri, **_brief(ref),
+        reason = ("score" if any(f[0] <= box_px for f in same_label) else "box" if same_label else "label")
+        unmatched.append({"uri": uri, **_brief(ref), "reason": reason,
                           "nearest": nearest and {**_brief(nearest), "box_diff_px": box_diff(ref, nearest)}})
     return {"uri": uri, "reference": len(reference), "found": len(box_diffs),
             "max_box_diff_px": max(box_diffs, default=None), "max_score_diff": max(score_diffs, default=None),
@@ -94,12 +100,15 @@ def _brief(d: dict) -> dict:
 def summarise(matches: list[dict]) -> dict:
     """:func:`match_image`'s records pooled: images, reference detections, found,
     the fraction found (None: the reference had none), the worst differences of
-    all pairs and every detection not found."""
+    all pairs, how many were not found for each reason and every one of them."""
     worst = lambda key: max((m[key] for m in matches if m[key] is not None), default=None)  # noqa: E731
     reference, found = sum(m["reference"] for m in matches), sum(m["found"] for m in matches)
+    unmatched = [u for m in matches for u in m["unmatched"]]
     return {"images": len(matches), "reference_detections": reference, "found": found,
             "agreement": found / reference if reference else None, "max_box_diff_px": worst("max_box_diff_px"),
-            "max_score_diff": worst("max_score_diff"), "unmatched": [u for m in matches for u in m["unmatched"]]}
+            "max_score_diff": worst("max_score_diff"),
+            "not_found_by_reason": {r: sum(u["reason"] == r for u in unmatched) for r in REASONS},
+            "unmatched": unmatched}
 
 
 def rows(summary: dict) -> list[tuple[str, str, str]]:
@@ -115,13 +124,14 @@ def rows(summary: dict) -> list[tuple[str, str, str]]:
            ("agreement", num(summary["agreement"], ".2%"), "found / reference detections"),
            ("worst box diff", num(summary["max_box_diff_px"], ".4f") + " px", "among the pairs found"),
            ("worst score diff", num(summary["max_score_diff"], ".2e"), "among the pairs found"),
-           ("not found", str(len(summary["unmatched"])), "listed below")]
+           ("not found", str(len(summary["unmatched"])),
+            ", ".join(f"{n} {r}" for r, n in summary["not_found_by_reason"].items()) + "; listed below")]
     for u in summary["unmatched"]:
         n = u["nearest"]
         near = "batchdet has none" if n is None else (
             f"nearest: label {n['label_id']} score {n['score']:.4f} box {_px(n['box'])} ({n['box_diff_px']:.2f} px off)")
         out.append((f"  {Path(u['uri']).name}", f"label {u['label_id']} score {u['score']:.4f}",
-                    f"box {_px(u['box'])}; {near}"))
+                    f"{u['reason']}: box {_px(u['box'])}; {near}"))
     return out
 
 

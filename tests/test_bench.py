@@ -272,8 +272,8 @@ def test_fidelity_finds_reference_detections_by_label_box_and_score():
     m = fidelity.match_image("a.jpg", reference, found, width=160, height=120)
     assert (m["reference"], m["found"]) == (5, 2)
     assert m["max_box_diff_px"] == 1.0 and m["max_score_diff"] == pytest.approx(8e-4)
-    missed = [(u["label_id"], u["score"]) for u in m["unmatched"]]
-    assert missed == [(3, 0.8), (18, 0.7), (18, 0.6)]
+    missed = [(u["label_id"], u["score"], u["reason"]) for u in m["unmatched"]]
+    assert missed == [(3, 0.8, "label"), (18, 0.7, "box"), (18, 0.6, "score")]
     # each with batchdet's nearest by box, whatever its label
     assert [u["nearest"]["label_id"] for u in m["unmatched"]] == [4, 18, 18]
     assert [u["nearest"]["box_diff_px"] for u in m["unmatched"]] == [0.0, 1.5, 0.0]
@@ -302,12 +302,13 @@ def test_fidelity_summary_pools_the_images():
     s = fidelity.summarise([a, b, none])
     assert {k: v for k, v in s.items() if k != "unmatched"} == {
         "images": 3, "reference_detections": 4, "found": 3, "agreement": 0.75, "max_box_diff_px": 0.25,
-        "max_score_diff": pytest.approx(5e-4)}
-    assert [u["uri"] for u in s["unmatched"]] == ["a"]
+        "max_score_diff": pytest.approx(5e-4), "not_found_by_reason": {"score": 0, "box": 0, "label": 1}}
+    assert [u["uri"] for u in s["unmatched"]] == ["a"]  # a's third: both label-1 boxes taken, so "label"
     assert fidelity.summarise([none])["agreement"] is None
     table = fidelity.rows(s)
     assert ("agreement", "75.00%", "found / reference detections") in table
-    assert table[-1][0] == "  a" and "nearest: label 1 score 0.9000" in table[-1][2]
+    assert ("not found", "1", "0 score, 0 box, 1 label; listed below") in table
+    assert table[-1][0] == "  a" and table[-1][2].startswith("label: ") and "nearest: label 1 score 0.9000" in table[-1][2]
 
 
 # --- quick runs ---------------------------------------------------------------------------------
@@ -444,7 +445,7 @@ def test_fidelity_quick_run(tmp_path):
     images, s = res["images"], res["summary"]
     assert s["reference_detections"] == sum(m["reference"] for m in images) > 0
     assert s["found"] == sum(m["found"] for m in images) and s["agreement"] == s["found"] / s["reference_detections"]
-    assert len(s["unmatched"]) == s["reference_detections"] - s["found"]
+    assert len(s["unmatched"]) == s["reference_detections"] - s["found"] == sum(s["not_found_by_reason"].values())
     assert s["max_box_diff_px"] is None or s["max_box_diff_px"] <= 1.0
     target = res["targets"]["agreement"]
     assert target["value"] == s["agreement"] and target["met"] == _holds(target["value"], target["target"])
