@@ -128,8 +128,8 @@ def rows(summary: dict) -> list[tuple[str, str, str]]:
             ", ".join(f"{n} {r}" for r, n in summary["not_found_by_reason"].items()) + "; listed below")]
     for u in summary["unmatched"]:
         n = u["nearest"]
-        near = "batchdet has none" if n is None else (
-            f"nearest: label {n['label_id']} score {n['score']:.4f} box {_px(n['box'])} ({n['box_diff_px']:.2f} px off)")
+        near = "batchdet has none" if n is None else (f"nearest: label {n['label_id']} score {n['score']:.4f} "
+                                                      f"box {_px(n['box'])} ({n['box_diff_px']:.2f} px off)")
         out.append((f"  {Path(u['uri']).name}", f"label {u['label_id']} score {u['score']:.4f}",
                     f"{u['reason']}: box {_px(u['box'])}; {near}"))
     return out

@@ -308,7 +308,8 @@ def test_fidelity_summary_pools_the_images():
     table = fidelity.rows(s)
     assert ("agreement", "75.00%", "found / reference detections") in table
     assert ("not found", "1", "0 score, 0 box, 1 label; listed below") in table
-    assert table[-1][0] == "  a" and table[-1][2].startswith("label: ") and "nearest: label 1 score 0.9000" in table[-1][2]
+    assert table[-1][0] == "  a" and table[-1][2].startswith("label: ")
+    assert "nearest: label 1 score 0.9000" in table[-1][2]
 
 
 # --- quick runs ---------------------------------------------------------------------------------

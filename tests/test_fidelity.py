@@ -19,9 +19,9 @@ from batchdet.api import detect
 from batchdet.model.labels import COCO_NAMES, INDEX_TO_COCO_ID
 from batchdet.model.standin import write_standin
 from batchdet.pipeline.preprocess import preprocess
-from helpers import mlperf_reference as mlperf
-from helpers.benchmarks import script
-from helpers.photos import photo_path
+from tests.helpers import mlperf_reference as mlperf
+from tests.helpers.benchmarks import script
+from tests.helpers.photos import photo_path
 
 fidelity = script("fidelity")
 #: a colour PNG, a grey PNG, a JPEG, a small non-square PNG
@@ -76,8 +76,9 @@ def test_detect_rows_are_mlperfs_post_processing_of_the_same_tensor(tmp_path):
 
 @pytest.mark.skipif("smooth" not in inspect.signature(write_standin).parameters,
                     reason="this batchdet has no smooth stand-in")
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="batchdet resizes uint8 planes, MLPerf floats: up to 0.78 grey level apart, "
-                                       "which moves most scores by more than 1e-3 (docs/notes/2026-12-04-fidelity.md)")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="batchdet resizes uint8 planes, MLPerf floats: up to 0.78 grey level apart, which moves "
+                          "most scores by more than 1e-3 (docs/notes/2026-12-04-fidelity.md)")
 def test_detect_finds_mlperfs_detections_on_the_smooth_stand_in(smooth_model, tmp_path):
     """Issue 25's measure, end to end: of MLPerf's detections (score >= 0.5) on
     real photos, >= 99 % are in ``detect``'s output with the same label, every
