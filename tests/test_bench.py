@@ -3,7 +3,7 @@ derives from its raw measurements (ratios, marginal rates, per-image costs,
 targets judged) against values worked out by hand here. Fast, in the
 default run.
 
-Then the quick modes of bench.py, preprocessing.py, int8.py, prefetch.py,
+Then the quick modes of bench.py, preprocessing.py, int8.py, prefetch.py, fidelity.py,
 ray_presence.py and session_options.py end to end (overhead.py's, scale.py's and
 listing.py's are in their own tests): every field there and sane, a few
 figures recomputed from what the run left on disk. No timing is asserted:
@@ -255,6 +255,63 @@ def test_session_options_relative_to_the_default_round_by_round():
     assert creation["hit_vs_uncached"] == 0.25
 
 
+
+def _det(label: int, score: float, box: tuple[float, float, float, float]) -> dict:
+    return {"label_id": label, "score": score, **dict(zip(("x_min", "y_min", "x_max", "y_max"), box))}
+
+
+def test_fidelity_finds_reference_detections_by_label_box_and_score():
+    fidelity = script("fidelity")
+    reference = [_det(1, 0.9, (10, 10, 50, 50)),     # found: edges within 1 px, score within 1e-3
+                 _det(3, 0.8, (100, 20, 140, 60)),   # batchdet's has another label
+                 _det(18, 0.7, (0, 0, 30, 30)),      # batchdet's is 1.5 px off
+                 _det(18, 0.6, (60, 60, 90, 90)),    # batchdet's score is 2e-3 off
+                 _det(62, 0.55, (-4.0, 5, 80, 130))]  # strays outside: clipped to x_min 0, y_max 120, then found
+    found = [_det(1, 0.9008, (11, 9, 50.5, 49)), _det(4, 0.8, (100, 20, 140, 60)), _det(18, 0.7, (0, 0, 31.5, 30)),
+             _det(18, 0.602, (60, 60, 90, 90)), _det(62, 0.5501, (0.4, 5, 80, 120))]
+    m = fidelity.match_image("a.jpg", reference, found, width=160, height=120)
+    assert (m["reference"], m["found"]) == (5, 2)
+    assert m["max_box_diff_px"] == 1.0 and m["max_score_diff"] == pytest.approx(8e-4)
+    missed = [(u["label_id"], u["score"], u["reason"]) for u in m["unmatched"]]
+    assert missed == [(3, 0.8, "label"), (18, 0.7, "box"), (18, 0.6, "score")]
+    # each with batchdet's nearest by box, whatever its label
+    assert [u["nearest"]["label_id"] for u in m["unmatched"]] == [4, 18, 18]
+    assert [u["nearest"]["box_diff_px"] for u in m["unmatched"]] == [0.0, 1.5, 0.0]
+    assert m["unmatched"][0]["box"] == [100, 20, 140, 60] and m["unmatched"][0]["uri"] == "a.jpg"
+    # unclipped, the stray box's x_min would be 4.4 px off
+    assert fidelity.clip_box(reference[4], 160, 120) == _det(62, 0.55, (0.0, 5, 80, 120))
+
+
+def test_fidelity_matching_is_one_to_one_and_takes_the_closest():
+    fidelity = script("fidelity")
+    reference = [_det(5, 0.9, (0, 0, 10, 10)), _det(5, 0.9, (0, 0, 10, 10))]
+    m = fidelity.match_image("b.png", reference, [_det(5, 0.9, (0.5, 0, 10, 10)), _det(5, 0.9, (0.2, 0, 10, 10))],
+                             100, 100)
+    assert m["found"] == 2 and m["max_box_diff_px"] == 0.5  # the first took the 0.2 px one, the second what is left
+    alone = fidelity.match_image("b.png", reference, [_det(5, 0.9, (0, 0, 10, 10))], 100, 100)
+    assert alone["found"] == 1 and alone["unmatched"][0]["nearest"]["box_diff_px"] == 0.0  # used, still the nearest
+    empty = fidelity.match_image("c.png", reference[:1], [], 100, 100)
+    assert empty["found"] == 0 and empty["unmatched"][0]["nearest"] is None and empty["max_box_diff_px"] is None
+
+
+def test_fidelity_summary_pools_the_images():
+    fidelity = script("fidelity")
+    a = fidelity.match_image("a", [_det(1, 0.9, (0, 0, 10, 10))] * 3, [_det(1, 0.9, (0, 0, 10, 10.25))] * 2, 20, 20)
+    b = fidelity.match_image("b", [_det(2, 0.8, (0, 0, 10, 10))], [_det(2, 0.8005, (0, 0, 10, 10))], 20, 20)
+    none = fidelity.match_image("c", [], [_det(2, 0.8, (0, 0, 10, 10))], 20, 20)
+    s = fidelity.summarise([a, b, none])
+    assert {k: v for k, v in s.items() if k != "unmatched"} == {
+        "images": 3, "reference_detections": 4, "found": 3, "agreement": 0.75, "max_box_diff_px": 0.25,
+        "max_score_diff": pytest.approx(5e-4), "not_found_by_reason": {"score": 0, "box": 0, "label": 1}}
+    assert [u["uri"] for u in s["unmatched"]] == ["a"]  # a's third: both label-1 boxes taken, so "label"
+    assert fidelity.summarise([none])["agreement"] is None
+    table = fidelity.rows(s)
+    assert ("agreement", "75.00%", "found / reference detections") in table
+    assert ("not found", "1", "0 score, 0 box, 1 label; listed below") in table
+    assert table[-1][0] == "  a" and table[-1][2].startswith("label: ")
+    assert "nearest: label 1 score 0.9000" in table[-1][2]
+
+
 # --- quick runs ---------------------------------------------------------------------------------
 def _quick(name: str, out: Path) -> dict:
     """``name --quick --out OUT``: its JSON, after checking it printed its targets."""
@@ -378,3 +435,18 @@ def test_session_options_quick_run(tmp_path):
     assert list(res["variants"]) == ["default", "1 thread"] and res["variants"]["default"]["relative_time"] == 1.0
     assert all(_positive(res["creation"][m]["mean_s"]) for m in ("uncached", "cache miss", "cache hit"))
     assert "cache hit / uncached" in stdout
+
+
+@pytest.mark.bench
+def test_fidelity_quick_run(tmp_path):
+    res = _quick("fidelity", tmp_path / "fidelity.json")
+    c = res["config"]
+    assert c["quick"] is True and c["channels_divisor"] == 16 and "smooth" in c["model_kind"]
+    assert len(c["photos"]) == 3 == len(res["images"]) == res["summary"]["images"]
+    images, s = res["images"], res["summary"]
+    assert s["reference_detections"] == sum(m["reference"] for m in images) > 0
+    assert s["found"] == sum(m["found"] for m in images) and s["agreement"] == s["found"] / s["reference_detections"]
+    assert len(s["unmatched"]) == s["reference_detections"] - s["found"] == sum(s["not_found_by_reason"].values())
+    assert s["max_box_diff_px"] is None or s["max_box_diff_px"] <= 1.0
+    target = res["targets"]["agreement"]
+    assert target["value"] == s["agreement"] and target["met"] == _holds(target["value"], target["target"])
