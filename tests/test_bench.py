@@ -450,3 +450,6 @@ def test_fidelity_quick_run(tmp_path):
     assert s["max_box_diff_px"] is None or s["max_box_diff_px"] <= 1.0
     target = res["targets"]["agreement"]
     assert target["value"] == s["agreement"] and target["met"] == _holds(target["value"], target["target"])
+    # resized as bytes, as batchdet does, the reference's detections are all batchdet's
+    as_bytes = res["resized_as_bytes"]["summary"]
+    assert as_bytes["reference_detections"] > 0 and as_bytes["agreement"] == 1.0, as_bytes["unmatched"][:3]

@@ -10,8 +10,6 @@ ran (equal), then the whole path on the smooth stand-in (issue 25's measure).
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pytest
 
@@ -74,20 +72,30 @@ def test_detect_rows_are_mlperfs_post_processing_of_the_same_tensor(tmp_path):
         assert len(theirs) == len(ours) > 0 and m["found"] == len(theirs), m["unmatched"][:3]
 
 
-@pytest.mark.skipif("smooth" not in inspect.signature(write_standin).parameters,
-                    reason="this batchdet has no smooth stand-in")
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="batchdet resizes uint8 planes, MLPerf floats: up to 0.78 grey level apart, which moves "
-                          "most scores by more than 1e-3 (docs/notes/2026-12-04-fidelity.md)")
 def test_detect_finds_mlperfs_detections_on_the_smooth_stand_in(smooth_model, tmp_path):
-    """Issue 25's measure, end to end: of MLPerf's detections (score >= 0.5) on
-    real photos, >= 99 % are in ``detect``'s output with the same label, every
-    edge within 1 px and the score within 1e-3."""
+    """Issue 25's measure, end to end, on the narrow smooth stand-in: of
+    MLPerf's detections (score >= 0.5) on real photos, those ``detect`` finds
+    with the same label, every edge within 1 px and the score within 1e-3.
+    All of them when the reference resizes bytes as batchdet does (everything
+    else is MLPerf's own code). With MLPerf's float resize, the rounding (up
+    to 0.78 grey level) moves most scores by more than 1e-3 (docs/notes/
+    2026-12-04-fidelity.md) but keeps >= 95 % of labels and boxes within
+    2 px, as noise of that size does on this model."""
     rows = _detect(smooth_model, PHOTOS, tmp_path)
-    matches = []
-    for name in PHOTOS:
-        height, width = mlperf.read_image(photo_path(name)).shape[:2]
-        matches.append(fidelity.match_image(name, mlperf.reference_detections(smooth_model, photo_path(name)),
-                                            rows[name]["detections"], width, height))
-    s = fidelity.summarise(matches)
-    assert s["reference_detections"] > 0 and s["agreement"] >= 0.99, fidelity.rows(s)[:12]
+    by_way = {}
+    for resize_bytes in (True, False):
+        matches = []
+        for name in PHOTOS:
+            height, width = mlperf.read_image(photo_path(name)).shape[:2]
+            reference = mlperf.reference_detections(smooth_model, photo_path(name), resize_bytes=resize_bytes)
+            matches.append(fidelity.match_image(name, reference, rows[name]["detections"], width, height))
+        by_way[resize_bytes] = fidelity.summarise(matches)
+    as_bytes, as_floats = by_way[True], by_way[False]
+    assert as_bytes["reference_detections"] > 50 and as_bytes["agreement"] == 1.0, fidelity.rows(as_bytes)[:12]
+    assert as_bytes["max_score_diff"] < 1e-4 and as_bytes["max_box_diff_px"] < 0.01
+    # the float resize: found by label and box within 2 px, whatever the score
+    loose = [fidelity.match_image(name, mlperf.reference_detections(smooth_model, photo_path(name)),
+                                  rows[name]["detections"], *mlperf.read_image(photo_path(name)).shape[1::-1],
+                                  box_px=2.0, score_diff=1.0) for name in PHOTOS]
+    assert fidelity.summarise(loose)["agreement"] >= 0.95
+    assert as_floats["agreement"] < 0.99  # the rounding's cost: the day it is gone, this test says so
