@@ -1,8 +1,10 @@
-"""Image bytes → model input, exactly as the MLPerf reference prepares it.
+"""Image bytes → model input, as the MLPerf reference prepares it but for one rounding.
 
 MLPerf (``dataset.py: pre_process_coco_resnet34``): decode, RGB, stretch-resize
 to 1200×1200 with OpenCV ``INTER_LINEAR`` (no letterbox), then
-``(x/255 - mean)/std`` and HWC→CHW. The work is split in two, both done by
+``(x/255 - mean)/std`` and HWC→CHW. MLPerf resizes the image as floats; here
+the resize runs on bytes, so resized pixels are rounded to whole grey levels
+(up to 0.78 grey from MLPerf's, docs/model.md "Preprocessing"). The work is split in two, both done by
 the inference actor (only the encoded files cross Ray's object store:
 stages.py): :func:`prepare` (decode + orient + resize into compact uint8
 planes) and :func:`normalize` (float maths, into a buffer the session reads
@@ -14,7 +16,8 @@ the one costly thing to produce (benchmarks/preprocessing.py):
 [3, 1200, 1200] image, so the HWC→CHW reorder costs nothing at 1200²
 (OpenCV's bilinear filter treats channels independently, so the pixels are
 identical), and :func:`normalize` maps each byte through a 256-entry table of
-the formula's float32 results: one pass, bit for bit the reference's values.
+the formula's float32 results: one pass, bit for bit the reference's values
+for the same bytes.
 """
 
 from __future__ import annotations
