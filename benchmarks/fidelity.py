@@ -38,7 +38,7 @@ import harness
 
 sys.path.insert(0, str(harness.HERE.parent))  # the repository: the reference lives with the tests' helpers
 from tests.helpers.mlperf_reference import SCORE_THRESHOLD, read_image, reference_detections  # noqa: E402
-from tests.helpers.photos import REAL_PHOTOS, photo_path  # noqa: E402
+from tests.helpers.photos import REAL_PHOTOS  # noqa: E402
 
 TARGETS = {"agreement": (">=", 0.99)}
 BOX_PX = 1.0
@@ -146,20 +146,6 @@ def _px(box: list[float]) -> str:
 
 
 # --- measuring ---------------------------------------------------------------------------------
-def photo_files(args: argparse.Namespace) -> list[Path]:
-    """``--photos``' JPEG and PNG files, else scikit-image's photographs of real scenes; the first ``--images``."""
-    if args.photos:
-        files = sorted(p for p in Path(args.photos).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    else:
-        try:
-            files = [photo_path(name) for name in REAL_PHOTOS]
-        except ModuleNotFoundError:
-            raise SystemExit("no photos: pass --photos FOLDER, or pip install scikit-image (batchdet[test])")
-    if not files:
-        raise SystemExit(f"no JPEG or PNG photos in {args.photos}")
-    return files[:args.images]
-
-
 def batchdet_rows(output: Path) -> dict[str, dict]:
     """The output's rows by file name (a fresh output: one row per image)."""
     import pyarrow.parquet as pq
@@ -209,7 +195,7 @@ def main(argv=None) -> dict:
     started = time.time()
     res: dict = harness.header()
     model = harness.resolve_model(args, workdir)
-    files = photo_files(args)
+    files = harness.photo_files(args.photos, REAL_PHOTOS, args.images)
     res["config"] = {**harness.model_config(args, model), "photos": [f.name for f in files],
                      "execution": args.execution, "box_px": BOX_PX, "score_diff": SCORE_DIFF,
                      "reference_score_threshold": SCORE_THRESHOLD, "quick": args.quick,

@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -135,6 +135,24 @@ def write_json(path: Path, value) -> None:
 
 
 # --- images ---------------------------------------------------------------------
+def photo_files(folder: str | None, names: Sequence[str], count: int) -> list[Path]:
+    """The first ``count`` JPEG/PNG files of ``folder`` (``--photos``), else
+    scikit-image's files ``names`` (real photographs; the test extra installs them)."""
+    if folder:
+        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    else:
+        try:
+            from importlib.resources import files as package_files
+
+            data = Path(str(package_files("skimage") / "data"))
+        except ModuleNotFoundError:
+            raise SystemExit("no photos: pass --photos FOLDER, or pip install scikit-image (batchdet[test])")
+        files = [data / name for name in names if (data / name).is_file()]
+    if not files:
+        raise SystemExit(f"no JPEG or PNG photos in {folder}" if folder else "no photos found")
+    return files[:count]
+
+
 def natural_image(rng: np.random.Generator, width: int = WIDTH, height: int = HEIGHT) -> np.ndarray:
     """A 640×480 RGB picture with the statistics of a photograph rather than a
     drawing: 1/f amplitude spectrum texture (as natural scenes have), a sky

@@ -168,23 +168,6 @@ def measure(runs: list[dict], images: list[np.ndarray], rounds: int, threads: in
     return [{k: v for k, v in r.items() if k != "model"} for r in runs]
 
 
-def photo_files(args: argparse.Namespace) -> list[Path]:
-    """``--photos``' images, else scikit-image's photographs (the test extra installs them)."""
-    if args.photos:
-        files = sorted(p for p in Path(args.photos).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    else:
-        try:
-            from importlib.resources import files as package_files
-
-            data = Path(str(package_files("skimage") / "data"))
-        except ModuleNotFoundError:
-            raise SystemExit("no photos: pass --photos FOLDER, or pip install scikit-image (batchdet[test])")
-        files = [data / name for name in PHOTOS if (data / name).is_file()]
-    if not files:
-        raise SystemExit("no photos found")
-    return files[:args.images]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_common_args(p, "bench-out/precision.json")
@@ -215,7 +198,7 @@ def main(argv=None) -> dict:
     started = time.time()
     res: dict = harness.header()
     model = harness.resolve_model(args, workdir)
-    files = photo_files(args)
+    files = harness.photo_files(args.photos, PHOTOS, args.images)
     res["config"] = {**harness.model_config(args, model), "photos": [f.name for f in files], "rounds": args.rounds,
                      "threads": threads, "quick": args.quick, "command": harness.command(argv)}
     int8 = None

@@ -25,9 +25,9 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
@@ -44,6 +44,9 @@ from batchdet.model.spec import (
     check_model,
 )
 from batchdet.pipeline.precision import int8_copy_path
+
+if TYPE_CHECKING:
+    from batchdet.pipeline.speedup import Speedup
 
 #: metadata keys written on the quantized model, besides the source's own:
 #: QUANTIZED_KEY (what was quantized, how), SOURCE_SHA_KEY (the source file's
@@ -311,27 +314,6 @@ MEASURE_IMAGES = 3
 MEASURE_ROUNDS = 2
 
 
-@dataclass(frozen=True)
-class SpeedComparison:
-    """Seconds per image, median over images × rounds, after one untimed run each."""
-
-    fp32_s: float
-    int8_s: float
-    images: int
-    rounds: int
-    threads: int
-
-    @property
-    def speedup(self) -> float:
-        """How many times faster INT8 is (below 1: slower)."""
-        return self.fp32_s / self.int8_s
-
-    def to_text(self) -> str:
-        return (f"speed on this CPU ({self.threads} threads, median of {self.images} images x {self.rounds} rounds, "
-                f"interleaved): FP32 {self.fp32_s:.3f} s, INT8 {self.int8_s:.3f} s per image: "
-                f"INT8 speed-up x{self.speedup:.2f}")
-
-
 def calibration_samples(calibrate: str | os.PathLike, images: int = DEFAULT_IMAGES, n: int = MEASURE_IMAGES,
                         storage_options: dict[str, Any] | None = None) -> list[np.ndarray]:
     """Up to ``n`` of the images :func:`quantize_model` calibrates on with
@@ -344,15 +326,20 @@ def calibration_samples(calibrate: str | os.PathLike, images: int = DEFAULT_IMAG
 
 
 def compare_speed(fp32: str | os.PathLike, int8: str | os.PathLike, images: list[np.ndarray],
-                  rounds: int = MEASURE_ROUNDS, threads: int | None = None) -> SpeedComparison:
+                  rounds: int = MEASURE_ROUNDS, threads: int | None = None) -> Speedup:
     """Time ``fp32`` and ``int8`` on ``images`` (uint8 planes, see
     :func:`calibration_samples`) the way the pipeline runs them
     (``batchdet.pipeline.inference.OnnxBackend``, its session options, ``threads``
     defaulting to every CPU): one untimed run each, then image by image,
-    FP32 and INT8 alternately, ``rounds`` times; medians."""
+    FP32 and INT8 alternately, ``rounds`` times; medians, as the speed-up
+    ``detect`` measures for an engine (:class:`batchdet.pipeline.speedup.Speedup`)."""
+    import onnxruntime
+
     from batchdet.pipeline.inference import OnnxBackend
-    from batchdet.pipeline.speedup import time_interleaved
+    from batchdet.pipeline.speedup import Speedup, time_interleaved
 
     backends = [OnnxBackend(fp32, threads).load(), OnnxBackend(int8, threads).load()]
     fp32_s, int8_s = map(np.median, time_interleaved(backends, images, rounds))
-    return SpeedComparison(float(fp32_s), float(int8_s), len(images), rounds, backends[0].threads)
+    runtime = f"onnxruntime {onnxruntime.__version__}"
+    return Speedup(f"{runtime} int8", f"{runtime} fp32", float(int8_s), float(fp32_s), len(images), rounds,
+                   backends[0].threads, datetime.now(timezone.utc).isoformat(timespec="seconds"))

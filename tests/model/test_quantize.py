@@ -20,7 +20,6 @@ from batchdet.model.quantize import (
     QUANTIZED_KEY,
     SOURCE_KIND_KEY,
     SOURCE_SHA_KEY,
-    SpeedComparison,
     calibration_samples,
     convert_opset,
     default_output,
@@ -111,21 +110,15 @@ def test_quantize_cli_times_fp32_against_int8(quantized):
     """Both models timed on 3 of the 4 calibration images (the readable ones
     among those picked), and the CPU hint printed exactly when this CPU lacks
     VNNI/AMX."""
-    m = re.search(r"  speed on this CPU \((\d+) threads, median of 3 images x 2 rounds, interleaved\): "
-                  r"FP32 (\d+\.\d+) s, INT8 (\d+\.\d+) s per image: INT8 speed-up x(\d+\.\d+)\n", quantized.out)
+    m = re.search(r"  measured on this CPU \((\d+) threads, median of 3 images x 2 rounds, interleaved\): "
+                  r"onnxruntime \S+ int8 (\d+\.\d+) s, onnxruntime \S+ fp32 (\d+\.\d+) s per image: x(\d+\.\d+)\n",
+                  quantized.out)
     assert m, quantized.out
-    threads, fp32, int8, speedup = int(m[1]), float(m[2]), float(m[3]), float(m[4])
+    threads, int8, fp32, speedup = int(m[1]), float(m[2]), float(m[3]), float(m[4])
     assert threads >= 1 and 0 < fp32 < 30 and 0 < int8 < 30
     assert speedup == pytest.approx(fp32 / int8, rel=0.02, abs=0.01)
     hint = int8_cpu_hint(int8_cpu_flags())
     assert (hint is not None and f"  {hint}\n" in quantized.out) or (hint is None and "hint:" not in quantized.out)
-
-
-def test_speed_comparison_text():
-    s = SpeedComparison(fp32_s=2.312, int8_s=0.577, images=3, rounds=2, threads=2)
-    assert s.speedup == pytest.approx(4.007, abs=1e-3)
-    assert s.to_text() == ("speed on this CPU (2 threads, median of 3 images x 2 rounds, interleaved): "
-                           "FP32 2.312 s, INT8 0.577 s per image: INT8 speed-up x4.01")
 
 
 AMD_ZEN3 = """processor\t: 0
@@ -289,3 +282,13 @@ def test_a_model_whose_conversion_fails_or_differs_is_refused(edit, reason, cali
     err = capsys.readouterr().err
     assert err.count("batchdet: error: cannot quantize") == 1 and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.onnx"]  # nothing written
+
+
+def test_speedup_text_is_what_quantize_prints():
+    from batchdet.pipeline.speedup import Speedup
+
+    s = Speedup("onnxruntime 1.32.0 int8", "onnxruntime 1.32.0 fp32", s_per_image=0.577, baseline_s_per_image=2.312,
+                images=3, rounds=2, threads=2, measured="2026-12-04T21:00:00+00:00")
+    assert s.factor == pytest.approx(4.007, abs=1e-3)
+    assert s.to_text() == ("measured on this CPU (2 threads, median of 3 images x 2 rounds, interleaved): "
+                           "onnxruntime 1.32.0 int8 0.577 s, onnxruntime 1.32.0 fp32 2.312 s per image: x4.01")
