@@ -391,8 +391,11 @@ class _Sampler:
                 return None
             local = local_model(info.path, storage_options=self.checker.storage_options)  # a URL's cached copy
             try:
-                self.detectors[key] = Detector(local, score_threshold=threshold, max_pixels=max_pixels,
-                                               checked=True, choice=choice)
+                self.detectors[key] = detector = Detector(local, score_threshold=threshold, max_pixels=max_pixels,
+                                                          checked=True, choice=choice)
+                # what actually ran, so a reader (and a test) can see the rows' own arithmetic was used
+                self.report.notes.append(f"rows made by {choice.engine} at {choice.precision} are re-detected by "
+                                         f"{detector.backend.name} {detector.backend.version} at {choice.precision}")
             except ValueError as e:  # e.g. bf16 rows on a CPU without bf16, OpenVINO not installed
                 self.checker.mismatch(MODEL, where, f"run {run_id}'s rows were made by {choice.engine} at "
                                                     f"{choice.precision}, which cannot run here: {one_line(e)}")
