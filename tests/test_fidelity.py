@@ -17,9 +17,9 @@ from batchdet.api import detect
 from batchdet.model.labels import COCO_NAMES, INDEX_TO_COCO_ID
 from batchdet.model.standin import write_standin
 from batchdet.pipeline.preprocess import preprocess
-from tests.helpers import mlperf_reference as mlperf
-from tests.helpers.benchmarks import script
-from tests.helpers.photos import photo_path
+from helpers import mlperf_reference as mlperf
+from helpers.benchmarks import script
+from helpers.photos import photo_path
 
 fidelity = script("fidelity")
 #: a colour PNG, a grey PNG, a JPEG, a small non-square PNG
