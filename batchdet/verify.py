@@ -395,7 +395,7 @@ class _Sampler:
                                                           checked=True, choice=choice)
                 # what actually ran, so a reader (and a test) can see the rows' own arithmetic was used
                 self.report.notes.append(f"rows made by {choice.engine} at {choice.precision} are re-detected by "
-                                         f"{detector.backend.name} {detector.backend.version} at {choice.precision}")
+                                         f"{detector.backend.name} {detector.backend.version}")
             except ValueError as e:  # e.g. bf16 rows on a CPU without bf16, OpenVINO not installed
                 self.checker.mismatch(MODEL, where, f"run {run_id}'s rows were made by {choice.engine} at "
                                                     f"{choice.precision}, which cannot run here: {one_line(e)}")

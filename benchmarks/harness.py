@@ -237,7 +237,7 @@ def resolve_model(args: argparse.Namespace, workdir: Path) -> Path:
     from batchdet.model.fetch import resolve_model_path
     from batchdet.model.standin import write_standin
 
-    smooth = getattr(args, "smooth", False)
+    smooth = args.smooth
     name = ("standin-ssd1200" + ("-smooth" if smooth else "")
             + ("" if args.channels_divisor == 1 else f"-div{args.channels_divisor}") + ".onnx")
     path = resolve_model_path(None).with_name(name)

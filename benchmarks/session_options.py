@@ -83,7 +83,8 @@ def main(argv=None) -> dict:
     threads = args.threads or min(os.cpu_count() or 1, 4)
     out = Path(args.out)
     work = out.parent / "work"
-    model = harness.resolve_model(argparse.Namespace(model=args.model, channels_divisor=args.channels_divisor), work)
+    stand_in = argparse.Namespace(model=args.model, channels_divisor=args.channels_divisor, smooth=False)
+    model = harness.resolve_model(stand_in, work)
     files = harness.synthesize(work / "images", max(args.rounds, 1))
     images = [preprocess(f.read_bytes())[0] for f in files]
     model_bytes = model.read_bytes()

@@ -255,7 +255,6 @@ def test_session_options_relative_to_the_default_round_by_round():
     assert creation["hit_vs_uncached"] == 0.25
 
 
-
 def _det(label: int, score: float, box: tuple[float, float, float, float]) -> dict:
     return {"label_id": label, "score": score, **dict(zip(("x_min", "y_min", "x_max", "y_max"), box))}
 

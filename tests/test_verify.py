@@ -252,7 +252,7 @@ def test_rows_are_re_detected_by_the_engine_and_precision_that_made_them(smooth_
     code, checks, mismatches, text = run_verify(capsys, out, "--sample", "100")
     assert (code, mismatches, checks[REDETECT]) == (0, [], (3, 0))
     # OpenVINO's FP32 is onnxruntime's to 1e-5, within the tolerances: only the report tells which one ran
-    assert f"note: rows made by openvino at fp32 are re-detected by openvino {openvino_version()} at fp32" in text
+    assert f"note: rows made by openvino at fp32 are re-detected by openvino {openvino_version()}\n" in text
     manifest = out / "_runs" / f"{run.run_id}.json"
     record = json.loads(manifest.read_text())
     record["settings"]["precision"] = "bf16"

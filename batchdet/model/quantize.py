@@ -170,9 +170,10 @@ def quantize_model(
         reduce_range = not _has_vnni()
     reader = ImageCalibrationReader(uris, storage_options, progress=progress)
     started = time.perf_counter()
+    converted = info.opset < QUANTIZE_OPSET
     with tempfile.TemporaryDirectory(prefix="batchdet-quantize-") as tmp:
         source = Path(info.path)
-        if info.opset < QUANTIZE_OPSET:
+        if converted:
             source = Path(tmp) / "converted.onnx"
             samples = calibration_samples(calibrate, images, storage_options=storage_options)
             convert_opset(info, source, samples)
@@ -197,7 +198,6 @@ def quantize_model(
             raise ValueError(f"no usable calibration image under {calibrate}: {reader.skipped[:3]}")
         result = onnx.load(str(quantized))
     metadata = dict(info.metadata)
-    converted = info.opset < QUANTIZE_OPSET
     if converted:
         metadata[CONVERTED_FROM_KEY] = str(info.opset)
     metadata.update({

@@ -4,11 +4,11 @@ MLPerf (``dataset.py: pre_process_coco_resnet34``): decode, RGB, stretch-resize
 to 1200×1200 with OpenCV ``INTER_LINEAR`` (no letterbox), then
 ``(x/255 - mean)/std`` and HWC→CHW. MLPerf resizes the image as floats; here
 the resize runs on bytes, so resized pixels are rounded to whole grey levels
-(up to 0.78 grey from MLPerf's, docs/model.md "Preprocessing"). The work is split in two, both done by
-the inference actor (only the encoded files cross Ray's object store:
-stages.py): :func:`prepare` (decode + orient + resize into compact uint8
-planes) and :func:`normalize` (float maths, into a buffer the session reads
-from).
+(up to 0.78 grey from MLPerf's, docs/model.md "Preprocessing"). The work is
+split in two, both done by the inference actor (only the encoded files cross
+Ray's object store: stages.py): :func:`prepare` (decode + orient + resize
+into compact uint8 planes) and :func:`normalize` (float maths, into a buffer
+the session reads from).
 
 Both halves are arranged around the 17 MB float32 tensor the model reads,
 the one costly thing to produce (benchmarks/preprocessing.py):

@@ -7,6 +7,8 @@ import copy
 import importlib
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -80,15 +82,30 @@ def ray_session(address: str | None = None) -> Iterator[bool]:
         yield not (address or os.environ.get("RAY_ADDRESS"))
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(**local_ray_options())
+    with _sigterm_kept():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(**local_ray_options())
+        try:
+            yield not address
+        finally:
+            if not address:
+                ray.shutdown()
+
+
+@contextlib.contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """The caller's SIGTERM handler back after the block. ``ray.init`` sets its
+    own (``sys.exit``, so that Ray shuts down cleanly) and never puts the old
+    one back; it stays Ray's while the run needs it, not after."""
+    main = threading.current_thread() is threading.main_thread()  # only the main thread sets handlers
+    saved = signal.getsignal(signal.SIGTERM) if main else None
     try:
-        yield not address
+        yield
     finally:
-        if not address:
-            ray.shutdown()
+        if main and saved is not None:
+            signal.signal(signal.SIGTERM, saved)
 
 
 @contextlib.contextmanager

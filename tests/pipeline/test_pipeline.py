@@ -6,6 +6,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +91,33 @@ def local_inputs(tmp_path):
     expected = {str(alpha / n): ("alpha", d, e) for n, (d, e) in ALPHA.items()}
     expected |= {str(beta / n): ("beta", d, e) for n, (d, e) in BETA.items()}
     return {"alpha": str(alpha), "beta": str(beta)}, expected
+
+
+def test_a_process_that_calls_detect_on_ray_keeps_its_signal_handlers_and_a_quiet_stderr(ray_local, narrow_model,
+                                                                                         tmp_path):
+    """A fresh process (the caller, as a user's script is) sets its own SIGINT
+    and SIGTERM handlers, calls ``api.detect`` on Ray, and finds both handlers
+    its own afterwards (``ray.init`` sets SIGTERM and never puts it back) and
+    nothing of Ray's Python logging on its stderr."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "rocket.jpg").write_bytes(photo("rocket.jpg"))
+    script = textwrap.dedent(f"""
+        import signal
+        def mine(signum, frame): pass
+        signal.signal(signal.SIGINT, mine)
+        signal.signal(signal.SIGTERM, mine)
+        from batchdet import api
+        result = api.detect({{"x": {str(tmp_path / "in")!r}}}, {str(tmp_path / "out")!r}, model={str(narrow_model)!r},
+                            execution="ray")
+        assert result.datasets["x"].images_ok == 1, result.datasets
+        print("SIGINT", signal.getsignal(signal.SIGINT) is mine, "SIGTERM", signal.getsignal(signal.SIGTERM) is mine)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=ray_local.env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "SIGINT True SIGTERM True", proc.stdout
+    # only Ray's C++ core may still write here (docs/reliability.md); none of its Python loggers
+    assert not [line for line in proc.stderr.splitlines() if " INFO " in line or "WARNING" in line], proc.stderr
 
 
 def test_local_two_datasets_api(ray_local, narrow_model, detector, local_inputs, tmp_path, execution):
