@@ -106,12 +106,17 @@ def parser(doc: str, sizes: str, what: str) -> argparse.ArgumentParser:
     return p
 
 
-def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
-    """The arguments every measuring script takes: the model, where to work and where to write."""
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model arguments that ``resolve_model`` reads: ``--model``, ``--channels-divisor``, ``--smooth``."""
     p.add_argument("--model", help="ONNX model (default: the full stand-in, built once into the cache)")
     p.add_argument("--channels-divisor", type=int, default=1, help="stand-in width divisor (8 for a fast smoke run)")
     p.add_argument("--smooth", action="store_true",
                    help="the smooth stand-in (detections stable enough to compare; docs/model.md, \"Stand-ins\")")
+
+
+def add_common_args(p: argparse.ArgumentParser, out: str) -> None:
+    """The arguments every measuring script takes: the model, where to work and where to write."""
+    add_model_args(p)
     p.add_argument("--workdir", help="images, outputs and logs (default: work/ beside --out)")
     p.add_argument("--out", default=out)
 

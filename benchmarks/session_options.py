@@ -65,8 +65,7 @@ def creation_figures(creation: dict[str, list[float]]) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="ONNX model (default: the full stand-in)")
-    p.add_argument("--channels-divisor", type=int, default=1)
+    harness.add_model_args(p)
     p.add_argument("--rounds", type=int, default=3, help="images per variant after the warm-up")
     p.add_argument("--creation-rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
@@ -83,8 +82,7 @@ def main(argv=None) -> dict:
     threads = args.threads or min(os.cpu_count() or 1, 4)
     out = Path(args.out)
     work = out.parent / "work"
-    stand_in = argparse.Namespace(model=args.model, channels_divisor=args.channels_divisor, smooth=False)
-    model = harness.resolve_model(stand_in, work)
+    model = harness.resolve_model(args, work)
     files = harness.synthesize(work / "images", max(args.rounds, 1))
     images = [preprocess(f.read_bytes())[0] for f in files]
     model_bytes = model.read_bytes()
