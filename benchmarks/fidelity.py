@@ -13,12 +13,6 @@ label, every box edge within 1 px and the score within 1e-3. The figure is the
 fraction found over all images (target >= 99 %); every detection not found is
 listed with batchdet's nearest one.
 
-Then the same with the reference's one change to batchdet's way: resizing the
-uint8 image (rounded to grey levels) instead of its floats. batchdet resizes
-bytes (docs/model.md, "Preprocessing"), up to 0.78 grey level from MLPerf's
-floats; the two comparisons tell that rounding apart from everything else
-(decode, normalisation, the pipeline, post-processing, label map, clipping).
-
 The model is the smooth stand-in (built once into the cache) or ``--model``:
 the random stand-in's detections move under any change of the arithmetic
 (docs/model.md, "Stand-ins"), so it would measure its own chaos, not batchdet.
@@ -154,9 +148,8 @@ def batchdet_rows(output: Path) -> dict[str, dict]:
     return {Path(row["uri"]).name: row for row in table.to_pylist()}
 
 
-def compare(model: Path, files: list[Path], output: Path, resize_bytes: bool = False) -> list[dict]:
-    """Each file's reference detections (resized as bytes with ``resize_bytes``)
-    against its row in batchdet's ``output`` (an error row, or none, finds nothing)."""
+def compare(model: Path, files: list[Path], output: Path) -> list[dict]:
+    """Each file's reference detections against its row in batchdet's ``output`` (an error row, or none, finds nothing)."""
     found = batchdet_rows(output)
     matches = []
     for f in files:
@@ -164,7 +157,7 @@ def compare(model: Path, files: list[Path], output: Path, resize_bytes: bool = F
         row = found.get(f.name) or {"status": "absent", "error": "no row", "detections": None}
         if row["status"] != "ok":
             print(f"  {f.name}: batchdet {row['status']}: {row['error']}", flush=True)
-        reference = reference_detections(model, f, resize_bytes=resize_bytes)
+        reference = reference_detections(model, f)
         m = match_image(str(f), reference, row["detections"] or [], width, height)
         print(f"  {f.name}: {m['found']} of {m['reference']} found", flush=True)
         matches.append(m)
@@ -208,16 +201,10 @@ def main(argv=None) -> dict:
     res["images"] = compare(model, files, output)
     summary = summarise(res["images"])
     res["summary"] = summary
-    print("... and resizing bytes, as batchdet does ...", flush=True)
-    as_bytes = compare(model, files, output, resize_bytes=True)
-    res["resized_as_bytes"] = {"images": as_bytes, "summary": summarise(as_bytes)}
     # not a timing: others' load cannot move it
     res["targets"] = harness.judge(TARGETS, {"agreement": summary["agreement"]}, {"agreement": 0.0})
     res["elapsed_s"] = time.time() - started
-    bytes_rows = [("", "", ""), ("MLPerf's path resizing bytes", "", "its one change: the resize rounds to grey "
-                                 "levels, as batchdet's does (docs/model.md, Preprocessing)"),
-                  *rows(res["resized_as_bytes"]["summary"])]
-    harness.write_report(Path(args.out), res, rows(summary) + bytes_rows)
+    harness.write_report(Path(args.out), res, rows(summary))
     return res
 
 

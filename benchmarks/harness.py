@@ -683,18 +683,18 @@ def _bare_path_worker(model: str, files: list[str], spawned: float, barrier, out
 
     backend = OnnxBackend(model, threads=1).load()
     loaded = time.time() - spawned  # a bare loop's own start-up: interpreter, imports, session
-    planes = np.empty((3, 1200, 1200), np.uint8)
-    backend.predict(prepare(Path(files[0]).read_bytes(), out=planes).image)
+    buffer = np.empty((1, 3, 1200, 1200), np.float32)  # reused, as an actor's
+    backend.predict(prepare(Path(files[0]).read_bytes(), out=buffer).tensor)
     barrier.wait()
     t, c = time.perf_counter(), time.process_time()
     for f in files:
-        backend.predict(prepare(Path(f).read_bytes(), out=planes).image)
+        backend.predict(prepare(Path(f).read_bytes(), out=buffer).tensor)
     out.put((time.perf_counter() - t, time.process_time() - c, len(files), loaded))
 
 
 def bare_path_segment(model: Path, folder: Path, per_process: int) -> dict:
     """The whole per-image path with no Ray (read the file → ``prepare`` →
-    ``normalize`` → ``session.run``) in one process per CPU, each a 1-thread
+    ``session.run``) in one process per CPU, each a 1-thread
     session at Ray's worker niceness (batchdet's CPU layout), all started together."""
     import multiprocessing
 

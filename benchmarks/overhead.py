@@ -5,7 +5,7 @@ For each model, in one run, on the same synthesized 640×480 JPEGs (48
 pictures repeated, every file's bytes distinct):
 
   bare      the per-image path with no Ray: read the file → ``prepare``
-            (decode, orient, resize) → ``normalize`` → ``session.run``, in one
+            (decode, orient, resize, normalise) → ``session.run``, in one
             process per CPU, each a 1-thread session (batchdet's CPU layout),
             measured before and after the pipeline runs (their mean is the
             ceiling; both see the same background load);

@@ -4,7 +4,7 @@
 For each of onnxruntime fp32 / int8 and OpenVINO fp32 / int8 / bf16 that the
 CPU and the installed packages allow (the others are listed with the reason
 they cannot run), the model runs as ``detect`` runs it (batchdet's backends,
-their settings, uint8 planes in) on real photographs (scikit-image's, or
+their settings, the same float input) on real photographs (scikit-image's, or
 ``--photos``), image by image, every engine in turn, ``--rounds`` times:
 seconds per image (median) and the speed-up over onnxruntime FP32. Beside
 each, its agreement with FP32 on the same input: the fraction of FP32's
@@ -190,7 +190,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     from batchdet.model.quantize import quantize_model
-    from batchdet.pipeline.speedup import prepared_planes
+    from batchdet.pipeline.speedup import model_inputs
 
     args = parse_args(argv)
     workdir = harness.workdir(args)
@@ -208,7 +208,7 @@ def main(argv=None) -> dict:
                               to=workdir / (model.stem + ".int8.onnx"))
     elif args.int8 != "none":
         int8 = Path(args.int8)
-    images = prepared_planes([str(f) for f in files])
+    images = model_inputs([str(f) for f in files])
     bare = harness.niced_executor(args.bare_nice)
     with harness.Phase(harness.own_cpu) as phase:
         records = bare.submit(measure, candidates(model, int8), images, args.rounds, threads).result()

@@ -209,13 +209,11 @@ def test_precision_lines_are_medians_over_fp32_and_pooled_agreement():
     assert "agreement with fp32 75.0% of 16" in table[1][2] and table[2][2] == "not run: no INT8 copy (--int8 none)"
 
 
-def test_preprocessing_ratio_is_prepare_and_normalise_over_decode():
+def test_preprocessing_ratio_is_prepare_over_decode():
     fig = script("preprocessing").preprocessing_figures(
-        {"bare_decode": 0.004, "prepare": 0.006}, {"table": 0.002, "in_graph": 0.003, "mlperf_numpy": 0.01},
-        [90_000, 100_000])
-    assert fig == pytest.approx({"jpeg_kb_mean": 95.0, "bare_decode_ms": 4.0, "prepare_ms": 6.0, "normalise_ms": 2.0,
-                                 "normalise_in_graph_ms": 3.0, "normalise_mlperf_numpy_ms": 10.0, "total_ms": 8.0,
-                                 "ratio_to_decode": 2.0})
+        {"bare_decode": 0.004, "prepare": 0.006, "mlperf_route": 0.01}, [90_000, 100_000])
+    assert fig == pytest.approx({"jpeg_kb_mean": 95.0, "bare_decode_ms": 4.0, "prepare_ms": 6.0,
+                                 "mlperf_route_ms": 10.0, "ratio_to_decode": 1.5})
 
 
 def test_ray_presence_ratios_per_round_then_their_median():
@@ -360,8 +358,7 @@ def test_preprocessing_quick_run(tmp_path):
     res = _quick("preprocessing", tmp_path / "pre.json")
     pre = res["preprocess"]
     assert res["config"]["quick"] is True and pre["images"] == 3
-    assert all(_positive(pre[k]) for k in ("bare_decode_ms", "prepare_ms", "normalise_ms", "normalise_in_graph_ms",
-                                           "normalise_mlperf_numpy_ms", "total_ms"))
+    assert all(_positive(pre[k]) for k in ("bare_decode_ms", "prepare_ms", "mlperf_route_ms"))
     target = res["targets"]["preprocess_vs_decode"]
     assert target["value"] == pre["ratio_to_decode"] and target["met"] == _holds(target["value"], target["target"])
 
@@ -449,6 +446,4 @@ def test_fidelity_quick_run(tmp_path):
     assert s["max_box_diff_px"] is None or s["max_box_diff_px"] <= 1.0
     target = res["targets"]["agreement"]
     assert target["value"] == s["agreement"] and target["met"] == _holds(target["value"], target["target"])
-    # resized as bytes, as batchdet does, the reference's detections are all batchdet's
-    as_bytes = res["resized_as_bytes"]["summary"]
-    assert as_bytes["reference_detections"] > 0 and as_bytes["agreement"] == 1.0, as_bytes["unmatched"][:3]
+    assert s["agreement"] == 1.0, s["unmatched"][:3]  # MLPerf's arithmetic, to float32's last bits

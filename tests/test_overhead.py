@@ -88,7 +88,7 @@ def test_near_free_model_meets_the_interface(tmp_path):
     assert check_model(model).kind_id == "other"
     from batchdet.model.labels import INDEX_TO_NAME
 
-    dets = Detector(model, threads=1).detect_prepared(np.zeros((3, 1200, 1200), np.uint8), 640, 480).detections
+    dets = Detector(model, threads=1).detect_prepared(np.zeros((1, 3, 1200, 1200), np.float32), 640, 480).detections
     assert [d["label"] for d in dets] == [INDEX_TO_NAME[i] for i in (1, 3, 18)]  # by score: 0.9, 0.6, 0.3
     assert [d["x_min"] for d in dets] == pytest.approx([64, 128, 0], abs=0.1)
 
@@ -160,7 +160,7 @@ def test_every_image_is_inferred_not_copied(run):
     work = run[1].parent / "overhead-work"
     data = sorted((work / "images").iterdir())[0].read_bytes()
     assert overhead.with_comment(data, "copy 1") != data
-    assert np.array_equal(prepare(overhead.with_comment(data, "copy 1")).image, prepare(data).image)
+    assert np.array_equal(prepare(overhead.with_comment(data, "copy 1")).tensor, prepare(data).tensor)
     for n in (4, 8):
         rows = pq.read_table(sorted((work / f"out-{n}").glob("dataset=*/*.parquet")), partitioning=None)
         assert rows.num_rows == n and rows.column("status").to_pylist() == ["ok"] * n

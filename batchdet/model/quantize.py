@@ -224,8 +224,8 @@ def quantize_model(
 
 def convert_opset(info: ModelInfo, to: Path, samples: list[np.ndarray], opset: int = QUANTIZE_OPSET) -> None:
     """Write the model ``info`` describes, converted to ``opset`` by onnx's
-    version converter, to ``to`` -- once its outputs on ``samples`` (uint8
-    planes, see :func:`calibration_samples`) match the original's.
+    version converter, to ``to`` -- once its outputs on ``samples`` (model
+    inputs, see :func:`calibration_samples`) match the original's.
 
     The converter's adapters are per operator and not all are right (onnx
     1.23 turns an opset-12 Hardmax, which flattens its input, into an
@@ -258,14 +258,11 @@ def output_difference(original: str, converted: str, samples: list[np.ndarray]) 
     (same count and labels, boxes and scores within :data:`CONVERSION_ATOL`)."""
     import onnxruntime as ort
 
-    from batchdet.pipeline.preprocess import normalize
-
     try:
         sessions = [ort.InferenceSession(path, providers=["CPUExecutionProvider"]) for path in (original, converted)]
     except Exception as e:  # onnxruntime's errors carry the node that does not load
         return f"it does not load in onnxruntime: {_first_line(e)}"
-    for i, planes in enumerate(samples, start=1):
-        x = normalize(planes)
+    for i, x in enumerate(samples, start=1):
         want, got = [dict(zip(OUTPUT_NAMES, s.run(list(OUTPUT_NAMES), {INPUT_NAME: x}))) for s in sessions]
         for name in OUTPUT_NAMES:
             a, b = want[name], got[name]
@@ -317,17 +314,17 @@ MEASURE_ROUNDS = 2
 def calibration_samples(calibrate: str | os.PathLike, images: int = DEFAULT_IMAGES, n: int = MEASURE_IMAGES,
                         storage_options: dict[str, Any] | None = None) -> list[np.ndarray]:
     """Up to ``n`` of the images :func:`quantize_model` calibrates on with
-    ``images``, spread over them, as the uint8 planes the pipeline feeds the
-    model ([3, 1200, 1200]); unreadable ones are left out."""
+    ``images``, spread over them, as the pipeline feeds them to the model
+    (float32 [1, 3, 1200, 1200]); unreadable ones are left out."""
     from batchdet.pipeline.listing import list_images
-    from batchdet.pipeline.speedup import prepared_planes
+    from batchdet.pipeline.speedup import model_inputs
 
-    return prepared_planes(_pick(_pick(list_images(str(calibrate), storage_options).uris, images), n), storage_options)
+    return model_inputs(_pick(_pick(list_images(str(calibrate), storage_options).uris, images), n), storage_options)
 
 
 def compare_speed(fp32: str | os.PathLike, int8: str | os.PathLike, images: list[np.ndarray],
                   rounds: int = MEASURE_ROUNDS, threads: int | None = None) -> Speedup:
-    """Time ``fp32`` and ``int8`` on ``images`` (uint8 planes, see
+    """Time ``fp32`` and ``int8`` on ``images`` (model inputs, see
     :func:`calibration_samples`) the way the pipeline runs them
     (``batchdet.pipeline.inference.OnnxBackend``, its session options, ``threads``
     defaulting to every CPU): one untimed run each, then image by image,

@@ -45,7 +45,8 @@ STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
 #: normalise: batchdet/pipeline/preprocess.py). Part of a row's result
 #: settings: bump it with any change that can change a pixel of the input,
 #: so ``--resume`` refuses to mix rows made before and after.
-PREPROCESSING_VERSION = 1
+#: 1: resize on bytes (pixels rounded to grey levels); 2: on floats, as MLPerf.
+PREPROCESSING_VERSION = 2
 
 # --- outputs ----------------------------------------------------------------
 BBOXES, LABELS, SCORES = "bboxes", "labels", "scores"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from batchdet.model.fetch import resolve_model_path
-from batchdet.model.spec import NMS_SCORE_THRESHOLD
+from batchdet.model.spec import INPUT_SIZE, NMS_SCORE_THRESHOLD
 from batchdet.options import DEFAULT_MAX_PIXELS
 from batchdet.pipeline.backend import make_backend
 from batchdet.pipeline.precision import DEFAULT_CHOICE, Choice
@@ -50,18 +50,22 @@ class Detector:
         self.backend = make_backend(choice, resolve_model_path(model_path), threads, gpus, checked=checked).load()
         self.score_threshold = score_threshold
         self.max_pixels = max_pixels
+        self._input: np.ndarray | None = None  # detect()'s model input, reused image after image
 
     def detect(self, data: bytes) -> ImageDetections:
         """Encoded image bytes → detections; raises ``ImageError`` for a bad image."""
-        p = prepare(data, self.max_pixels)
-        return self.detect_prepared(p.image, p.width, p.height)
+        if self._input is None:
+            self._input = np.empty((1, 3, INPUT_SIZE, INPUT_SIZE), np.float32)
+        p = prepare(data, self.max_pixels, out=self._input)
+        return self.detect_prepared(p.tensor, p.width, p.height)
 
-    def detect_prepared(self, image: np.ndarray, width: int, height: int) -> ImageDetections:
-        """Resized uint8 RGB planes [3, 1200, 1200] and the original size → detections."""
-        return ImageDetections(width, height, as_dicts(*self.select(image, width, height)))
+    def detect_prepared(self, x: np.ndarray, width: int, height: int) -> ImageDetections:
+        """The model's float input [1, 3, 1200, 1200] (:func:`batchdet.pipeline.preprocess.prepare`'s)
+        and the original size → detections."""
+        return ImageDetections(width, height, as_dicts(*self.select(x, width, height)))
 
-    def select(self, image: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The model on one prepared image → :func:`batchdet.pipeline.postprocess.select`'s
+    def select(self, x: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The model on one prepared input → :func:`batchdet.pipeline.postprocess.select`'s
         arrays: what the Ray actors turn into output columns, and :meth:`detect_prepared` into dicts."""
-        raw = self.backend.predict(image)
+        raw = self.backend.predict(x)
         return select(raw.bboxes, raw.labels, raw.scores, width, height, self.score_threshold)

@@ -1,16 +1,8 @@
 """onnxruntime behind a small interface: load once, predict one image.
 
-The backend takes the planar uint8 RGB image [3, 1200, 1200] that
-:func:`batchdet.pipeline.preprocess.prepare` makes in the same actor, and
-makes the model's normalised float32 input from it where that is cheapest:
-
-* on the CPU, with :func:`batchdet.pipeline.preprocess.normalize` (a table lookup,
-  ~1.6 ms) into one buffer the session reads from; the model runs as given.
-  Doing the same maths as nodes prepended to the graph cost onnxruntime
-  ~9 ms an image (Cast, Sub and Div are each a pass over 17 MB);
-* on a GPU, inside the graph (:func:`add_uint8_input`), so that 4.3 MB of
-  bytes cross to the device instead of 17 MB of floats, and the device does
-  the arithmetic.
+The backend takes the model's float32 input [1, 3, 1200, 1200] that
+:func:`batchdet.pipeline.preprocess.prepare` makes in the same actor (into
+a buffer the actor reuses) and runs the model as given, on the CPU or a GPU.
 
 Session settings, providers and the optimized-model cache live here too; each
 choice carries the effect it was measured to have (``benchmarks/``, see
@@ -29,10 +21,8 @@ from typing import Sequence
 import numpy as np
 
 from batchdet.files import AtomicFile, cache_root, sha256_of_file
-from batchdet.model.spec import BBOXES, INPUT_NAME, INPUT_SIZE, LABELS, MEAN, SCORES, STD, check_model
-from batchdet.pipeline.preprocess import normalize
+from batchdet.model.spec import BBOXES, INPUT_NAME, LABELS, SCORES, check_model
 
-UINT8_INPUT = "image_rgb_uint8"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
@@ -56,40 +46,6 @@ class RawDetections:
     scores: np.ndarray  # float32 [N]
 
 
-def add_uint8_input(model):
-    """Return ``model`` taking ``image_rgb_uint8`` [1, 3, 1200, 1200] uint8
-    planes instead of the normalised float ``image`` (the GPU path): the nodes
-    it prepends compute exactly ``(x - MEAN) / STD``, producing the tensor
-    ``image`` the original graph consumes (bit for bit what
-    ``preprocess.normalize`` gives).
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = model.graph
-    original = next(i for i in graph.input if i.name == INPUT_NAME)
-    graph.input.remove(original)
-    graph.input.insert(
-        0, helper.make_tensor_value_info(UINT8_INPUT, TensorProto.UINT8, [1, 3, INPUT_SIZE, INPUT_SIZE])
-    )
-    graph.initializer.extend(
-        [
-            numpy_helper.from_array(MEAN.reshape(1, 3, 1, 1), "batchdet_mean"),
-            numpy_helper.from_array(STD.reshape(1, 3, 1, 1), "batchdet_std"),
-        ]
-    )
-    nodes = [
-        helper.make_node("Cast", [UINT8_INPUT], ["batchdet_f32"], to=TensorProto.FLOAT),
-        helper.make_node("Sub", ["batchdet_f32", "batchdet_mean"], ["batchdet_centred"]),
-        helper.make_node("Div", ["batchdet_centred", "batchdet_std"], [INPUT_NAME]),
-    ]
-    for node in reversed(nodes):
-        graph.node.insert(0, node)
-    onnx.checker.check_model(model)
-    return model
-
-
-# --- session options ----------------------------------------------------------
 def _env_flag(name: str, default: bool) -> bool:
     value = os.environ.get(name, "").strip().lower()
     if not value:
@@ -236,24 +192,19 @@ class OnnxBackend:
         model_path: str | os.PathLike,
         threads: int | None = None,
         gpus: float = 0.0,
-        normalise_in_graph: bool | None = None,
         checked: bool = False,
     ):
-        """``normalise_in_graph``: None chooses by device (GPU: in the graph,
-        CPU: :func:`batchdet.pipeline.preprocess.normalize`); True/False force a path.
-        ``checked``: the caller has checked the file against the contract (a
+        """``checked``: the caller has checked the file against the contract (a
         run's driver did): load neither parses it again nor imports onnx,
         ~1 s of CPU in each actor as it starts (docs/notes/2026-12-02-evening.md)."""
         self.model_path = str(model_path)
         self.checked = checked
         self.threads = threads or os.cpu_count() or 1
         self.gpus = gpus
-        self.normalise_in_graph = normalise_in_graph
         self.session = None
         self.providers: list[str] = []
         #: what load() did: "cache-hit", "cache-miss" (built and stored) or "uncached".
         self.load_source = ""
-        self._input: np.ndarray | None = None  # the reused float32 input of the normalise-first path
 
     @property
     def version(self) -> str:
@@ -267,29 +218,16 @@ class OnnxBackend:
         sha256 = sha256_of_file(self.model_path) if self.checked else check_model(self.model_path).sha256
         self.providers = select_providers(self.gpus, ort.get_available_providers(), _env_flag(ENV_TENSORRT, True))
         cache_dir = optimized_cache_dir()
-        on_cpu = self.providers == [CPU]
-        if self.normalise_in_graph is None:
-            self.normalise_in_graph = not on_cpu
-        if on_cpu and not self.normalise_in_graph and cache_dir is not None:
+        if self.providers == [CPU] and cache_dir is not None:
             self.session = self._load_cached(sha256, cache_dir)
         else:
             self.load_source = "uncached"
             options = provider_options(self.providers, _env_flag(ENV_FP16, False), cache_dir)
             self.session = ort.InferenceSession(
-                self._model_source(), session_options(self.threads),
+                self.model_path, session_options(self.threads),
                 providers=list(zip(self.providers, options)),
             )
-        if not self.normalise_in_graph:
-            self._input = np.empty((1, 3, INPUT_SIZE, INPUT_SIZE), np.float32)
         return self
-
-    def _model_source(self) -> str | bytes:
-        """The model's path, or its bytes with the uint8 front end prepended."""
-        if not self.normalise_in_graph:
-            return self.model_path
-        import onnx
-
-        return add_uint8_input(onnx.load(self.model_path)).SerializeToString()
 
     def _load_cached(self, sha256: str, cache_dir: Path):
         """Session from the cached optimized graph, building and storing it on a miss.
@@ -316,13 +254,13 @@ class OnnxBackend:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError:  # read-only home: run uncached
             self.load_source = "uncached"
-            return ort.InferenceSession(self._model_source(), session_options(self.threads), providers=[CPU])
+            return ort.InferenceSession(self.model_path, session_options(self.threads), providers=[CPU])
         with AtomicFile(path, suffix=".tmp.onnx") as file:  # concurrent actors never see half a file
             options = session_options(self.threads, optimized_model_filepath=str(file.temp))
             # onnxruntime warns that an ORT_ENABLE_ALL graph is hardware
             # specific; the cache key carries the CPU fingerprint for that.
             options.log_severity_level = 3
-            session = ort.InferenceSession(self._model_source(), options, providers=[CPU])
+            session = ort.InferenceSession(self.model_path, options, providers=[CPU])
             try:
                 file.commit()
                 self.load_source = "cache-miss"
@@ -331,29 +269,15 @@ class OnnxBackend:
         return session
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Every output of the model, by name, for the float input ``x`` [1, 3, 1200, 1200]
-        (the CPU path's; a graph with the uint8 front end takes planes, see :meth:`predict`)."""
+        """Every output of the model, by name, for its float input ``x`` [1, 3, 1200, 1200]."""
         if self.session is None:
             self.load()
-        if self.normalise_in_graph:
-            raise ValueError("run() takes the float input; this session normalises in its graph")
         names = [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(names, {INPUT_NAME: x})))
 
-    def predict(self, image: np.ndarray) -> RawDetections:
-        """uint8 RGB planes [3, 1200, 1200] → raw detections."""
+    def predict(self, x: np.ndarray) -> RawDetections:
+        """The model's float input [1, 3, 1200, 1200] → raw detections."""
         if self.session is None:
             self.load()
-        if not self.normalise_in_graph:
-            bboxes, labels, scores = self.session.run(list(OUTPUTS), {INPUT_NAME: normalize(image, self._input)})
-        else:
-            # I/O binding hands onnxruntime the uint8 planes (4.3 MB, not the
-            # 17 MB float tensor) for one host→device copy per image, and lets
-            # it allocate the small, variable-size outputs on the host.
-            binding = self.session.io_binding()
-            binding.bind_cpu_input(UINT8_INPUT, np.ascontiguousarray(image)[None])
-            for name in OUTPUTS:
-                binding.bind_output(name, "cpu")
-            self.session.run_with_iobinding(binding)
-            bboxes, labels, scores = binding.copy_outputs_to_cpu()
+        bboxes, labels, scores = self.session.run(list(OUTPUTS), {INPUT_NAME: x})
         return RawDetections(bboxes[0], labels[0], scores[0])

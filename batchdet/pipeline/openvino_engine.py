@@ -2,9 +2,8 @@
 
 OpenVINO is the runtime of the model card's own zoo; it reads the ONNX file
 as it is (no conversion step) and is what runs bf16 on CPUs with AVX512_BF16
-or AMX, where onnxruntime has no bf16 kernels. The input is made exactly as
-onnxruntime's CPU path makes it (:func:`batchdet.pipeline.preprocess.normalize`
-into one reused buffer), so both engines see the same float tensor.
+or AMX, where onnxruntime has no bf16 kernels. Both engines take the same float
+tensor (:func:`batchdet.pipeline.preprocess.prepare`'s).
 """
 
 from __future__ import annotations
@@ -18,11 +17,10 @@ from typing import Iterator
 import numpy as np
 
 from batchdet.cpu import present
-from batchdet.model.spec import INPUT_SIZE, check_model
+from batchdet.model.spec import check_model
 from batchdet.options import BF16, FP32, INT8
 from batchdet.pipeline.inference import OUTPUTS, RawDetections, optimized_cache_dir
 from batchdet.pipeline.precision import BF16_FLAGS, check_bf16_cpu, openvino_version
-from batchdet.pipeline.preprocess import normalize
 
 #: OpenVINO's ``INFERENCE_PRECISION_HINT`` for each precision. fp32 must be
 #: asked for: on a bf16-capable CPU OpenVINO's default is bf16. An INT8 copy
@@ -81,7 +79,6 @@ class OpenVinoBackend:
         self.checked = checked
         self.compiled = None
         self._request = None
-        self._input = np.empty((1, 3, INPUT_SIZE, INPUT_SIZE), np.float32)
 
     @property
     def version(self) -> str:
@@ -123,8 +120,8 @@ class OpenVinoBackend:
         results = self._request.infer({0: x})
         return {out.get_any_name(): np.asarray(results[out]) for out in self.compiled.outputs}
 
-    def predict(self, image: np.ndarray) -> RawDetections:
-        """uint8 RGB planes [3, 1200, 1200] → raw detections."""
-        outputs = self.run(normalize(image, self._input))
+    def predict(self, x: np.ndarray) -> RawDetections:
+        """The model's float input [1, 3, 1200, 1200] → raw detections."""
+        outputs = self.run(x)
         bboxes, labels, scores = (outputs[name] for name in OUTPUTS)
         return RawDetections(bboxes[0], labels[0].astype(np.int64, copy=False), scores[0])

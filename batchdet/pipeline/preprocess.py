@@ -1,23 +1,18 @@
-"""Image bytes → model input, as the MLPerf reference prepares it but for one rounding.
+"""Image bytes → the model's input, as the MLPerf reference prepares it.
 
-MLPerf (``dataset.py: pre_process_coco_resnet34``): decode, RGB, stretch-resize
-to 1200×1200 with OpenCV ``INTER_LINEAR`` (no letterbox), then
-``(x/255 - mean)/std`` and HWC→CHW. MLPerf resizes the image as floats; here
-the resize runs on bytes, so resized pixels are rounded to whole grey levels
-(up to 0.78 grey from MLPerf's, docs/model.md "Preprocessing"). The work is
-split in two, both done by the inference actor (only the encoded files cross
-Ray's object store: stages.py): :func:`prepare` (decode + orient + resize
-into compact uint8 planes) and :func:`normalize` (float maths, into a buffer
-the session reads from).
+MLPerf (``dataset.py: maybe_resize`` + ``pre_process_coco_resnet34``):
+decode, RGB, the image as float32, stretch-resize to 1200×1200 with OpenCV
+``INTER_LINEAR`` (no letterbox) on the floats, then ``(x/255 - mean)/std``
+and HWC→CHW. :func:`to_input` does the same arithmetic but for rounding in
+the last float bits (docs/model.md, "Preprocessing"), in the inference
+actor (only the encoded files cross Ray's object store: stages.py).
 
-Both halves are arranged around the 17 MB float32 tensor the model reads,
-the one costly thing to produce (benchmarks/preprocessing.py):
-:func:`prepare` resizes each colour plane on its own straight into a planar
-[3, 1200, 1200] image, so the HWC→CHW reorder costs nothing at 1200²
-(OpenCV's bilinear filter treats channels independently, so the pixels are
-identical), and :func:`normalize` maps each byte through a 256-entry table of
-the formula's float32 results: one pass, bit for bit the reference's values
-for the same bytes.
+It is arranged around the 17 MB float32 tensor the model reads, the one
+costly thing to produce (benchmarks/preprocessing.py): each colour plane is
+resized on its own straight into its plane of the [1, 3, 1200, 1200] input,
+so the HWC→CHW reorder costs nothing at 1200² (OpenCV's bilinear filter
+treats channels independently: the values are the interleaved resize's),
+then scaled in place in one pass.
 """
 
 from __future__ import annotations
@@ -53,10 +48,10 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class Prepared:
-    """What a preprocessing task hands to inference: the resized uint8 image
-    and the oriented original size that boxes are scaled back to."""
+    """What inference runs on: the model's input and the oriented original
+    size that boxes are scaled back to."""
 
-    image: np.ndarray  # uint8 [3, 1200, 1200] RGB planes
+    tensor: np.ndarray  # float32 [1, 3, 1200, 1200], normalised RGB planes
     width: int
     height: int
 
@@ -108,42 +103,34 @@ def _reason(e: Exception) -> str:
     return one_line(e, with_type=False)
 
 
-def resize(rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 RGB [H, W, 3] → planar uint8 [3, 1200, 1200], stretched with
-    OpenCV bilinear (the reference's own call), one plane at a time, into
-    ``out`` when given (a slot of a batch's buffer: no copy afterwards)."""
-    planes = np.empty((3, INPUT_SIZE, INPUT_SIZE), np.uint8) if out is None else out
-    for c, plane in enumerate(cv2.split(rgb)):
-        cv2.resize(plane, (INPUT_SIZE, INPUT_SIZE), dst=planes[c], interpolation=cv2.INTER_LINEAR)
-    return planes
+#: (x - mean) / std as one multiply-add per channel, x * SCALE + SHIFT: one pass over each plane
+_SCALE = [float(1 / STD[c]) for c in range(3)]
+_SHIFT = [float(-MEAN[c] / STD[c]) for c in range(3)]
+
+
+def to_input(rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 RGB [H, W, 3] → the model's float32 input [1, 3, 1200, 1200]:
+    each channel as float32, stretched with OpenCV bilinear (MLPerf's own call
+    on the floats, so no resized pixel is rounded to a grey level), then
+    ``(x - mean) / std``, into ``out`` when given (an actor's reused buffer:
+    no 17 MB faulted in per image)."""
+    x = np.empty((1, 3, INPUT_SIZE, INPUT_SIZE), np.float32) if out is None else out
+    for c in range(3):
+        plane = x[0, c]
+        cv2.resize(rgb[:, :, c].astype(np.float32), (INPUT_SIZE, INPUT_SIZE), dst=plane,
+                   interpolation=cv2.INTER_LINEAR)
+        cv2.addWeighted(plane, _SCALE[c], plane, 0.0, _SHIFT[c], dst=plane)
+    return x
 
 
 def prepare(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, out: np.ndarray | None = None) -> Prepared:
-    """Decode, orient and resize (into ``out`` when given): everything but the float maths."""
+    """Decode, orient, resize and normalise (into ``out`` when given)."""
     rgb = decode(data, max_pixels)
     height, width = rgb.shape[:2]
-    return Prepared(resize(rgb, out), width, height)
-
-
-#: float32 (v - mean) / std for every byte value v, one table per channel:
-#: the reference formula evaluated once for each of the 256 inputs it can see.
-_TABLES = [((np.arange(256, dtype=np.float32) - MEAN[c]) / STD[c]).astype(np.float32) for c in range(3)]
-
-
-def normalize(planes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """uint8 [3, 1200, 1200] RGB planes → float32 [1, 3, 1200, 1200], (x - mean) / std.
-
-    ``out`` (float32 [1, 3, 1200, 1200]) is filled and returned when given, so
-    that an actor reuses one input buffer instead of faulting in 17 MB an image.
-    """
-    if out is None:
-        out = np.empty((1, 3, INPUT_SIZE, INPUT_SIZE), np.float32)
-    for c in range(3):
-        cv2.LUT(planes[c], _TABLES[c], dst=out[0, c])
-    return out
+    return Prepared(to_input(rgb, out), width, height)
 
 
 def preprocess(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, int, int]:
     """Bytes → (model input, oriented width, oriented height)."""
     p = prepare(data, max_pixels)
-    return normalize(p.image), p.width, p.height
+    return p.tensor, p.width, p.height

@@ -11,9 +11,9 @@ Columns along the way:
 
 Only the encoded files cross Ray's object store (a JPEG is ~50–500 KB); the
 inference actor decodes, resizes, normalises, runs the model and builds its
-output columns itself. Handing 4.3 MB of resized pixels per image from
+output columns itself. Handing even 4.3 MB of resized bytes per image from
 preprocessing tasks to the actors cost more CPU than a fast model's whole
-inference (docs/notes/2026-12-02-fast-models.md).
+inference (docs/notes/2026-12-02-fast-models.md); the model's input is 17 MB.
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ class InferenceStage:
     store, rows read from ``output``), and those this actor ran lately
     (:data:`RECENT`); the row is a copy, naming its source in ``copied_from``.
 
-    A GPU actor decodes on ``prepare_threads`` threads ahead of the device
+    A GPU actor prepares inputs on ``prepare_threads`` threads ahead of the device
     (Pillow and OpenCV release the GIL), so the device does not wait for the
-    CPU; a CPU actor decodes on its own thread, into one reused buffer,
+    CPU; a CPU actor prepares them on its own thread, into one reused buffer,
     between runs (its cores are the model's anyway).
     """
 
@@ -110,7 +110,7 @@ class InferenceStage:
         self.detector = Detector(model_path, threads=threads, gpus=gpus, score_threshold=score_threshold,
                                  max_pixels=max_pixels, checked=True, choice=choice)
         self.run_id = run_id
-        self._planes = np.empty((3, INPUT_SIZE, INPUT_SIZE), np.uint8)  # the sequential path's reused image
+        self._input = np.empty((1, 3, INPUT_SIZE, INPUT_SIZE), np.float32)  # the sequential path's reused input
         self.prepare_threads = prepare_threads
         self._pool = ThreadPoolExecutor(prepare_threads) if prepare_threads > 0 else None
         self.progress = progress
@@ -125,7 +125,7 @@ class InferenceStage:
             progress.add_loaded()
 
     def _prepared(self, datas: list[bytes | None]) -> Iterator[Prepared | ImageError | None]:
-        """Each file decoded and resized, in order: an ImageError in place of a bad one."""
+        """Each file made the model's input, in order: an ImageError in place of a bad one."""
 
         def one(data: bytes | None, out: np.ndarray | None = None) -> Prepared | ImageError | None:
             if data is None:
@@ -136,7 +136,7 @@ class InferenceStage:
                 return e
 
         if self._pool is None:
-            return (one(d, self._planes) for d in datas)
+            return (one(d, self._input) for d in datas)
         return _ahead(self._pool, one, datas, 2 * self.prepare_threads)
 
     def _copy(self, sha256: str) -> tuple[str, int, int, tuple] | None:
@@ -172,7 +172,7 @@ class InferenceStage:
                     copied[i], widths[i], heights[i], selected[i] = source
                     continue
                 try:
-                    selected[i] = self.detector.select(p.image, p.width, p.height)
+                    selected[i] = self.detector.select(p.tensor, p.width, p.height)
                     widths[i], heights[i] = p.width, p.height
                     self._remember(shas[i], (uris[i], p.width, p.height, selected[i]))
                 except ValueError as e:  # a model emitting labels outside the contract
@@ -199,7 +199,7 @@ def _column(batch: pa.Table, name: str, kind: pa.DataType) -> pa.ChunkedArray | 
 
 def _ahead(pool: ThreadPoolExecutor, fn, items: list, depth: int) -> Iterator:
     """``map(fn, items)`` on ``pool``, in order, at most ``depth`` items ahead
-    of the consumer: a block of 256 images must not all sit decoded (4.3 MB
+    of the consumer: a block of 256 images must not all sit prepared (17 MB
     each) while the device works through them."""
     pending: collections.deque = collections.deque()
     for item in items:

@@ -11,7 +11,7 @@ What it follows, step by step (profile ``ssd-resnet34-onnxruntime``: dataset
   decoded image's.
 - ``dataset.maybe_resize`` + ``pre_process_coco_resnet34``: to float32
   *before* resizing, BGR->RGB, ``cv2.resize`` to 1200x1200 ``INTER_LINEAR`` on
-  the floats (no rounding to bytes, unlike a uint8 resize), ``/ 255.``, minus
+  the floats (no rounding to bytes), ``/ 255.``, minus
   the mean, divided by the std (float32), HWC->CHW, a batch of one.
 - onnxruntime on the model's outputs ``bboxes``, ``labels``, ``scores``.
 - ``coco.PostProcessCocoOnnx``: detections in the model's order until the
@@ -54,21 +54,14 @@ def read_image(path: str | PathLike) -> np.ndarray:
     return img
 
 
-def pre_process(img: np.ndarray, resize_bytes: bool = False) -> np.ndarray:
+def pre_process(img: np.ndarray) -> np.ndarray:
     """``pre_process_coco_resnet34(img, dims=[1200, 1200, 3], need_transpose=True)``,
-    batched: uint8 BGR [H, W, 3] -> float32 [1, 3, 1200, 1200].
-
-    ``resize_bytes`` makes the one change batchdet documents (docs/model.md,
-    "Preprocessing"): the resize runs on the uint8 image, so the resized pixels
-    are rounded to whole grey levels, before the same float maths. Comparing
-    with and without it separates that rounding from everything else."""
-    if resize_bytes:
-        img = cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
+    batched: uint8 BGR [H, W, 3] -> float32 [1, 3, 1200, 1200]."""
     img = np.array(img, dtype=np.float32)
     if img.ndim < 3 or img.shape[2] != 3:
         img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
     img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    img = cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)  # a no-op after resize_bytes
+    img = cv2.resize(img, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
     img = img / 255. - MEAN
     img = img / STD
     return img.transpose([2, 0, 1])[None]
@@ -97,12 +90,11 @@ def session(model_path: str) -> ort.InferenceSession:
 
 
 def reference_detections(model_path: str | PathLike, image_path: str | PathLike,
-                         score_threshold: float = SCORE_THRESHOLD, resize_bytes: bool = False) -> list[dict]:
-    """MLPerf's detections of one image file: read, pre-process (resized as
-    bytes with ``resize_bytes``), run, post-process (see the module's
-    docstring). Boxes are in pixels of the file's decoded size, unclipped."""
+                         score_threshold: float = SCORE_THRESHOLD) -> list[dict]:
+    """MLPerf's detections of one image file: read, pre-process, run,
+    post-process (see the module's docstring). Boxes are in pixels of the file's decoded size, unclipped."""
     img = read_image(image_path)
     height, width = img.shape[:2]
     bboxes, labels, scores = session(str(model_path)).run(["bboxes", "labels", "scores"],
-                                                          {"image": pre_process(img, resize_bytes)})
+                                                          {"image": pre_process(img)})
     return post_process(bboxes[0], labels[0], scores[0], width, height, score_threshold)

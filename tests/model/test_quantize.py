@@ -30,7 +30,7 @@ from batchdet.model.quantize import (
 from batchdet.model.spec import CONVERTED_FROM_KEY, KIND_KEY, STANDIN_KEY, ModelError, check_model
 from batchdet.model.standin import build_standin
 from batchdet.pipeline.detector import Detector
-from batchdet.pipeline.preprocess import normalize, prepare
+from batchdet.pipeline.preprocess import prepare
 from helpers import tiny_model
 from helpers.photos import photo, photo_path
 
@@ -222,7 +222,7 @@ def _outputs(path, image: bytes) -> list[np.ndarray]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["bboxes", "labels", "scores"], {"image": normalize(prepare(image).image)})
+    return session.run(["bboxes", "labels", "scores"], {"image": prepare(image).tensor})
 
 
 def test_opset_10_model_converts_to_13_with_the_same_outputs(narrow_model, calibration_folder, tmp_path):

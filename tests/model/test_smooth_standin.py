@@ -20,7 +20,7 @@ from batchdet.cli import main
 from batchdet.model.spec import INPUT_NAME, STD, check_model
 from batchdet.model.standin import build_standin
 from batchdet.pipeline.postprocess import select
-from batchdet.pipeline.preprocess import normalize, prepare
+from batchdet.pipeline.preprocess import prepare
 from helpers.photos import REAL_PHOTOS, photo
 
 NARROW = 8
@@ -58,7 +58,7 @@ def kept_under_noise(session: ort.InferenceSession, names: tuple[str, ...], seed
     per_photo, labels, sides = [], set(), []
     for name in names:
         p = prepare(photo(name))
-        x = normalize(p.image)
+        x = p.tensor
         grey = rng.uniform(-0.5, 0.5, x.shape).astype(np.float32)
         noisy = x + grey / np.asarray(STD, np.float32)[None, :, None, None]  # grey levels in the model's units
         boxes, classes, scores = _detections(session, x, p.width, p.height)

@@ -9,8 +9,6 @@ from onnx import TensorProto, helper
 
 from batchdet.cli import main
 from batchdet.model.spec import ModelError, check_model
-from batchdet.pipeline.inference import UINT8_INPUT, add_uint8_input
-from batchdet.pipeline.preprocess import normalize
 from helpers import tiny_model
 
 
@@ -67,16 +65,6 @@ def test_not_onnx_truncated_and_missing(tmp_path, tiny):
             check_model(path)
     with pytest.raises(ModelError, match="not found"):
         check_model(tmp_path / "absent.onnx")
-
-
-def test_uint8_front_end_computes_the_normalisation():
-    import onnxruntime as ort
-
-    fronted = add_uint8_input(_model(outputs=()))  # its one output: the tensor the graph receives
-    session = ort.InferenceSession(fronted.SerializeToString(), providers=["CPUExecutionProvider"])
-    image = np.random.default_rng(3).integers(0, 256, (3, 1200, 1200), dtype=np.uint8)
-    (seen,) = session.run(None, {UINT8_INPUT: image[None]})
-    np.testing.assert_allclose(seen, normalize(image), atol=1e-6)
 
 
 def test_model_info_cli(tiny, capsys):

@@ -32,7 +32,7 @@ from batchdet.model.spec import (
 from batchdet.cli import main
 from batchdet.model.standin import build_standin, write_standin
 from batchdet.model.standin_graph import build_postprocess_model, default_boxes
-from batchdet.pipeline.preprocess import normalize, prepare
+from batchdet.pipeline.preprocess import prepare
 from helpers.photos import photo
 
 NUM_BOXES = 15130
@@ -262,7 +262,7 @@ def test_default_stand_in_has_the_official_files_known_interface(narrow_proto):
 @pytest.fixture(scope="module")
 def photo_inputs() -> list[np.ndarray]:
     """Real photos as the pipeline feeds them to the model."""
-    return [normalize(prepare(photo(name)).image) for name in OPSET_PHOTOS]
+    return [prepare(photo(name)).tensor for name in OPSET_PHOTOS]
 
 
 @pytest.mark.parametrize("opset", sorted(IR_OF_OPSET))

@@ -1,5 +1,5 @@
 """The onnxruntime backend: provider selection (pure, no GPU needed), session
-options, the optimized-model cache and the I/O-binding path."""
+options and the optimized-model cache."""
 
 from __future__ import annotations
 
@@ -12,16 +12,14 @@ from batchdet.pipeline.inference import (
     CPU,
     CUDA,
     TENSORRT,
-    UINT8_INPUT,
     OnnxBackend,
-    add_uint8_input,
     optimized_cache_dir,
     optimized_cache_path,
     provider_options,
     select_providers,
     session_options,
 )
-from batchdet.pipeline.preprocess import normalize
+from batchdet.pipeline.preprocess import to_input
 from helpers import tiny_model
 
 GPU_BUILD = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -81,19 +79,6 @@ def test_session_options_defaults_and_switches():
     assert session_options(2, spinning=True).get_session_config_entry("session.intra_op.allow_spinning") == "1"
 
 
-def test_front_end_is_bit_exact_with_the_numpy_reference():
-    graph = onnx.helper.make_graph(
-        [onnx.helper.make_node("Identity", ["image"], ["seen"])], "g",
-        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, 3, 1200, 1200])],
-        [onnx.helper.make_tensor_value_info("seen", onnx.TensorProto.FLOAT, [1, 3, 1200, 1200])],
-    )
-    model = add_uint8_input(onnx.helper.make_model(graph))
-    session = ort.InferenceSession(model.SerializeToString(), session_options(2), providers=[CPU])
-    image = np.random.default_rng(7).integers(0, 256, (3, 1200, 1200), dtype=np.uint8)
-    (seen,) = session.run(None, {UINT8_INPUT: image[None]})
-    np.testing.assert_array_equal(seen, normalize(image))  # which test_preprocess checks against MLPerf's formula
-
-
 # --- optimized-model cache ---------------------------------------------------------------
 @pytest.fixture(params=["oracle", "standin-opset10"])
 def model(request, tmp_path):
@@ -107,9 +92,9 @@ def model(request, tmp_path):
 
 
 def _image():
-    image = np.zeros((3, 1200, 1200), np.uint8)
-    image[:, 100:300, 200:500] = 255
-    return image
+    rgb = np.zeros((1200, 1200, 3), np.uint8)
+    rgb[100:300, 200:500] = 255
+    return to_input(rgb)
 
 
 def test_cache_key_carries_everything_that_changes_the_graph(tmp_path):
@@ -158,20 +143,6 @@ def test_corrupt_cache_file_is_rebuilt(monkeypatch, tmp_path, model):
     again = OnnxBackend(model, threads=1).load()
     assert again.load_source == "cache-miss"
     np.testing.assert_array_equal(again.predict(_image()).scores, first.predict(_image()).scores)
-
-
-def test_in_graph_normalisation_path_matches_the_cpu_path(monkeypatch, model):
-    """The GPU path (uint8 front end in the graph, I/O binding), exercised on the CPU provider."""
-    monkeypatch.setenv("BATCHDET_ORT_CACHE", "0")
-    backend = OnnxBackend(model, threads=1).load()
-    assert backend.normalise_in_graph is False  # CPU: normalise first, the model as given
-    plain = backend.predict(_image())
-    gpu_like = OnnxBackend(model, threads=1, normalise_in_graph=True).load()
-    assert UINT8_INPUT in [i.name for i in gpu_like.session.get_inputs()]
-    bound = gpu_like.predict(_image())
-    assert len(plain.scores) > 0
-    np.testing.assert_array_equal(bound.bboxes, plain.bboxes)
-    np.testing.assert_array_equal(bound.labels, plain.labels)
 
 
 def test_the_graph_takes_one_image_at_a_time(narrow_model):

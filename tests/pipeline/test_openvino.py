@@ -24,7 +24,7 @@ from batchdet.pipeline.detector import Detector
 from batchdet.pipeline.inference import OnnxBackend
 from batchdet.pipeline.openvino_engine import OpenVinoBackend
 from batchdet.pipeline.precision import Choice
-from batchdet.pipeline.preprocess import normalize, prepare
+from batchdet.pipeline.preprocess import prepare
 from batchdet.pipeline.speedup import Speedup, cache_path, measure_once, time_interleaved
 from batchdet.pipeline.inference import OUTPUTS
 from helpers.benchmarks import script
@@ -53,7 +53,7 @@ def test_openvino_fp32_computes_what_onnxruntime_computes(with_pre_nms):
     inputs, since the random stand-in is chaotic in its input: docs/model.md.)"""
     ort, ov = OnnxBackend(with_pre_nms, threads=2).load(), OpenVinoBackend(with_pre_nms, threads=2).load()
     for name in PHOTOS:
-        x = normalize(prepare(photo(name)).image)
+        x = prepare(photo(name)).tensor
         mine, theirs = ov.run(x), ort.run(x)
         assert set(mine) == set(theirs) == {"bboxes", "labels", "scores", *PRE_NMS}
         boxes, probs = (theirs[n] for n in PRE_NMS)
