@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 
 from batchdet import api
 from batchdet.cli import main
+from batchdet.model.spec import PREPROCESSING_VERSION
+from batchdet.output.layout import Output
 from batchdet.output.draw import draw
 from batchdet.output.query import query
 from batchdet.output.summary import summarize
@@ -136,6 +139,17 @@ def test_resume_refuses_other_result_settings_before_any_work(narrow_model, tmp_
     other = write_standin(tmp_path / "other.onnx", seed=1, channels_divisor=8)
     assert main([*argv, "--model", str(other)]) == 2
     assert "--model has sha256" in capsys.readouterr().err
+
+    # an output made before preprocessing version 2 (bytes resized): its manifest says version 1
+    (manifest,) = Output(str(out)).manifest_files()
+    record = json.loads(Path(manifest).read_text())
+    assert record["settings"]["preprocessing"] == PREPROCESSING_VERSION == 2
+    record["settings"]["preprocessing"] = 1
+    Path(manifest).write_text(json.dumps(record))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main([*argv, "--model", str(narrow_model)]) == 2
+    assert "batchdet's preprocessing is version 2, the output's rows were made with version 1" in \
+        capsys.readouterr().err
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # nothing staged, nothing leased
 
     assert main([*argv, "--model", str(other), "--overwrite"]) == 2  # contradiction, as before
