@@ -11,13 +11,15 @@ rows a retried task wrote twice, and writes the manifest *last*: a run's rows
 count as committed once ``_runs/<run_id>.json`` exists. A run killed on the
 way leaves its staging folder behind; the next ``--resume`` commits the
 files in it that are whole (a half-written file fails its Parquet footer
-check and is discarded) and writes that run's manifest, marked ``recovered``.
+check and is discarded), adopts the files a commit cut short had already
+moved, and writes that run's manifest, marked ``recovered``.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import posixpath
 from importlib.metadata import version
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +32,7 @@ import pyarrow.parquet as pq
 
 from batchdet import __version__
 from batchdet.files import replace_bytes
-from batchdet.output.layout import RUNS_DIR, Output, committed_name, dataset_of
+from batchdet.output.layout import DATA_SUFFIX, PARTITION, RUNS_DIR, Output, committed_name, dataset_of
 from batchdet.output.lease import Lease
 from batchdet.output.manifest import DatasetCounts, RunResult
 from batchdet.output.schema import STATUS_MISSING, STATUS_OK
@@ -121,11 +123,12 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
     """
     record = json.loads(out.fs.cat_file(out.run_record(run_id)))
     counts = {name: DatasetCounts.from_dict(d) for name, d in record["datasets"].items()}
-    sources = out.staged_files(run_id)
+    entries = _run_files(out, run_id, recovered)
+    sources = [src for src, _, _ in entries]
     seen: dict[str, set[str]] = {}
     ran: list[pa.ChunkedArray] = []  # sha256 of the rows the model ran for
     files, moves, rewrites = [], [], []
-    for src, keys in zip(sources, in_threads(lambda p: _read_keys(out, p), sources)):
+    for (src, relative, staged), keys in zip(entries, in_threads(lambda p: _read_keys(out, p), sources)):
         dataset = dataset_of(src)
         if keys is None or dataset not in counts:
             continue
@@ -133,9 +136,9 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
         done = seen.setdefault(dataset, set())
         fresh = [u not in done for u in uris]
         done.update(uris)
-        relative = committed_name(run_id, src)
         if all(fresh):
-            moves.append((src, relative))
+            if staged:
+                moves.append((src, relative))
         else:  # a retried task wrote these rows twice: keep the first copy
             keys = keys.filter(pa.array(fresh))
             rewrites.append((src, relative, fresh))
@@ -170,6 +173,23 @@ def finish_run(out: Output, run_id: str, wall_s: float | None = None, recovered:
     _write_manifest(out, result)
     out.fs.rm(out.staging(run_id), recursive=True)
     return result
+
+
+def _run_files(out: Output, run_id: str, recovered: bool) -> list[tuple[str, str, bool]]:
+    """(path, committed name, still staged) of each of ``run_id``'s files, in commit order.
+
+    Its staged files, and when recovering a killed run, the files its commit
+    had already moved into their partitions: a move removes its source only
+    once the file is whole at its destination, so those are whole, and
+    without them the recovered manifest would miss rows readers already see.
+    A committed name that is still staged too (a rewrite cut short) is redone
+    from its staged source."""
+    entries = {committed_name(run_id, p): (p, True) for p in out.staged_files(run_id)}
+    if recovered:
+        for path in out.fs.glob(out.join(f"{PARTITION}*", f"{run_id}_*{DATA_SUFFIX}")):
+            relative = f"{posixpath.basename(posixpath.dirname(path))}/{posixpath.basename(path)}"
+            entries.setdefault(relative, (path, False))
+    return [(path, relative, staged) for relative, (path, staged) in sorted(entries.items())]
 
 
 def _count(c: DatasetCounts, table: pa.Table) -> None:

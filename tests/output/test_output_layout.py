@@ -87,3 +87,35 @@ def test_writer_and_readers_see_exactly_the_committed_files(store) -> None:
         update = plan_update(out, {name: Listing(name, uris, 0, 0.0) for name, uris in listed.items()})
         assert {name: (c.new, c.retried, c.changed, c.gone) for name, c in update.counts.items()} == \
             {"a": (3, 1, 2, 0), "b": (1, 0, 1, 0)}
+
+
+def test_a_commit_killed_midway_is_finished_by_the_next_recovery(store) -> None:
+    """A run killed mid-commit: one file already moved into its partition (readers
+    see its rows), one rewrite cut short (garbage at its committed name, its source
+    still staged), the rest staged. Recovery commits them all, adopting the moved
+    file: the manifest lists and counts every row once, and ``verify`` finds no
+    file without its run's manifest."""
+    from batchdet.output.layout import committed_name
+    from batchdet.pipeline.writing import recover
+    from batchdet.verify import verify
+
+    url, options = store
+    out = Output(url, options)
+    killed = _stage(out, options, KILLED)
+    staged = out.staged_files(KILLED)
+    assert len(staged) >= 3
+    out.fs.makedirs(out.join("dataset=a"), exist_ok=True)
+    out.fs.mv(staged[0], out.join(committed_name(KILLED, staged[0])))  # moved whole, then the kill
+    out.fs.pipe_file(out.join(committed_name(KILLED, staged[1])), b"PAR1 half a file")  # a rewrite cut short
+    assert len(out.data_files()) == 2 and list(out.manifests()) == []
+
+    with acquire(out, COMMITTED) as lease:
+        (result,) = recover(out, lease)
+    assert result.recovered and sorted(result.files) == sorted(committed_name(KILLED, p) for p in staged)
+    assert out.data_files() == sorted(out.join(f) for f in result.files) and out.staged_runs() == []
+    assert {name: (c.images, c.images_ok, c.images_error) for name, c in result.datasets.items()} == \
+        {"a": (3, 2, 1), "b": (1, 1, 0)}
+    seen = query(url, "SELECT dataset, uri FROM all_images ORDER BY ALL", options).to_pylist()
+    assert [(r["dataset"], r["uri"]) for r in seen] == killed  # every row once, the garbage replaced
+    report = verify(url, options, sample=0)
+    assert report.mismatches == [], report.mismatches
