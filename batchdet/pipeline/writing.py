@@ -219,8 +219,15 @@ def recover(out: Output, lease: Lease) -> list[RunResult]:
     under it would corrupt both. The lease is checked against the store first.
     """
     lease.check()
-    return [finish_run(out, run_id, recovered=True) for run_id in out.staged_runs()
-            if run_id != lease.run_id and out.fs.exists(out.run_record(run_id))]
+    results = []
+    for run_id in out.staged_runs():
+        if run_id == lease.run_id or not out.fs.exists(out.run_record(run_id)):
+            continue
+        if out.fs.exists(out.manifest(run_id)):  # committed, killed while dropping its staging folder
+            out.fs.rm(out.staging(run_id), recursive=True)
+        else:
+            results.append(finish_run(out, run_id, recovered=True))
+    return results
 
 
 def versions() -> dict[str, str]:

@@ -10,6 +10,7 @@ see exactly its rows. No Ray: the sink's ``write`` is called directly.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pyarrow as pa
@@ -94,7 +95,8 @@ def test_a_commit_killed_midway_is_finished_by_the_next_recovery(store) -> None:
     see its rows), one rewrite cut short (garbage at its committed name, its source
     still staged), the rest staged. Recovery commits them all, adopting the moved
     file: the manifest lists and counts every row once, and ``verify`` finds no
-    file without its run's manifest."""
+    file without its run's manifest. A run killed after its manifest, before its
+    staging folder went, is left as committed."""
     from batchdet.output.layout import committed_name
     from batchdet.pipeline.writing import recover
     from batchdet.verify import verify
@@ -119,3 +121,10 @@ def test_a_commit_killed_midway_is_finished_by_the_next_recovery(store) -> None:
     assert [(r["dataset"], r["uri"]) for r in seen] == killed  # every row once, the garbage replaced
     report = verify(url, options, sample=0)
     assert report.mismatches == [], report.mismatches
+
+    # killed after its manifest, before its staging folder was gone: committed, nothing to redo
+    manifest = out.fs.cat_file(out.manifest(KILLED))
+    begin_run(out, json.loads(out.fs.cat_file(out.manifest(KILLED))) | {"run_id": KILLED})
+    with acquire(out, COMMITTED) as lease:
+        assert recover(out, lease) == []
+    assert out.fs.cat_file(out.manifest(KILLED)) == manifest and out.staged_runs() == []
