@@ -46,6 +46,7 @@ class RawDetections:
     scores: np.ndarray  # float32 [N]
 
 
+# --- session options ----------------------------------------------------------
 def _env_flag(name: str, default: bool) -> bool:
     value = os.environ.get(name, "").strip().lower()
     if not value:
