@@ -188,8 +188,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CI smoke: narrow stand-in (divisor 16), 2 and 4 images, one actor, 1 bare image per segment")
     args = p.parse_args(argv)
     if args.quick:
-        if args.channels_divisor == 1 and not args.model:
-            args.channels_divisor = 16
+        harness.quick_model(args)
         if args.images == "20,80":
             args.images = "2,4"
         args.actors = args.actors or "1"
@@ -216,11 +215,8 @@ def main(argv=None) -> dict:
     sizes = sorted(int(n) for n in args.images.split(","))
     if len(sizes) != 2 or sizes[0] < 1:
         raise SystemExit("--images takes two sizes, e.g. 20,80")
-    workdir = harness.workdir(args)
+    workdir, started, res = harness.begin(args)
     threads = harness.threads(args)
-    started = time.time()
-
-    res: dict = harness.header()
     model = harness.resolve_model(args, workdir)
     files = harness.synthesize(workdir / "images", sizes[-1])
     options = detect_options(args)

@@ -174,8 +174,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.smooth = True  # always: the random stand-in's detections measure its chaos (see above)
     if args.quick:
-        if args.channels_divisor == 1 and not args.model:
-            args.channels_divisor = 16
+        harness.quick_model(args)
         args.images = min(args.images, 3)
     return args
 
@@ -184,9 +183,7 @@ def main(argv=None) -> dict:
     from batchdet.api import detect
 
     args = parse_args(argv)
-    workdir = harness.workdir(args)
-    started = time.time()
-    res: dict = harness.header()
+    workdir, started, res = harness.begin(args)
     model = harness.resolve_model(args, workdir)
     files = harness.photo_files(args.photos, REAL_PHOTOS, args.images)
     res["config"] = {**harness.model_config(args, model), "photos": [f.name for f in files],

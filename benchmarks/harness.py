@@ -128,6 +128,18 @@ def workdir(args: argparse.Namespace) -> Path:
     return folder
 
 
+def begin(args: argparse.Namespace) -> tuple[Path, float, dict]:
+    """A measuring script's start: its work folder (:func:`workdir`), the clock
+    its ``elapsed_s`` is read from, and its results' :func:`header` (printed)."""
+    return workdir(args), time.time(), header()
+
+
+def quick_model(args: argparse.Namespace) -> None:
+    """``--quick``'s model: the narrow stand-in (width divisor 16), unless ``--model`` or a divisor is given."""
+    if args.channels_divisor == 1 and not args.model:
+        args.channels_divisor = 16
+
+
 def command(argv: list[str] | None) -> str:
     """The command line that made a result, for its report."""
     return " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)])

@@ -141,18 +141,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="CI smoke: narrow stand-in (divisor 16), 2 calibration images, 1 image, 2 tries")
     args = p.parse_args(argv)
     if args.quick:
-        if args.channels_divisor == 1 and not args.model:
-            args.channels_divisor = 16
+        harness.quick_model(args)
         args.calibration_images, args.images, args.reps = 2, 1, 2
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    workdir = harness.workdir(args)
+    workdir, started, res = harness.begin(args)
     threads = harness.threads(args)
-    started = time.time()
-    res: dict = harness.header()
     model = harness.resolve_model(args, workdir)
     res["config"] = {**harness.model_config(args, model), "images": args.images,
                      "calibration_images": args.calibration_images, "threads": threads, "quick": args.quick,

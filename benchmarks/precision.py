@@ -182,8 +182,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="CI smoke: narrow stand-in (divisor 16), 2 photos, 1 round")
     args = p.parse_args(argv)
     if args.quick:
-        if args.channels_divisor == 1 and not args.model:
-            args.channels_divisor = 16
+        harness.quick_model(args)
         args.images, args.rounds = 2, 1
     return args
 
@@ -193,10 +192,8 @@ def main(argv=None) -> dict:
     from batchdet.pipeline.speedup import model_inputs
 
     args = parse_args(argv)
-    workdir = harness.workdir(args)
+    workdir, started, res = harness.begin(args)
     threads = harness.threads(args)
-    started = time.time()
-    res: dict = harness.header()
     model = harness.resolve_model(args, workdir)
     files = harness.photo_files(args.photos, PHOTOS, args.images)
     res["config"] = {**harness.model_config(args, model), "photos": [f.name for f in files], "rounds": args.rounds,

@@ -94,9 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    workdir = harness.workdir(args)
-    started = time.time()
-    res: dict = harness.header()
+    workdir, started, res = harness.begin(args)
     res["config"] = {"images": args.images, "image_size": [harness.WIDTH, harness.HEIGHT], "reps": args.reps,
                      "quick": args.quick, "command": harness.command(argv)}
     files = harness.synthesize(workdir / "images", args.images)
