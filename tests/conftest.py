@@ -240,6 +240,16 @@ def cluster(_shared_cluster):
     return _shared_cluster.running()
 
 
+@pytest.fixture(scope="session")
+def cluster_job(_shared_cluster, s3, narrow_model, tmp_path_factory):
+    """The session's one ``batchdet submit`` to the shared cluster, finished
+    (:func:`helpers.ray_cluster.submit_detect_job`): test_cluster checks its
+    rows, test_secrets that the cluster kept none of its secrets."""
+    from helpers.ray_cluster import submit_detect_job
+
+    return submit_detect_job(_shared_cluster.running(), s3, narrow_model, tmp_path_factory.mktemp("job"))
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``breaks_cluster`` (they kill one of the shared cluster's
     nodes) run after the other tests that use the cluster, which then never

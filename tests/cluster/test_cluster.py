@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
-import yaml
 
 from batchdet.cluster.submit import (
     ENTRYPOINT, JOB_CONFIG_NAME, SubmitError, check_address, job_config, require_auth, resolve_token, runtime_env,
 )
 from batchdet.files import sha256_of_file
 from helpers.photos import photo
-from helpers.ray_cluster import client_env, ray_cli, submit_cli
+from helpers.ray_cluster import BAD, client_env, ray_cli, submit_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -133,14 +132,11 @@ def test_runtime_env_ships_the_package_and_never_the_token(tmp_path):
 
 
 # --- the real cluster ---------------------------------------------------------------------
-GOOD = {"rocket.jpg": photo("rocket.jpg"), "cat.png": photo("chelsea.png"), "sub/camera.png": photo("camera.png")}
-BAD = {"broken.jpg": b"<html>not an image</html>"}
-
-
 # ``cluster`` (tests/conftest.py): the session's head and worker node. The
-# nodes take their S3 credentials from their environment (set by the s3
-# fixture before ``ray start``), as pods take them from a Secret: a job
-# carries none (``batchdet submit`` refuses secret options).
+# nodes hold S3 credentials of their own, in their environment (set by the s3
+# fixture before ``ray start``) as pods take them from a Secret, and in a
+# credentials file under a profile (``cluster_job`` names it): a job carries
+# none (``batchdet submit`` refuses secret options).
 
 
 @pytest.mark.slow
@@ -157,26 +153,10 @@ def test_dashboard_and_jobs_api_need_the_token(cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_submit_runs_detect_on_two_nodes_with_the_model_from_s3(cluster, s3, narrow_model, tmp_path):
-    fs = s3.filesystem()
-    bucket = s3.new_bucket()
-    expected = {}
-    for dataset, files in (("alpha", GOOD), ("beta", BAD | {"astro.png": photo("astronaut.png")})):
-        for name, data in files.items():
-            fs.pipe(f"{bucket}/images/{dataset}/{name}", data)
-            expected[f"s3://{bucket}/images/{dataset}/{name}"] = (dataset, data)
-    fs.put(str(narrow_model), f"{bucket}/models/narrow.onnx")
-    sha = sha256_of_file(narrow_model)
-
-    spec = tmp_path / "job.yaml"  # part of the job in a spec file, the rest as flags (which win)
-    spec.write_text(yaml.safe_dump({
-        "datasets": {"alpha": f"s3://{bucket}/images/alpha", "beta": f"s3://{bucket}/images/beta"},
-        "output": f"s3://{bucket}/out", "model": f"s3://{bucket}/models/narrow.onnx", "batch_size": 16,
-        "storage_options": {"endpoint_url": s3.endpoint_url},
-    }))
-    argv = ["--address", cluster.dashboard, "--config", str(spec), "--",
-            "--actors", "1", "--threads-per-actor", "2", "--batch-size", "2"]
-    proc = submit_cli(argv, client_env(RAY_AUTH_TOKEN_PATH=str(cluster.token_file)))
+def test_submit_runs_detect_on_two_nodes_with_the_model_from_s3(cluster, cluster_job, s3, narrow_model):
+    """The session's job (:func:`helpers.ray_cluster.submit_detect_job`): part of it
+    in a spec file, the rest as flags (which win), the model and the images in S3."""
+    proc, bucket = cluster_job.proc, cluster_job.bucket
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-6000:]
     assert cluster.token not in logs and "testing" not in logs
@@ -186,14 +166,15 @@ def test_submit_runs_detect_on_two_nodes_with_the_model_from_s3(cluster, s3, nar
     assert str(REPO) not in banner and "runtime_resources" in banner, banner
 
     # one row per image, ok with detections or error, from this run
+    fs = s3.filesystem()
     table = pads.dataset(f"{bucket}/out", filesystem=fs, format="parquet", partitioning="hive",
                          exclude_invalid_files=True).to_table()
     rows = {r["uri"]: r for r in table.to_pylist()}
-    assert len(rows) == table.num_rows and set(rows) == set(expected)
+    assert len(rows) == table.num_rows and set(rows) == set(cluster_job.images)
     from batchdet.pipeline.detector import Detector
 
     reference = Detector(narrow_model, threads=1)
-    for uri, (dataset, data) in expected.items():
+    for uri, (dataset, data) in cluster_job.images.items():
         row = rows[uri]
         assert row["dataset"] == dataset
         if data in BAD.values():
@@ -207,9 +188,10 @@ def test_submit_runs_detect_on_two_nodes_with_the_model_from_s3(cluster, s3, nar
     # the model: pinned in the manifest, fetched once into each node's own cache
     import json
 
+    sha = sha256_of_file(narrow_model)
     run_id = next(iter(rows.values()))["run_id"]
     manifest = json.loads(fs.cat(f"{bucket}/out/_runs/{run_id}.json"))
-    assert manifest["model"]["path"] == f"s3://{bucket}/models/narrow.onnx#sha256={sha}"
+    assert manifest["model"]["path"] == f"{cluster_job.model_url}#sha256={sha}"
     assert manifest["model"]["sha256"] == sha and "testing" not in json.dumps(manifest)
     for node in cluster.nodes:  # head: the driver's check; worker: the only node an actor fits on
         cached = node.cache / f"{sha}.onnx"

@@ -28,7 +28,6 @@ import pytest
 import yaml
 
 from batchdet.cluster.submit import NODE_CREDENTIALS, SubmitError, refuse_secrets, runtime_env
-from helpers.photos import photo
 from helpers.ray_cluster import NODE_PROFILE, LocalRayCluster, client_env, submit_cli
 
 #: Unique values per run: found anywhere, they can only have come from this module
@@ -66,31 +65,13 @@ def test_secret_environment_variables_stay_out_of_the_runtime_env(tmp_path):
 # --- a real cluster -------------------------------------------------------------------------
 # ``cluster`` (tests/conftest.py): its nodes have an AWS credentials file of
 # their own holding the moto credentials under the profile MARKER (the nodes'
-# environment names the file).
+# environment names the file); ``cluster_job`` is the session's job, which names it.
 
 
 def _jobs_client(cluster: LocalRayCluster):
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(cluster.dashboard, headers={"Authorization": f"Bearer {cluster.token}"})
-
-
-@pytest.fixture(scope="module")
-def job(cluster, s3, narrow_model):
-    """A job whose storage options are not secrets, its credentials the
-    node's profile MARKER: (the finished submit process, its bucket)."""
-    fs = s3.filesystem()
-    bucket = s3.new_bucket()
-    fs.pipe(f"{bucket}/images/rocket.jpg", photo("rocket.jpg"))
-    fs.put(str(narrow_model), f"{bucket}/models/narrow.onnx")
-    proc = submit_cli(
-        ["--address", cluster.dashboard, "--", "--dataset", f"a=s3://{bucket}/images", "--output", f"s3://{bucket}/out",
-         "--model", f"s3://{bucket}/models/narrow.onnx", "--actors", "1", "--threads-per-actor", "1",
-         "--storage-option", f"endpoint_url={s3.endpoint_url}",
-         "--storage-option", f"profile={MARKER}"],
-        client_env(RAY_AUTH_TOKEN_PATH=str(cluster.token_file)),
-    )
-    return proc, bucket
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +103,10 @@ def refused(cluster, tmp_path_factory) -> list[tuple[subprocess.CompletedProcess
 
 
 @pytest.mark.slow
-def test_a_job_with_non_secret_storage_options_runs(job, s3):
-    proc, bucket = job
+def test_a_job_with_non_secret_storage_options_runs(cluster_job, s3):
+    """The session's job (tests/conftest.py's ``cluster_job``): its storage options
+    are no secrets, its credentials the nodes' own under the profile MARKER."""
+    proc, bucket = cluster_job.proc, cluster_job.bucket
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     assert "SUCCEEDED" in proc.stderr
     assert [p for p in s3.filesystem().find(f"{bucket}/out") if p.endswith(".parquet")]
@@ -177,8 +160,8 @@ def _gcs_kv(cluster: LocalRayCluster, folder: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_the_cluster_keeps_the_marker_and_no_secret(cluster, job, refused, tmp_path):
-    proc, _ = job
+def test_the_cluster_keeps_the_marker_and_no_secret(cluster, cluster_job, refused, tmp_path):
+    proc = cluster_job.proc
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     client = _jobs_client(cluster)
     records = {

@@ -26,7 +26,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from batchdet.pipeline.run import node_environment
+from helpers.photos import photo
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -299,3 +302,49 @@ def submit_cli(argv: list[str], env: dict[str, str], timeout: float = 240) -> su
     """``batchdet submit ARGV`` from the repository, as a user types it."""
     return subprocess.run([sys.executable, "-m", "batchdet.cli", "submit", *argv], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=REPO)
+
+
+#: The job's images, per dataset (names under ``images/<dataset>/`` in its bucket): photos, and a file that is none.
+GOOD = {"rocket.jpg": photo("rocket.jpg"), "cat.png": photo("chelsea.png"), "sub/camera.png": photo("camera.png")}
+BAD = {"broken.jpg": b"<html>not an image</html>"}
+JOB_IMAGES = {"alpha": GOOD, "beta": BAD | {"astro.png": photo("astronaut.png")}}
+
+
+@dataclass
+class SubmittedJob:
+    """One finished ``batchdet submit`` to the shared cluster (tests/conftest.py's
+    ``cluster_job``): test_cluster checks what it wrote, test_secrets what the
+    cluster kept of it. A second job would prove nothing more and costs a
+    driver's and an actor's start on the cluster."""
+
+    proc: subprocess.CompletedProcess
+    bucket: str
+    images: dict[str, tuple[str, bytes]]  # each image's URL: (its dataset, its bytes)
+    model_url: str
+
+
+def submit_detect_job(cluster: LocalRayCluster, s3, model: Path, folder: Path) -> SubmittedJob:
+    """Submit a detect of :data:`JOB_IMAGES` (in a fresh bucket of ``s3``) with
+    ``model`` served from that bucket, and wait for it. Part of the job is a
+    spec file in ``folder``, the rest flags (which win). Its storage options
+    are no secrets: the nodes take the credentials from their own file, under
+    the profile :data:`NODE_PROFILE` the job names."""
+    fs = s3.filesystem()
+    bucket = s3.new_bucket()
+    images = {}
+    for dataset, files in JOB_IMAGES.items():
+        for name, data in files.items():
+            fs.pipe(f"{bucket}/images/{dataset}/{name}", data)
+            images[f"s3://{bucket}/images/{dataset}/{name}"] = (dataset, data)
+    model_url = f"s3://{bucket}/models/{model.name}"
+    fs.put(str(model), model_url)
+    spec = folder / "job.yaml"
+    spec.write_text(yaml.safe_dump({
+        "datasets": {name: f"s3://{bucket}/images/{name}" for name in JOB_IMAGES},
+        "output": f"s3://{bucket}/out", "model": model_url, "batch_size": 16,
+        "storage_options": {"endpoint_url": s3.endpoint_url},
+    }))
+    argv = ["--address", cluster.dashboard, "--config", str(spec), "--",
+            "--actors", "1", "--threads-per-actor", "2", "--batch-size", "2", "--storage-option", f"profile={NODE_PROFILE}"]
+    proc = submit_cli(argv, client_env(RAY_AUTH_TOKEN_PATH=str(cluster.token_file)))
+    return SubmittedJob(proc, bucket, images, model_url)
