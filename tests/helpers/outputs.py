@@ -170,14 +170,26 @@ def output_url(request: pytest.FixtureRequest, tmp_path, name: str = "out") -> t
     return f"s3://{s3.new_bucket()}/{name}", s3.storage_options
 
 
-@pytest.fixture(params=["local", "s3"])
-def sample_output(request: pytest.FixtureRequest, tmp_path) -> WrittenOutput:
-    """:func:`sample_rows` and :func:`sample_manifests` written locally and to S3."""
-    url, options = output_url(request, tmp_path)
+def _write_sample(request: pytest.FixtureRequest, folder: Path) -> WrittenOutput:
+    url, options = output_url(request, folder)
     rows = sample_rows()
     manifests = sample_manifests(rows)
     write_output(url, rows, manifests, options)
     return WrittenOutput(url, options, rows, manifests)
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def sample_output(request: pytest.FixtureRequest, tmp_path_factory) -> WrittenOutput:
+    """:func:`sample_rows` and :func:`sample_manifests` written locally and to
+    S3, once per module: its tests only read it (a test that adds files to it
+    takes :func:`own_sample_output`)."""
+    return _write_sample(request, tmp_path_factory.mktemp("sample"))
+
+
+@pytest.fixture(params=["local", "s3"])
+def own_sample_output(request: pytest.FixtureRequest, tmp_path) -> WrittenOutput:
+    """:func:`sample_output` written for one test, which may change it."""
+    return _write_sample(request, tmp_path)
 
 
 # --- real runs' outputs --------------------------------------------------------------------------

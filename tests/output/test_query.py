@@ -9,7 +9,7 @@ import json
 import pytest
 import pyarrow as pa
 from helpers.outputs import (RUN_A, RUN_B, WrittenOutput, det, error_row, f32, flat_detections, ok_row,  # noqa: F401
-                             sample_output, sample_rows, write_output)
+                             own_sample_output, sample_output, sample_rows, write_output)
 
 from batchdet.cli import main
 from batchdet.output.query import EXAMPLES, connect, query, write_result
@@ -100,12 +100,12 @@ def test_runs_without_rows_give_empty_views(tmp_path) -> None:
     assert con.sql("SELECT count(*) FROM detections WHERE score > 0.5").fetchall() == [(0,)]
 
 
-def test_temporary_and_hidden_files_are_ignored(sample_output: WrittenOutput) -> None:
-    fs, root = filesystem(sample_output.url, sample_output.storage_options)
+def test_temporary_and_hidden_files_are_ignored(own_sample_output: WrittenOutput) -> None:
+    fs, root = filesystem(own_sample_output.url, own_sample_output.storage_options)
     fs.makedirs(f"{root}/dataset=street/_tmp", exist_ok=True)
     fs.pipe(f"{root}/dataset=street/.part-9.parquet", b"half-written")
     fs.pipe(f"{root}/dataset=street/_tmp/part-9.parquet", b"half-written")
-    got = query(sample_output.url, "SELECT count(*) AS n FROM images", sample_output.storage_options)
+    got = query(own_sample_output.url, "SELECT count(*) AS n FROM images", own_sample_output.storage_options)
     assert got.to_pylist() == [{"n": 8}]
 
 

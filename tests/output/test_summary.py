@@ -10,7 +10,8 @@ from batchdet.model.spec import KIND_TEXT, KIND_TEXT_INT8
 from batchdet.output.layout import RUNS_DIR
 from batchdet.output.summary import DatasetSummary, render_summary, summarize
 from batchdet.storage import filesystem
-from helpers.outputs import RUN_A, RUN_B, WrittenOutput, error_row, ok_row, sample_output, write_output  # noqa: F401
+from helpers.outputs import (RUN_A, RUN_B, WrittenOutput, error_row, ok_row, own_sample_output,  # noqa: F401
+                             sample_output, write_output)
 
 
 def test_dataset_counts_and_top_classes(sample_output: WrittenOutput) -> None:
@@ -39,10 +40,10 @@ def test_runs_from_the_manifests(sample_output: WrittenOutput) -> None:
     ]
 
 
-def test_unreadable_manifest_is_reported_not_fatal(sample_output: WrittenOutput) -> None:
-    fs, root = filesystem(sample_output.url, sample_output.storage_options)
+def test_unreadable_manifest_is_reported_not_fatal(own_sample_output: WrittenOutput) -> None:
+    fs, root = filesystem(own_sample_output.url, own_sample_output.storage_options)
     fs.pipe(f"{root}/{RUNS_DIR}/broken.json", b"{not json")
-    summary = summarize(sample_output.url, sample_output.storage_options)
+    summary = summarize(own_sample_output.url, own_sample_output.storage_options)
     assert [r.run_id for r in summary.runs] == [RUN_A, RUN_B]
     assert list(summary.unreadable_runs) == ["broken.json"]
     assert "unreadable manifest broken.json: JSONDecodeError" in render_summary(summary)
