@@ -241,10 +241,12 @@ def _release(fifo) -> None:
 
 
 def test_a_stuck_read_fails_the_run_naming_the_stage_and_resume_finishes_it(narrow_model, many_images, tmp_path,
-                                                                             ray_local, execution):
+                                                                             ray_local, execution, capsys):
     """A FIFO with no writer blocks whoever opens it: a real stall in the read
     stage. The run fails with one line naming it; rows written before are
     kept, and once the file is gone ``--resume`` completes the run."""
+    from batchdet.cli import main
+
     folder = tmp_path / "in"
     folder.mkdir()
     for f in sorted(many_images.iterdir())[:9]:  # broken.jpg, img000 ... img007
@@ -255,17 +257,17 @@ def test_a_stuck_read_fails_the_run_naming_the_stage_and_resume_finishes_it(narr
     # start-up allowance (STARTUP_S); after it no block can finish, so no gap
     # between blocks can stretch the timeout or trip it early: the timeout is
     # only what the first block's rows get to be written in (KEPT_ROWS_STALL_S).
-    base = [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"d={folder}", "--output",
-            str(tmp_path / "out"), "--model", str(narrow_model), "--batch-size", "5", "--rows-per-file", "1",
-            "--execution", execution]
+    argv = ["detect", "--dataset", f"d={folder}", "--output", str(tmp_path / "out"), "--model", str(narrow_model),
+            "--batch-size", "5", "--rows-per-file", "1", "--execution", execution,
+            "--stall-timeout", str(KEPT_ROWS_STALL_S[execution])]
     try:
-        proc = subprocess.run([*base, "--stall-timeout", str(KEPT_ROWS_STALL_S[execution])], capture_output=True, text=True, timeout=300,
-                              cwd=tmp_path, env=ray_local.env())  # on ray_local's Ray: a second's start
+        status = main(argv)  # in this process, on ray_local's Ray: no process or Ray to start
     finally:
         _release(folder / "zz-stuck.jpg")  # a read still blocked in it would hold a worker of ray_local's
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    error = [x for x in proc.stderr.splitlines() if x.startswith("batchdet: error:")]
-    assert len(error) == 1 and "reading stalled: 5 of 10 files read" in error[0] and "--resume" in error[0], proc.stderr
+    err = capsys.readouterr().err
+    assert status == 2, err
+    error = [x for x in err.splitlines() if x.startswith("batchdet: error:")]
+    assert len(error) == 1 and "reading stalled: 5 of 10 files read" in error[0] and "--resume" in error[0], err
     (folder / "zz-stuck.jpg").unlink()
     from batchdet.api import detect  # the resume in this process: one Ray start fewer
 
