@@ -15,7 +15,7 @@ from helpers.photos import photo
 GOOD = ["rocket.jpg", "chelsea.png", "astronaut.png", "coffee.png", "camera.png", "motorcycle_left.png"]
 
 
-def test_transient_faults_retried_permanent_ones_reported(ray_local, narrow_model, s3):
+def test_transient_faults_retried_permanent_ones_reported(narrow_model, s3):
     fs = s3.filesystem()
     bucket = s3.new_bucket()
     for name in GOOD:
@@ -24,7 +24,8 @@ def test_transient_faults_retried_permanent_ones_reported(ray_local, narrow_mode
     with FaultyProxy(s3.endpoint_url, every=5) as proxy:
         options = {**s3.storage_options, "endpoint_url": proxy.url}
         result = detect({"flaky": f"s3://{bucket}/in"}, f"s3://{bucket}/out", model=narrow_model,
-                        storage_options=options, batch_size=2)
+                        storage_options=options, batch_size=2,
+                        execution="in-process")  # the same reads and writes as Ray's tasks, none of Ray's start
     # every kind of fault was injected, on reads and on writes
     kinds = {kind for kind, _ in proxy.faults}
     methods = {method for _, method in proxy.faults}
