@@ -13,7 +13,10 @@ from __future__ import annotations
 import os
 import pkgutil
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,13 +121,12 @@ class S3Endpoint:
 
 
 @pytest.fixture(scope="session")
-def s3() -> S3Endpoint:
-    """moto's ThreadedMotoServer on 127.0.0.1, stopped at the end of the session."""
-    import logging
-
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+def s3(tmp_path_factory) -> Iterator[S3Endpoint]:
+    """moto's S3 server on 127.0.0.1 in a process of its own (in this one, its
+    request threads would share the GIL with the code under test), stopped at
+    the end of the session."""
+    import socket
+    import urllib.request
 
     mp = pytest.MonkeyPatch()
     # Credentials and region for every client in this process; a region other
@@ -132,12 +134,27 @@ def s3() -> S3Endpoint:
     mp.setenv("AWS_ACCESS_KEY_ID", "testing")
     mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
+    with socket.socket() as probe:  # a free port (moto's server cannot report one it chose)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              cwd=tmp_path_factory.mktemp("moto"))
+    url = f"http://127.0.0.1:{port}"
     try:
-        yield S3Endpoint(f"http://127.0.0.1:{server._server.server_port}")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's server did not start on {url} (exit {server.poll()})") from None
+                time.sleep(0.05)
+        yield S3Endpoint(url)
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
         mp.undo()
 
 
