@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -113,6 +114,8 @@ class InferenceStage:
         self._input = np.empty((1, 3, INPUT_SIZE, INPUT_SIZE), np.float32)  # the sequential path's reused input
         self.prepare_threads = prepare_threads
         self._pool = ThreadPoolExecutor(prepare_threads) if prepare_threads > 0 else None
+        # the pool's inputs, in turn: 2 per thread prepared ahead, and the one the model is running on
+        self._inputs = [np.empty_like(self._input) for _ in range(2 * prepare_threads + 1)] if self._pool else []
         self.progress = progress
         if isinstance(known, list):
             import ray
@@ -137,7 +140,8 @@ class InferenceStage:
 
         if self._pool is None:
             return (one(d, self._input) for d in datas)
-        return _ahead(self._pool, one, datas, 2 * self.prepare_threads)
+        return _ahead(self._pool, lambda pair: one(*pair), zip(datas, itertools.cycle(self._inputs)),
+                      len(self._inputs) - 1)
 
     def _copy(self, sha256: str) -> tuple[str, int, int, tuple] | None:
         """(source uri, width, height, selected) of a result for these bytes, or None."""
@@ -197,10 +201,12 @@ def _column(batch: pa.Table, name: str, kind: pa.DataType) -> pa.ChunkedArray | 
     return batch.column(name) if name in batch.column_names else pa.nulls(batch.num_rows, kind)
 
 
-def _ahead(pool: ThreadPoolExecutor, fn, items: list, depth: int) -> Iterator:
+def _ahead(pool: ThreadPoolExecutor, fn, items: Iterable, depth: int) -> Iterator:
     """``map(fn, items)`` on ``pool``, in order, at most ``depth`` items ahead
     of the consumer: a block of 256 images must not all sit prepared (17 MB
-    each) while the device works through them."""
+    each) while the device works through them. An item is submitted only once
+    the consumer has asked for the one after the item ``depth + 1`` before it,
+    so ``depth + 1`` buffers taken in turn are never overwritten in use."""
     pending: collections.deque = collections.deque()
     for item in items:
         pending.append(pool.submit(fn, item))

@@ -49,6 +49,23 @@ def test_inference_stage_rows_equal_the_single_image_detector(narrow_model, bloc
         assert rows[i]["detections"] == want.detections and want.detections  # float32 both ways: exact
 
 
+def test_a_gpu_actors_input_buffers_taken_in_turn_never_overwrite_one_in_use(narrow_model, tmp_path):
+    """One prepare thread: three input buffers in turn over seven distinct
+    photos, so each is reused twice while others are being prepared; every
+    row is still the single-image detector's."""
+    names = ("rocket.jpg", "chelsea.png", "astronaut.png", "coffee.png", "camera.png", "motorcycle_left.png",
+             "retina.jpg")
+    for name in names:
+        (tmp_path / name).write_bytes(photo(name))
+    batch = read_batch(pa.table({"dataset": ["a"] * len(names), "uri": [str(tmp_path / n) for n in names]}))
+    stage = InferenceStage(narrow_model, "run-1", threads=1, score_threshold=0.2, prepare_threads=1)
+    assert len(stage._inputs) == 3
+    rows = stage(batch).to_pylist()
+    reference = Detector(narrow_model, threads=1, score_threshold=0.2)
+    assert [r["detections"] for r in rows] == [reference.detect(photo(n)).detections for n in names]
+    assert all(r["detections"] for r in rows)
+
+
 def test_detections_column_equals_per_image_dicts():
     """The Arrow-built column holds exactly to_detections' dicts, image by image."""
     rng = np.random.default_rng(0)
