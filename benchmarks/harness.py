@@ -254,14 +254,13 @@ def resolve_model(args: argparse.Namespace, workdir: Path) -> Path:
     from batchdet.model.fetch import resolve_model_path
     from batchdet.model.standin import write_standin
 
-    smooth = args.smooth
-    name = ("standin-ssd1200" + ("-smooth" if smooth else "")
+    name = ("standin-ssd1200" + ("-smooth" if args.smooth else "")
             + ("" if args.channels_divisor == 1 else f"-div{args.channels_divisor}") + ".onnx")
     path = resolve_model_path(None).with_name(name)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         print(f"building the stand-in ({name}) ...", flush=True)
-        write_standin(path, seed=0, channels_divisor=args.channels_divisor, smooth=smooth)
+        write_standin(path, seed=0, channels_divisor=args.channels_divisor, smooth=args.smooth)
     return path
 
 
