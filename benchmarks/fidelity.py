@@ -2,7 +2,7 @@
 """batchdet detect against MLPerf's own maths, image by image, on real photographs.
 
 ``batchdet detect`` (``batchdet.api.detect``, in-process by default) runs over
-real photographs (scikit-image's, or ``--photos``) and writes its Parquet
+real photographs (the repository's tests/photos, or ``--photos``) and writes its Parquet
 output; an independent single-process path written from MLPerf's published
 code (tests/helpers/mlperf_reference.py: ``cv2.imread``,
 ``pre_process_coco_resnet34``, onnxruntime, ``PostProcessCocoOnnx`` with
@@ -167,7 +167,7 @@ def compare(model: Path, files: list[Path], output: Path) -> list[dict]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.add_common_args(p, "bench-out/fidelity.json")
-    p.add_argument("--photos", help="folder of JPEG/PNG photos (default: scikit-image's photographs)")
+    p.add_argument("--photos", help="folder of JPEG/PNG photos (default: the repository's tests/photos)")
     p.add_argument("--images", type=int, default=len(REAL_PHOTOS), help="photos compared (the first N)")
     p.add_argument("--execution", default="in-process", choices=("in-process", "ray"), help="detect's --execution")
     p.add_argument("--quick", action="store_true", help="CI smoke: narrow smooth stand-in (divisor 16), 3 photos")

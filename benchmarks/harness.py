@@ -35,6 +35,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+#: real photographs (public domain and CC0; their README.md names each one's source)
+TEST_PHOTOS = HERE.parent / "tests" / "photos"
 WIDTH, HEIGHT = 640, 480
 #: Other people's load (cores) above which a phase's timings are flagged as noisy.
 NOISY_CORES = 0.3
@@ -154,19 +156,13 @@ def write_json(path: Path, value) -> None:
 # --- images ---------------------------------------------------------------------
 def photo_files(folder: str | None, names: Sequence[str], count: int) -> list[Path]:
     """The first ``count`` JPEG/PNG files of ``folder`` (``--photos``), else
-    scikit-image's files ``names`` (real photographs; the test extra installs them)."""
+    the files ``names`` of the repository's test photographs (tests/photos)."""
     if folder:
         files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     else:
-        try:
-            from importlib.resources import files as package_files
-
-            data = Path(str(package_files("skimage") / "data"))
-        except ModuleNotFoundError:
-            raise SystemExit("no photos: pass --photos FOLDER, or pip install scikit-image (batchdet[test])")
-        files = [data / name for name in names if (data / name).is_file()]
+        files = [TEST_PHOTOS / name for name in names if (TEST_PHOTOS / name).is_file()]
     if not files:
-        raise SystemExit(f"no JPEG or PNG photos in {folder}" if folder else "no photos found")
+        raise SystemExit(f"no JPEG or PNG photos in {folder or TEST_PHOTOS}")
     return files[:count]
 
 

@@ -4,7 +4,7 @@
 For each of onnxruntime fp32 / int8 and OpenVINO fp32 / int8 / bf16 that the
 CPU and the installed packages allow (the others are listed with the reason
 they cannot run), the model runs as ``detect`` runs it (batchdet's backends,
-their settings, the same float input) on real photographs (scikit-image's, or
+their settings, the same float input) on real photographs (tests/photos, or
 ``--photos``), image by image, every engine in turn, ``--rounds`` times:
 seconds per image (median) and the speed-up over onnxruntime FP32. Beside
 each, its agreement with FP32 on the same input: the fraction of FP32's
@@ -36,8 +36,8 @@ import harness
 from batchdet.model.spec import INPUT_SIZE
 
 TARGETS = {"bf16_speedup": (">=", 1.8)}
-#: scikit-image's photographs (its data folder): real scenes, several sizes
-PHOTOS = ("rocket.jpg", "astronaut.png", "coffee.png", "chelsea.png", "motorcycle_left.png", "retina.jpg",
+#: the repository's test photographs (tests/photos): real scenes, several sizes
+PHOTOS = ("rocket.jpg", "astronaut.png", "coffee.png", "chelsea.png", "ihc.png", "retina.jpg",
           "hubble_deep_field.jpg", "camera.png")
 MIN_SCORE = 0.3
 MIN_IOU = 0.9
@@ -173,7 +173,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     harness.add_common_args(p, "bench-out/precision.json")
     p.add_argument("--int8", default="auto", help="'auto' quantizes the model on the photos; 'none' skips INT8; "
                                                   "a path uses that INT8 file")
-    p.add_argument("--photos", help="folder of JPEG/PNG photos (default: scikit-image's)")
+    p.add_argument("--photos", help="folder of JPEG/PNG photos (default: the repository's tests/photos)")
     p.add_argument("--images", type=int, default=4, help="photos timed and compared")
     p.add_argument("--rounds", type=int, default=2, help="timed passes over the photos")
     p.add_argument("--threads", type=int, default=0, help="threads per engine (default: CPUs, at most 4)")

@@ -12,7 +12,7 @@ from batchdet.storage import filesystem
 from helpers.faulty_proxy import FAULTS, FaultyProxy
 from helpers.photos import photo
 
-GOOD = ["rocket.jpg", "chelsea.png", "astronaut.png", "coffee.png", "camera.png", "motorcycle_left.png"]
+GOOD = ["rocket.jpg", "chelsea.png", "astronaut.png", "coffee.png", "camera.png", "ihc.png"]
 
 
 def test_transient_faults_retried_permanent_ones_reported(narrow_model, s3):

@@ -106,7 +106,7 @@ SMOOTH_PERTURBATION = 0.1
 #: CONF_GAINS), the spread of its colour term (logits of unit spread over the
 #: flat colours, times this) and the background logit per map, raised by
 #: SMOOTH_NARROWING per halving of the width: narrower models answer more
-#: strongly to texture. Tuned on scikit-image's photographs, seed 0, widths
+#: strongly to texture. Tuned on scikit-image's 20 photographs, seed 0, widths
 #: 1, 8 and 16: a few to about a hundred detections at score >= 0.5 per
 #: photo, of every size and most classes, below the 200 cap that would make
 #: the last ones a matter of rank.

@@ -34,7 +34,7 @@ from batchdet.pipeline.preprocess import prepare
 from helpers import tiny_model
 from helpers.photos import photo, photo_path
 
-CALIBRATION = ("astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png")
+CALIBRATION = ("astronaut.png", "chelsea.png", "coffee.png", "ihc.png")
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def test_a_gpu_actors_input_buffers_taken_in_turn_never_overwrite_one_in_use(nar
     """One prepare thread: three input buffers in turn over seven distinct
     photos, so each is reused twice while others are being prepared; every
     row is still the single-image detector's."""
-    names = ("rocket.jpg", "chelsea.png", "astronaut.png", "coffee.png", "camera.png", "motorcycle_left.png",
+    names = ("rocket.jpg", "chelsea.png", "astronaut.png", "coffee.png", "camera.png", "ihc.png",
              "retina.jpg")
     for name in names:
         (tmp_path / name).write_bytes(photo(name))
