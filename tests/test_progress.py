@@ -192,11 +192,12 @@ def test_quiet_sends_everything_to_the_log_and_keeps_the_terminal(tmp_path, capf
 
 
 def test_detect_prints_progress_and_summary_and_keeps_ray_in_its_log(narrow_model, many_images, tmp_path,
-                                                                     execution):
+                                                                     ray_local, execution):
     """The CLI as a user runs it (a fresh process that, on the Ray path,
-    starts, uses and stops its own Ray): the terminal gets the progress and
-    the summary; everything else, Ray's own lines and the C++ core's
-    included, lands in the log file the summary names."""
+    joins a running Ray): the terminal gets the progress and the summary;
+    everything else, Ray's own lines and the C++ core's included, lands in
+    the log file the summary names. (A Ray of the process's own starts
+    quietly: test_pipeline's fresh interpreter checks it.)"""
     import pyarrow.dataset as pads
 
     folder, n = tmp_path / "many", 9  # broken.jpg and 8 images: what is shown, not the run's length, is tested
@@ -207,7 +208,7 @@ def test_detect_prints_progress_and_summary_and_keeps_ray_in_its_log(narrow_mode
         [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"many={folder}",
          "--output", str(tmp_path / "out"), "--model", str(narrow_model), "--execution", execution],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        env=ray_local.env() if execution == "ray" else {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = pads.dataset(tmp_path / "out", format="parquet", partitioning="hive").to_table(columns=["status"])
@@ -223,7 +224,7 @@ def test_detect_prints_progress_and_summary_and_keeps_ray_in_its_log(narrow_mode
     log = next(x.split("log: ", 1)[1] for x in lines if x.startswith("  log: "))
     text = open(log, encoding="utf-8", errors="replace").read()
     assert f"dataset many: {n} images listed" in text
-    ray_lines = ["Started a local Ray instance", "Data sink WriteStaging finished"]
+    ray_lines = ["Connecting to existing Ray cluster", "Data sink WriteStaging finished"]
     assert [x in text for x in ray_lines] == [execution == "ray"] * 2, text
 
 
