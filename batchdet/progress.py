@@ -150,26 +150,35 @@ class Stalled(TimeoutError):
     run wrote so far stays staged: ``--resume`` commits it."""
 
 
+def _now() -> float:
+    """The watchdog's clock (one name, so that tests can move it): the
+    driver's, so that no node's clock has to agree with another's."""
+    return time.monotonic()
+
+
 class Watchdog:
-    """Decides, from what the counter says, whether a run has stalled."""
+    """Decides, from what the counter says, whether a run has stalled. It
+    times blocks by when it sees the count of finished images grow, on the
+    driver's clock (:func:`_now`), to the nearest poll."""
 
     def __init__(self, timeout_s: float, started: float, startup_s: float = STARTUP_S):
         self.timeout_s, self.started, self.startup_s = timeout_s, started, startup_s
         self.longest_gap = 0.0
-        self._last_done: float | None = None
+        self._done = 0
+        self._last_done: float | None = None  # when ``done`` last grew
 
-    def check(self, done: int, total: int, last: float | None, files_read: int, now: float) -> str | None:
+    def check(self, done: int, total: int, files_read: int, now: float) -> str | None:
         """None while the run moves, else the one-line reason."""
+        if done > self._done:
+            if self._last_done is not None:  # the wait for the first block is start-up, not a gap
+                self.longest_gap = max(self.longest_gap, now - self._last_done)
+            self._done, self._last_done = done, now
         if self.timeout_s <= 0 or done >= total:
             return None
-        if last is None:  # start-up: no block finished yet
+        if self._last_done is None:  # start-up: no block finished yet
             since, limit = self.started, max(self.timeout_s, self.startup_s)
         else:
-            if last != self._last_done:
-                if self._last_done is not None:
-                    self.longest_gap = max(self.longest_gap, last - self._last_done)
-                self._last_done = last
-            since, limit = last, max(self.timeout_s, STALL_GAPS * self.longest_gap)
+            since, limit = self._last_done, max(self.timeout_s, STALL_GAPS * self.longest_gap)
         idle = now - since
         if idle < limit:
             return None
@@ -198,7 +207,7 @@ class Reporter:
         self._make_counter = counter
         self.counter: Counter | RemoteCounter | None = None
         self._started = time.time()
-        self.watchdog = Watchdog(stall_timeout_s, self._started, startup_s)
+        self.watchdog = Watchdog(stall_timeout_s, _now(), startup_s)
         self.stalled: str | None = None
         self.tally: Tally | None = None  # the counter's last word
         self._halted: float | None = None  # when the job's thread was last halted (time.monotonic())
@@ -267,7 +276,7 @@ class Reporter:
         if self.callback:
             self.callback(Progress(t.done, t.errors, self.total, time.time() - self._started, rate,
                                    t.now - t.last if t.last is not None else 0.0))
-        reason = self.watchdog.check(t.done, self.total, t.last, t.files_read, t.now) if thread is not None else None
+        reason = self.watchdog.check(t.done, self.total, t.files_read, _now()) if thread is not None else None
         if reason:
             self.stalled = reason
             self._halt(thread)

@@ -70,7 +70,7 @@ def test_rows_record_the_bytes_and_resume_brings_the_output_up_to_date(narrow_mo
     (inputs / "camera.png").write_bytes(photo("coins.png"))
     os.utime(inputs / "chelsea.png")  # new mtime, same bytes
     os.remove(inputs / "astronaut.png")
-    (inputs / "new.png").write_bytes(photo("page.png"))
+    (inputs / "new.png").write_bytes(photo("text.png"))
     (inputs / "copy-of-coffee.png").write_bytes(photo("coffee.png"))
     # changed bytes behind an unchanged size and mtime: the listing vouches for it, so it is not read
     coffee = inputs / "coffee.png"
