@@ -277,19 +277,21 @@ def test_stalled_holder_refuses_then_is_taken_over(store, narrow_model, tmp_path
         holder.wait()
 
 
-def test_resume_is_refused_while_a_detect_runs_then_completes_it(narrow_model, many_images, tmp_path, ray_local,
-                                                                  capsys):
-    """The issue's case: run B with --resume while run A works no longer commits A's staging folder."""
-    out, images = tmp_path / "out", tmp_path / "images"  # 12 images: enough for A to outlive B's refusal
+def test_resume_is_refused_while_a_detect_runs_then_completes_it(narrow_model, many_images, tmp_path, capsys):
+    """The issue's case: run B with --resume while run A works no longer commits A's staging folder.
+    A (a CLI process) is held at its last file, a FIFO no one writes yet: it
+    works for as long as the test needs, then finishes once the FIFO is let go."""
+    out, images = tmp_path / "out", tmp_path / "images"
     images.mkdir()
-    for f in sorted(many_images.iterdir())[:12]:
+    for f in sorted(many_images.iterdir())[:12]:  # broken.jpg, img000 ... img010
         (images / f.name).write_bytes(f.read_bytes())
+    held = images / "zz-held.jpg"
+    os.mkfifo(held)
     first = subprocess.Popen(
         [sys.executable, "-m", "batchdet.cli", "detect", "--dataset", f"many={images}", "--output", str(out),
-         "--model", str(narrow_model), "--rows-per-file", "2", "--batch-size", "1", "--actors", "1"],
+         "--model", str(narrow_model), "--rows-per-file", "2", "--batch-size", "1", "--execution", "in-process"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        env=ray_local.env(),  # A on ray_local's Ray, B in this process: two drivers, as two terminals would be
-    )
+    )  # A in a process of its own, B in this one: two drivers, as two terminals would be
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not list(out.glob("_staging/*/dataset=many/*.parquet")):
@@ -302,14 +304,17 @@ def test_resume_is_refused_while_a_detect_runs_then_completes_it(narrow_model, m
         assert re.fullmatch("batchdet: error: " + REFUSAL.format(
             out=re.escape(str(out)), run=staged.name, host=re.escape(socket.gethostname()), pid=first.pid), line), line
         assert first.poll() is None, "the first run did not outlive the refusal: the test proves nothing"
+        with open(held, "wb"):  # let A read its last file (empty: an error row) and finish
+            pass
         _, err = first.communicate(timeout=300)
         assert first.returncode == 0, err
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
+    held.unlink()
     again = detect({"many": str(images)}, str(out), model=narrow_model, resume=True,
-                   execution="in-process")  # what A committed is read by the plan: no Ray run needed
+                   execution="in-process")  # what A committed is read by the plan
     assert again.datasets["many"].already_done == 11 and again.datasets["many"].images == 1  # broken.jpg again
     assert_exactly_once(out, images)
     assert not json.loads((out / "_runs" / f"{staged.name}.json").read_text()).get("recovered")
