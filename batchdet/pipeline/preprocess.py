@@ -29,7 +29,6 @@ from batchdet.model.spec import INPUT_SIZE, MEAN, STD
 from batchdet.options import DEFAULT_MAX_PIXELS
 
 
-
 def own_pixel_limit() -> None:
     """In a process batchdet owns (an inference actor): ``max_pixels`` alone
     bounds an image, so Pillow's process-wide bomb guard (a warning at 89 MP,
