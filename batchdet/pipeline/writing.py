@@ -217,13 +217,17 @@ def recover(out: Output, lease: Lease) -> list[RunResult]:
     Only the holder of the output's lease may: a run still writing holds a
     live lease, so no other run does, and committing its staging folder
     under it would corrupt both. The lease is checked against the store first.
+    A staging folder without a run record (every run writes its record before
+    any row) is what a frozen run staged after its lease was taken over and
+    its run recovered: it is never committed, and is removed here.
     """
     lease.check()
     results = []
     for run_id in out.staged_runs():
-        if run_id == lease.run_id or not out.fs.exists(out.run_record(run_id)):
+        if run_id == lease.run_id:
             continue
-        if out.fs.exists(out.manifest(run_id)):  # committed, killed while dropping its staging folder
+        if not out.fs.exists(out.run_record(run_id)) or out.fs.exists(out.manifest(run_id)):
+            # an orphan, or committed and killed while dropping its staging folder
             out.fs.rm(out.staging(run_id), recursive=True)
         else:
             results.append(finish_run(out, run_id, recovered=True))

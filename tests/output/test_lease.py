@@ -19,6 +19,7 @@ import threading
 import time
 from datetime import datetime, timedelta
 
+import pyarrow.parquet as pq
 import pytest
 
 from batchdet.api import detect
@@ -220,6 +221,10 @@ with acquire(out, plan.run_id) as lease:
         pq.write_table(pa.table(row, schema=FILE_SCHEMA), f)
     print(plan.run_id, flush=True)
     sys.stdin.readline()
+    # woken after a takeover, as a frozen writer would be: one more file staged before it learns
+    out.fs.makedirs(out.join(STAGING_DIR, plan.run_id, "dataset=x"), exist_ok=True)
+    with out.fs.open(out.join(STAGING_DIR, plan.run_id, "dataset=x", "1.parquet"), "wb") as f:
+        pq.write_table(pa.table(row, schema=FILE_SCHEMA), f)
     try:
         lease.check()
         print("held", flush=True)
@@ -275,6 +280,14 @@ def test_stalled_holder_refuses_then_is_taken_over(store, narrow_model, tmp_path
     finally:
         holder.kill()
         holder.wait()
+    # what it staged after the takeover has no run record: never committed, and
+    # removed by the next run's recovery
+    assert out.staged_runs() == [held_by] and not out.fs.exists(out.run_record(held_by))
+    again = detect({"x": str(folder)}, output, model=narrow_model, storage_options=options, resume=True,
+                   execution="in-process")
+    assert out.staged_runs() == [] and again.datasets["x"].already_done == 2
+    rows = [r for f in out.data_files() for r in pq.read_table(out.fs.open(f), columns=["uri", "run_id"]).to_pylist()]
+    assert sorted(r["run_id"] for r in rows) == sorted([held_by, result.run_id]), rows  # one row per image
 
 
 def test_resume_is_refused_while_a_detect_runs_then_completes_it(narrow_model, many_images, tmp_path, capsys):
