@@ -152,7 +152,7 @@ class Stalled(TimeoutError):
 
 def _now() -> float:
     """The watchdog's clock (one name, so that tests can move it): the
-    driver's, so that no node's clock has to agree with another's."""
+    driver's monotonic clock, which no change of the wall clock can jump."""
     return time.monotonic()
 
 
