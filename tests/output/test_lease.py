@@ -317,8 +317,14 @@ def test_resume_is_refused_while_a_detect_runs_then_completes_it(narrow_model, m
         assert re.fullmatch("batchdet: error: " + REFUSAL.format(
             out=re.escape(str(out)), run=staged.name, host=re.escape(socket.gethostname()), pid=first.pid), line), line
         assert first.poll() is None, "the first run did not outlive the refusal: the test proves nothing"
-        with open(held, "wb"):  # let A read its last file (empty: an error row) and finish
-            pass
+        deadline = time.monotonic() + 120
+        while True:  # let A read its last file (empty: an error row) and finish
+            try:
+                os.close(os.open(held, os.O_WRONLY | os.O_NONBLOCK))  # A reads an empty file
+                break
+            except OSError:  # ENXIO: A has not opened it yet
+                assert first.poll() is None and time.monotonic() < deadline, "A never reached its last file"
+                time.sleep(0.05)
         _, err = first.communicate(timeout=300)
         assert first.returncode == 0, err
     finally:
