@@ -160,9 +160,12 @@ def photo_files(folder: str | None, names: Sequence[str], count: int) -> list[Pa
     if folder:
         files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     else:
-        files = [TEST_PHOTOS / name for name in names if (TEST_PHOTOS / name).is_file()]
+        files = [TEST_PHOTOS / name for name in names]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:  # a name the script lists that is not there would silently shrink the set
+            raise SystemExit(f"not in {TEST_PHOTOS}: {', '.join(missing)}")
     if not files:
-        raise SystemExit(f"no JPEG or PNG photos in {folder or TEST_PHOTOS}")
+        raise SystemExit(f"no JPEG or PNG photos in {folder}")
     return files[:count]
 
 

@@ -257,6 +257,20 @@ def _det(label: int, score: float, box: tuple[float, float, float, float]) -> di
     return {"label_id": label, "score": score, **dict(zip(("x_min", "y_min", "x_max", "y_max"), box))}
 
 
+def test_photo_files_are_the_named_test_photos_or_a_folders(tmp_path):
+    from tests.helpers.photos import REAL_PHOTOS
+
+    files = harness.photo_files(None, REAL_PHOTOS, 3)
+    assert [f.name for f in files] == list(REAL_PHOTOS[:3]) and all(f.is_file() for f in files)
+    assert [f.name for f in harness.photo_files(None, script("precision").PHOTOS, 99)] == list(script("precision").PHOTOS)
+    with pytest.raises(SystemExit, match="not in .*tests/photos: moon.png"):
+        harness.photo_files(None, ("rocket.jpg", "moon.png"), 2)  # a missing name never shrinks the set
+    (tmp_path / "b.png").write_bytes(b"")
+    (tmp_path / "a.JPG").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("")
+    assert [f.name for f in harness.photo_files(str(tmp_path), REAL_PHOTOS, 5)] == ["a.JPG", "b.png"]
+
+
 def test_fidelity_finds_reference_detections_by_label_box_and_score():
     fidelity = script("fidelity")
     reference = [_det(1, 0.9, (10, 10, 50, 50)),     # found: edges within 1 px, score within 1e-3
